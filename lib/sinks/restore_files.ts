@@ -1,0 +1,178 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * The restore sink: devices to sparse raw files.
+ *
+ * @module
+ */
+import { BLOCK_SIZE, CLUSTER_SIZE } from "../vma/format.ts";
+import type { Lease, VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
+
+/** Options of {@linkcode RestoreSink}. */
+export interface RestoreSinkOptions {
+  /** Path for a device's raw image, or `undefined` to skip the device. */
+  target(device: VmaDeviceRecord): string | URL | undefined;
+  /** Path for a config file, or `undefined` (the default) to skip it. */
+  configTarget?(config: VmaConfigRecord): string | URL | undefined;
+  /** Replace existing files instead of failing on them (default `false`). */
+  overwrite?: boolean;
+}
+
+/** What the sink wrote for one device. */
+export interface RestoredDevice {
+  name: string;
+  path: string | URL;
+  size: number;
+  /** Bytes of data written; the rest of the file is holes. */
+  dataBytes: number;
+}
+
+interface OpenDevice {
+  file: Deno.FsFile;
+  info: RestoredDevice;
+}
+
+/** A pending write: contiguous in memory and in the file, so one syscall writes it. */
+interface Run {
+  device: OpenDevice;
+  position: number;
+  bytes: Uint8Array;
+  leases: Lease[];
+}
+
+/**
+ * Writes each device of a record stream to a raw file of exactly the device size. The file
+ * is created sparse: only stored blocks are written, zero blocks stay holes. Clusters may
+ * come in any order; neighbouring clusters of one extent are written with one call.
+ *
+ * The sink does not check the archive; put a {@linkcode VmaReaderStream} in front of it.
+ *
+ * @example Restore a device to a file
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { RestoreSink, type VmaRecord } from "../../mod.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const data = new Uint8Array(65536).fill(9);
+ * await ReadableStream.from<VmaRecord>([
+ *   { type: "device", devId: 1, name: "drive-scsi0", size: 70_000 },
+ *   { type: "cluster", devId: 1, cluster: 1, mask: 0b11, data },
+ *   { type: "cluster", devId: 1, cluster: 0, mask: 0, data: null },
+ * ]).pipeTo(new RestoreSink({ target: (device) => `${dir}/${device.name}.raw` }));
+ * const restored = await Deno.readFile(`${dir}/drive-scsi0.raw`);
+ * assert.equal(restored.byteLength, 70_000);
+ * assert.equal(restored[65536], 9);
+ * assert.equal(restored[0], 0);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export class RestoreSink extends WritableStream<VmaRecord> {
+  #restored: RestoredDevice[];
+
+  constructor(options: RestoreSinkOptions) {
+    const devices = new Map<number, OpenDevice | null>();
+    const restored: RestoredDevice[] = [];
+    let run: Run | undefined;
+    const openOptions: Deno.OpenOptions = options.overwrite
+      ? { write: true, create: true, truncate: true }
+      : { write: true, createNew: true };
+
+    const flush = async () => {
+      if (run === undefined) return;
+      const { device, position, bytes, leases } = run;
+      run = undefined;
+      await device.file.seek(position, Deno.SeekMode.Start);
+      for (let written = 0; written < bytes.byteLength;) {
+        written += await device.file.write(bytes.subarray(written));
+      }
+      device.info.dataBytes += bytes.byteLength;
+      for (const lease of leases) lease.release();
+    };
+    const closeAll = () => {
+      for (const device of devices.values()) device?.file.close();
+      devices.clear();
+    };
+
+    super({
+      async write(record) {
+        switch (record.type) {
+          case "config": {
+            const path = options.configTarget?.(record);
+            if (path !== undefined) {
+              await Deno.writeFile(path, record.data, { createNew: !options.overwrite });
+            }
+            return;
+          }
+          case "device": {
+            const path = options.target(record);
+            if (path === undefined) {
+              devices.set(record.devId, null);
+              return;
+            }
+            const file = await Deno.open(path, openOptions);
+            await file.truncate(record.size); // exact size, all holes for now
+            const info = { name: record.name, path, size: record.size, dataBytes: 0 };
+            devices.set(record.devId, { file, info });
+            restored.push(info);
+            return;
+          }
+          case "cluster":
+            break;
+          default:
+            return;
+        }
+        const device = devices.get(record.devId);
+        if (!device || record.data === null || record.mask === 0) {
+          record.lease?.release();
+          return;
+        }
+        const base = record.cluster * CLUSTER_SIZE;
+        const end = Math.min(CLUSTER_SIZE, device.info.size - base);
+        let mask = record.mask;
+        while (mask !== 0) {
+          const first = 31 - Math.clz32(mask & -mask);
+          let last = first;
+          while (last < 15 && (mask & (1 << (last + 1)))) last++;
+          mask &= ~(((1 << (last - first + 1)) - 1) << first);
+          const start = first * BLOCK_SIZE;
+          const stop = Math.min((last + 1) * BLOCK_SIZE, end);
+          if (stop <= start) break;
+          const bytes = record.data.subarray(start, stop);
+          if (
+            run !== undefined && run.device === device &&
+            run.position + run.bytes.byteLength === base + start &&
+            run.bytes.buffer === bytes.buffer &&
+            run.bytes.byteOffset + run.bytes.byteLength === bytes.byteOffset
+          ) {
+            run.bytes = new Uint8Array(
+              bytes.buffer,
+              run.bytes.byteOffset,
+              run.bytes.byteLength + bytes.byteLength,
+            );
+          } else {
+            await flush();
+            run = { device, position: base + start, bytes, leases: [] };
+          }
+        }
+        // Released with the run that holds this record's last bytes.
+        if (record.lease) (run?.leases ?? []).push(record.lease);
+      },
+      async close() {
+        try {
+          await flush();
+        } finally {
+          closeAll();
+        }
+      },
+      abort() {
+        run = undefined;
+        closeAll();
+      },
+    });
+    this.#restored = restored;
+  }
+
+  /** The devices written so far, with their data byte counts. */
+  get restored(): RestoredDevice[] {
+    return this.#restored.map((device) => ({ ...device }));
+  }
+}

@@ -1,0 +1,89 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Typed records that flow between the pipeline stages.
+ *
+ * A record stream always starts with the archive-level records (an optional `header`,
+ * then `config` and `device` records) and continues with `cluster` records, in any order
+ * and with devices interleaved.
+ *
+ * @example A complete, tiny record stream
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { VmaRecord } from "./records.ts";
+ *
+ * const records: VmaRecord[] = [
+ *   { type: "config", name: "qemu-server.conf", data: new TextEncoder().encode("memory: 512\n") },
+ *   { type: "device", devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "cluster", devId: 1, cluster: 0, mask: 0, data: null },
+ * ];
+ * assert.equal(records.length, 3);
+ * ```
+ *
+ * @module
+ */
+
+/**
+ * A hold on a shared buffer. Stages that copy or write a cluster's `data` call
+ * {@linkcode Lease.release} once they are done with it, so the producer can reuse its buffer.
+ */
+export interface Lease {
+  /** Gives the hold back. Call it at most once per record. */
+  release(): void;
+}
+
+/** Archive identity, as read from a header or chosen for a new archive. */
+export interface VmaHeaderRecord {
+  type: "header";
+  /** Archive UUID in the canonical `8-4-4-4-12` lower-case hex form. */
+  uuid: string;
+  /** Creation time in Unix seconds. */
+  ctime: number;
+}
+
+/** A configuration file stored in the archive header (for example `qemu-server.conf`). */
+export interface VmaConfigRecord {
+  type: "config";
+  /** File name, without directories. */
+  name: string;
+  /** Raw file content (1 to 65535 bytes). */
+  data: Uint8Array;
+}
+
+/** A device (disk) stream of the archive. */
+export interface VmaDeviceRecord {
+  type: "device";
+  /** Device id, 1 to 254. */
+  devId: number;
+  /** Device name, such as `drive-scsi0`. */
+  name: string;
+  /** Exact device size in bytes (at least 1). */
+  size: number;
+}
+
+/**
+ * One 64 KiB cluster of a device.
+ *
+ * `data` is the whole cluster (65536 bytes) or `null` for a cluster known to be all zero.
+ * Bit `j` of `mask` (bit 0 = lowest address) is set when 4 KiB block `j` is stored; blocks
+ * outside the mask read as zeros. A `null` cluster always has mask 0.
+ *
+ * `data` may be a view into a buffer the producer wants back. Final consumers (the VMA
+ * writer, the restore sink) call `lease.release()` after they copied or wrote it. A stage
+ * that fans one record out to several consumers must delete `lease` first.
+ */
+export interface VmaClusterRecord {
+  type: "cluster";
+  /** Device id of a device record that came before. */
+  devId: number;
+  /** Cluster number: byte offset / 65536. */
+  cluster: number;
+  /** 16-bit mask of stored 4 KiB blocks. */
+  mask: number;
+  /** Cluster content (65536 bytes) or `null` for an all-zero cluster. */
+  data: Uint8Array | null;
+  /** Hold on the buffer behind `data`, if the producer recycles it. */
+  lease?: Lease;
+}
+
+/** Any record of a VMA record stream. */
+export type VmaRecord = VmaHeaderRecord | VmaConfigRecord | VmaDeviceRecord | VmaClusterRecord;

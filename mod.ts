@@ -1,0 +1,77 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * vmabackup: efficient, consistent VM disk backups in the Proxmox VMA format, built from
+ * composable Web Streams.
+ *
+ * A backup is a chain of stages that pass typed {@linkcode VmaRecord}s:
+ * source ({@linkcode rawDiskSource}) → sparse filter ({@linkcode ZeroFilterStream}) →
+ * {@linkcode VmaWriterStream} → compressor → any WritableStream. A restore goes back:
+ * decompressor → {@linkcode VmaReaderStream} → {@linkcode RestoreSink} or
+ * {@linkcode DeviceBytesStream}.
+ *
+ * @example Back up a raw image and restore it
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import {
+ *   combineRecordStreams, rawDiskSource, RestoreSink, VmaReaderStream, VmaWriterStream,
+ *   ZeroFilterStream,
+ * } from "./mod.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const disk = new Uint8Array(300_000);
+ * disk.fill(42, 70_000, 80_000);
+ * await Deno.writeFile(`${dir}/disk.raw`, disk);
+ *
+ * const archive = await new Response(
+ *   combineRecordStreams([rawDiskSource(`${dir}/disk.raw`, { name: "drive-scsi0" })])
+ *     .pipeThrough(new ZeroFilterStream())
+ *     .pipeThrough(new VmaWriterStream()),
+ * ).bytes();
+ *
+ * await ReadableStream.from([archive])
+ *   .pipeThrough(new VmaReaderStream())
+ *   .pipeTo(new RestoreSink({ target: (device) => `${dir}/${device.name}.raw` }));
+ * assert.deepEqual(await Deno.readFile(`${dir}/drive-scsi0.raw`), disk);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ *
+ * @module
+ */
+
+export * from "./lib/vma/format.ts";
+export type {
+  Lease,
+  VmaClusterRecord,
+  VmaConfigRecord,
+  VmaDeviceRecord,
+  VmaHeaderRecord,
+  VmaRecord,
+} from "./lib/vma/records.ts";
+export { VmaFormatError, type VmaFormatReason } from "./lib/vma/errors.ts";
+export {
+  type DecodedVmaHeader,
+  decodeHeader,
+  encodeHeader,
+  type VmaHeader,
+} from "./lib/vma/header.ts";
+export {
+  type VmaWriterOptions,
+  type VmaWriterStats,
+  VmaWriterStream,
+} from "./lib/vma/writer_stream.ts";
+export {
+  compressionMagic,
+  type VmaReaderDeviceStats,
+  type VmaReaderOptions,
+  type VmaReaderStats,
+  VmaReaderStream,
+} from "./lib/vma/reader_stream.ts";
+export { rawDiskSource, type RawDiskSourceOptions } from "./lib/sources/raw_disk.ts";
+export { type CombineOptions, combineRecordStreams } from "./lib/sources/combine.ts";
+export { ZeroFilterStream } from "./lib/transforms/zero_filter.ts";
+export {
+  type RestoredDevice,
+  RestoreSink,
+  type RestoreSinkOptions,
+} from "./lib/sinks/restore_files.ts";
+export { type DeviceBytesOptions, DeviceBytesStream } from "./lib/sinks/device_stream.ts";

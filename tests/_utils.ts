@@ -1,0 +1,116 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/** Shared test helpers. */
+import { createHash } from "node:crypto";
+import {
+  CLUSTER_SIZE,
+  FULL_MASK,
+  validMask,
+  type VmaClusterRecord,
+  type VmaReaderOptions,
+  VmaReaderStream,
+  type VmaRecord,
+  type VmaWriterOptions,
+  VmaWriterStream,
+  ZeroFilterStream,
+} from "../mod.ts";
+
+/** The real Proxmox sample archive, decompressed. */
+export async function loadProxmoxSample(): Promise<Uint8Array<ArrayBuffer>> {
+  const url = new URL("../../shared/vectors/dissect-proxmox-sample.vma.gz", import.meta.url);
+  using file = await Deno.open(url);
+  return await new Response(file.readable.pipeThrough(new DecompressionStream("gzip"))).bytes();
+}
+
+export function sha256Hex(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+export function md5Hex(bytes: Uint8Array): string {
+  return createHash("md5").update(bytes).digest("hex");
+}
+
+/** Fixed identity, so archives are reproducible in tests. */
+export const FIXED: VmaWriterOptions = {
+  uuid: "0badc0de-0000-4000-8000-00000000feed",
+  ctime: 1700000000,
+};
+
+/** A disk for tests: name and content. */
+export interface TestDisk {
+  name: string;
+  bytes: Uint8Array;
+}
+
+/** Cluster records of a disk in memory, in the given cluster order. */
+export function diskClusters(
+  devId: number,
+  disk: Uint8Array,
+  order?: number[],
+): VmaClusterRecord[] {
+  const count = Math.ceil(disk.byteLength / CLUSTER_SIZE);
+  return (order ?? [...Array(count).keys()]).map((cluster) => {
+    const data = new Uint8Array(CLUSTER_SIZE);
+    data.set(disk.subarray(cluster * CLUSTER_SIZE, (cluster + 1) * CLUSTER_SIZE));
+    return { type: "cluster", devId, cluster, mask: validMask(disk.byteLength, cluster), data };
+  });
+}
+
+/** Writes records through the zero filter and writer, returning the archive bytes. */
+export async function writeArchive(
+  records: VmaRecord[],
+  options: VmaWriterOptions = FIXED,
+): Promise<Uint8Array<ArrayBuffer>> {
+  return await new Response(
+    ReadableStream.from(records).pipeThrough(new ZeroFilterStream()).pipeThrough(
+      new VmaWriterStream(options),
+    ),
+  ).bytes();
+}
+
+/** Reads an archive (given in chunks of `chunkSize` bytes) into records. */
+export async function readArchive(
+  archive: Uint8Array,
+  options: VmaReaderOptions = {},
+  chunkSize = 1 << 20,
+): Promise<VmaRecord[]> {
+  const chunks: Uint8Array[] = [];
+  for (let i = 0; i < archive.byteLength; i += chunkSize) {
+    chunks.push(archive.subarray(i, i + chunkSize));
+  }
+  if (chunks.length === 0) chunks.push(new Uint8Array(0));
+  return await Array.fromAsync(
+    ReadableStream.from(chunks).pipeThrough(new VmaReaderStream(options)),
+  );
+}
+
+/** Rebuilds each device's bytes from records (copying data, so leases do not matter). */
+export function devicesFromRecords(records: VmaRecord[]): Map<string, Uint8Array> {
+  const devices = new Map<number, { name: string; bytes: Uint8Array }>();
+  for (const record of records) {
+    if (record.type === "device") {
+      devices.set(record.devId, { name: record.name, bytes: new Uint8Array(record.size) });
+    } else if (record.type === "cluster" && record.data !== null) {
+      const device = devices.get(record.devId)!;
+      const start = record.cluster * CLUSTER_SIZE;
+      const length = Math.min(CLUSTER_SIZE, device.bytes.byteLength - start);
+      device.bytes.set(record.data.subarray(0, length), start);
+      record.lease?.release();
+    }
+  }
+  return new Map([...devices.values()].map(({ name, bytes }) => [name, bytes]));
+}
+
+/** Random bytes, seeded, fast (xorshift). */
+export function randomBytes(length: number, seed: number): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(length);
+  let state = seed | 1;
+  for (let i = 0; i < length; i++) {
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    bytes[i] = state & 0xff;
+  }
+  return bytes;
+}
+
+export { FULL_MASK };

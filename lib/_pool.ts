@@ -1,14 +1,23 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
- * Recycling of large buffers between pipeline stages (internal).
+ * Recycling of large buffers between pipeline stages.
  *
- * A producer acquires a buffer, hands out views of it with a shared lease, and the buffer
- * comes back to the pool once every view has been released. A view that is never released
- * only costs a fresh allocation later: correctness never depends on a release.
+ * A producer acquires a buffer, hands out views of it, and the buffer comes back to the
+ * pool once every holder has released it. A view that is never released only costs a
+ * fresh allocation later: correctness never depends on a release. This matters because
+ * freshly allocated multi-MiB buffers stay resident long after they became garbage.
+ *
+ * Record streams carry the hold explicitly (`VmaClusterRecord.lease`). Byte streams cannot,
+ * so byte chunks from a pool created with `trackChunks` are found again by their
+ * `ArrayBuffer`: a final consumer calls {@linkcode releaseChunk} once it has copied or
+ * written a chunk. Stages that pass chunks on never release them.
  *
  * @module
  */
 import type { Lease } from "./vma/records.ts";
+
+/** Buffers whose chunks consumers give back with {@linkcode releaseChunk}. */
+const tracked = new WeakMap<ArrayBufferLike, PooledBuffer>();
 
 /** A buffer with a reference count; it returns to its pool when the count reaches zero. */
 export class PooledBuffer implements Lease {
@@ -33,24 +42,46 @@ export class PooledBuffer implements Lease {
   }
 }
 
+/** Options of {@linkcode BufferPool}. */
+export interface BufferPoolOptions {
+  /** Most free buffers kept for reuse (default 4). */
+  maxFree?: number;
+  /** Let consumers release byte chunks of these buffers with {@linkcode releaseChunk}. */
+  trackChunks?: boolean;
+}
+
 /** A small free list of equally sized buffers. */
 export class BufferPool {
   readonly size: number;
   #free: PooledBuffer[] = [];
   #maxFree: number;
+  #trackChunks: boolean;
 
-  constructor(size: number, maxFree = 4) {
+  constructor(size: number, options: BufferPoolOptions = {}) {
     this.size = size;
-    this.#maxFree = maxFree;
+    this.#maxFree = options.maxFree ?? 4;
+    this.#trackChunks = options.trackChunks ?? false;
   }
 
   /** A free buffer, or a new one. Its content is whatever the last user left in it. */
   acquire(): PooledBuffer {
-    return this.#free.pop() ?? new PooledBuffer(this, new Uint8Array(this.size));
+    const reused = this.#free.pop();
+    if (reused !== undefined) return reused;
+    const buffer = new PooledBuffer(this, new Uint8Array(this.size));
+    if (this.#trackChunks) tracked.set(buffer.bytes.buffer, buffer);
+    return buffer;
   }
 
   /** Called by {@linkcode PooledBuffer} when its last hold is released. */
   recycle(buffer: PooledBuffer): void {
     if (this.#free.length < this.#maxFree) this.#free.push(buffer);
   }
+}
+
+/**
+ * Gives a byte chunk back to the pool it came from, if it came from a tracking pool;
+ * otherwise does nothing. Call it only as the chunk's final consumer, once done with it.
+ */
+export function releaseChunk(chunk: Uint8Array): void {
+  tracked.get(chunk.buffer)?.release();
 }

@@ -41,15 +41,19 @@ export interface TestDisk {
   bytes: Uint8Array;
 }
 
-/** Cluster records of a disk in memory, in the given cluster order. */
+/**
+ * Cluster records of a disk in memory, in the given cluster order. The bytes of the last
+ * cluster past the device end are `padding` (garbage a writer must not store).
+ */
 export function diskClusters(
   devId: number,
   disk: Uint8Array,
   order?: number[],
+  padding = 0,
 ): VmaClusterRecord[] {
   const count = Math.ceil(disk.byteLength / CLUSTER_SIZE);
   return (order ?? [...Array(count).keys()]).map((cluster) => {
-    const data = new Uint8Array(CLUSTER_SIZE);
+    const data = new Uint8Array(CLUSTER_SIZE).fill(padding);
     data.set(disk.subarray(cluster * CLUSTER_SIZE, (cluster + 1) * CLUSTER_SIZE));
     return { type: "cluster", devId, cluster, mask: validMask(disk.byteLength, cluster), data };
   });
@@ -81,6 +85,50 @@ export async function readArchive(
   return await Array.fromAsync(
     ReadableStream.from(chunks).pipeThrough(new VmaReaderStream(options)),
   );
+}
+
+/**
+ * Reads an archive and rebuilds each device while the records stream, releasing every
+ * lease at once so the reader recycles its buffers. Also checks that cluster bytes past a
+ * device's end read as zero.
+ */
+export async function restoreInMemory(
+  archive: Uint8Array,
+  options: VmaReaderOptions = {},
+  chunkSize = 1 << 20,
+): Promise<Map<string, Uint8Array>> {
+  // Clusters are kept until the end, so a corrupt header's huge size is never allocated.
+  const devices = new Map<
+    number,
+    { name: string; size: number; clusters: Map<number, Uint8Array> }
+  >();
+  const chunks: Uint8Array[] = [];
+  for (let i = 0; i < archive.byteLength; i += chunkSize) {
+    chunks.push(archive.subarray(i, i + chunkSize));
+  }
+  await ReadableStream.from(chunks).pipeThrough(new VmaReaderStream(options)).pipeTo(
+    new WritableStream({
+      write(record) {
+        if (record.type === "device") {
+          const { name, size } = record;
+          devices.set(record.devId, { name, size, clusters: new Map() });
+        } else if (record.type === "cluster" && record.data !== null) {
+          const device = devices.get(record.devId)!;
+          const length = Math.min(CLUSTER_SIZE, device.size - record.cluster * CLUSTER_SIZE);
+          if (!record.data.subarray(length).every((b) => b === 0)) {
+            throw new Error(`cluster ${record.cluster} has bytes past the device end`);
+          }
+          device.clusters.set(record.cluster, record.data.slice(0, length));
+          record.lease?.release();
+        }
+      },
+    }),
+  );
+  return new Map([...devices.values()].map(({ name, size, clusters }) => {
+    const bytes = new Uint8Array(size);
+    for (const [cluster, data] of clusters) bytes.set(data, cluster * CLUSTER_SIZE);
+    return [name, bytes];
+  }));
 }
 
 /** Rebuilds each device's bytes from records (copying data, so leases do not matter). */

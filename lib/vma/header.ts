@@ -96,40 +96,56 @@ export function validateHeader(header: VmaHeader): void {
     throw new TypeError("Cannot write the VMA header: An archive needs a config or a device");
   }
   const configNames = new Set<string>();
-  for (const { name, data } of header.configs) {
-    checkName("config", name);
-    if (configNames.has(name)) {
-      throw new TypeError(`Cannot add config "${name}": A config with this name was already added`);
-    }
-    configNames.add(name);
-    if (data.byteLength === 0 || data.byteLength > MAX_BLOB_SIZE) {
-      throw new RangeError(
-        `Cannot add config "${name}": Its size ${data.byteLength} is not within 1..${MAX_BLOB_SIZE} bytes`,
-      );
-    }
+  for (const config of header.configs) {
+    validateConfig(config, configNames);
+    configNames.add(config.name);
   }
   const devIds = new Set<number>();
   const deviceNames = new Set<string>();
-  for (const { devId, name, size } of header.devices) {
-    checkName("device", name);
-    if (!Number.isInteger(devId) || devId < 1 || devId > MAX_DEV_ID) {
-      throw new RangeError(
-        `Cannot add device "${name}": Device id ${devId} is not within 1..${MAX_DEV_ID}`,
-      );
-    }
-    if (devIds.has(devId)) {
-      throw new TypeError(`Cannot add device "${name}": Device id ${devId} is already in use`);
-    }
-    if (deviceNames.has(name)) {
-      throw new TypeError(`Cannot add device "${name}": A device with this name was already added`);
-    }
-    if (!Number.isSafeInteger(size) || size < 1 || size > MAX_DEVICE_SIZE) {
-      throw new RangeError(
-        `Cannot add device "${name}": Its size ${size} is not within 1..${MAX_DEVICE_SIZE} bytes (VMA cannot store an empty device)`,
-      );
-    }
-    devIds.add(devId);
-    deviceNames.add(name);
+  for (const device of header.devices) {
+    validateDevice(device, devIds, deviceNames);
+    devIds.add(device.devId);
+    deviceNames.add(device.name);
+  }
+}
+
+/** Throws unless `config` can be stored next to configs named `taken`. */
+export function validateConfig(config: VmaHeader["configs"][number], taken: Set<string>): void {
+  const { name, data } = config;
+  checkName("config", name);
+  if (taken.has(name)) {
+    throw new TypeError(`Cannot add config "${name}": A config with this name was already added`);
+  }
+  if (data.byteLength === 0 || data.byteLength > MAX_BLOB_SIZE) {
+    throw new RangeError(
+      `Cannot add config "${name}": Its size ${data.byteLength} is not within 1..${MAX_BLOB_SIZE} bytes`,
+    );
+  }
+}
+
+/** Throws unless `device` can be stored next to the devices with ids and names taken. */
+export function validateDevice(
+  device: VmaHeader["devices"][number],
+  takenIds: Set<number>,
+  takenNames: Set<string>,
+): void {
+  const { devId, name, size } = device;
+  checkName("device", name);
+  if (!Number.isInteger(devId) || devId < 1 || devId > MAX_DEV_ID) {
+    throw new RangeError(
+      `Cannot add device "${name}": Device id ${devId} is not within 1..${MAX_DEV_ID}`,
+    );
+  }
+  if (takenIds.has(devId)) {
+    throw new TypeError(`Cannot add device "${name}": Device id ${devId} is already in use`);
+  }
+  if (takenNames.has(name)) {
+    throw new TypeError(`Cannot add device "${name}": A device with this name was already added`);
+  }
+  if (!Number.isSafeInteger(size) || size < 1 || size > MAX_DEVICE_SIZE) {
+    throw new RangeError(
+      `Cannot add device "${name}": Its size ${size} is not within 1..${MAX_DEVICE_SIZE} bytes (VMA cannot store an empty device)`,
+    );
   }
 }
 

@@ -4,8 +4,9 @@
  *
  * @module
  */
+import { ClusterBitmap } from "../_bitmap.ts";
 import { md5, popcount16 } from "../_bytes.ts";
-import { BufferPool, type PooledBuffer } from "../_pool.ts";
+import { BufferPool, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { VmaFormatError } from "./errors.ts";
 import {
   BLOCK_SIZE,
@@ -127,7 +128,7 @@ type Output = TransformStreamDefaultController<VmaRecord>;
 interface DeviceState {
   record: VmaDeviceRecord;
   stats: VmaReaderDeviceStats;
-  seen: Uint8Array;
+  seen: ClusterBitmap;
   isVmstate: boolean;
 }
 
@@ -173,7 +174,7 @@ class ArchiveParser {
   #blockTargets = new Int32Array(SLOTS_PER_EXTENT * 16);
   #mappedBlocks = 0;
   #dataFill = 0;
-  #pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, 2);
+  #pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, { maxFree: 2 });
   #layout: PooledBuffer | null = null;
 
   constructor(options: VmaReaderOptions) {
@@ -200,6 +201,7 @@ class ArchiveParser {
       position += used;
       this.stats.bytes += used;
     }
+    releaseChunk(chunk); // every byte was copied: the producer may reuse the chunk
   }
 
   end(_output: Output): void {
@@ -242,8 +244,7 @@ class ArchiveParser {
       }
       const { clusters, seenClusters, name } = device.stats;
       if (seenClusters === clusters) continue;
-      let first = 0;
-      while (device.seen[first >>> 3]! & (1 << (first & 7))) first++;
+      const first = device.seen.firstMissing(clusters);
       throw new VmaFormatError(
         "missing-cluster",
         at,
@@ -301,7 +302,7 @@ class ArchiveParser {
       this.#devices[devId] = {
         record,
         stats,
-        seen: new Uint8Array(Math.ceil(clusters / 8)),
+        seen: new ClusterBitmap(),
         isVmstate: name === VMSTATE_NAME,
       };
       output.enqueue({ ...record });
@@ -427,9 +428,7 @@ class ArchiveParser {
           `cluster ${slot.cluster} is past the end of stream ${name} (${clusters} clusters)`,
         );
       }
-      const bit = 1 << (slot.cluster & 7);
-      const byte = slot.cluster >>> 3;
-      if (byte < device.seen.byteLength && (device.seen[byte]! & bit)) {
+      if (device.seen.has(slot.cluster)) {
         throw new VmaFormatError(
           "duplicate-cluster",
           entry,
@@ -443,7 +442,7 @@ class ArchiveParser {
           `got wrong block address - write beyond end (cluster ${slot.cluster} of stream ${name})`,
         );
       }
-      if (byte < device.seen.byteLength) device.seen[byte]! |= bit;
+      device.seen.add(slot.cluster);
       device.stats.seenClusters++;
       claimed += popcount16(slot.mask);
     }

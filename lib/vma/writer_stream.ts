@@ -4,7 +4,9 @@
  *
  * @module
  */
+import { ClusterBitmap } from "../_bitmap.ts";
 import { md5, popcount16, uuidToBytes } from "../_bytes.ts";
+import { BufferPool } from "../_pool.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
@@ -17,7 +19,7 @@ import {
   VMSTATE_NAME,
   WRITER_SLOTS_PER_EXTENT,
 } from "./format.ts";
-import { encodeHeader, type VmaHeader } from "./header.ts";
+import { encodeHeader, validateConfig, validateDevice, type VmaHeader } from "./header.ts";
 import type { VmaClusterRecord, VmaRecord } from "./records.ts";
 
 /** Options of {@linkcode VmaWriterStream}. */
@@ -36,6 +38,14 @@ export interface VmaWriterOptions {
    * re-encode a partial archive.
    */
   requireComplete?: boolean;
+  /**
+   * Recycle extent buffers (default `false`). An emitted chunk is then reused once its
+   * consumer calls `releaseChunk` on it, which this library's final consumers do (the
+   * reader, the compressors, the file sinks). Leave it off when the output goes to code
+   * that keeps chunks (such as `tee()` or `new Response(stream)`); then every extent gets
+   * a fresh buffer and ownership passes downstream.
+   */
+  reuseBuffers?: boolean;
 }
 
 /** Counters of a finished (or running) write. */
@@ -56,8 +66,7 @@ interface DeviceState {
   name: string;
   size: number;
   clusters: number;
-  written: Uint8Array;
-  writtenCount: number;
+  written: ClusterBitmap;
   isVmstate: boolean;
 }
 
@@ -119,8 +128,9 @@ class ArchiveWriter {
   #extentHeader = new Uint8Array(EXTENT_HEADER_SIZE);
   #extentView = new DataView(this.#extentHeader.buffer);
   #slots = 0;
-  /** Data of the extent being built, allocated at its first data block. */
+  /** Data of the extent being built, acquired at its first data block. */
   #extentData: Uint8Array<ArrayBuffer> | null = null;
+  #extentPool: BufferPool;
   #dataLength = 0;
 
   constructor(options: VmaWriterOptions) {
@@ -135,6 +145,10 @@ class ArchiveWriter {
       );
     }
     if (options.uuid !== undefined) uuidToBytes(options.uuid); // fail early on a bad UUID
+    this.#extentPool = new BufferPool(
+      EXTENT_HEADER_SIZE + this.#slotsPerExtent * CLUSTER_SIZE,
+      { maxFree: options.reuseBuffers ? 4 : 0, trackChunks: options.reuseBuffers ?? false },
+    );
   }
 
   write(record: VmaRecord, output: Output): void {
@@ -149,7 +163,7 @@ class ArchiveWriter {
         return;
       case "config":
         this.#beforeData(`config "${record.name}"`);
-        this.#configs.push({ name: basename(record.name), data: record.data });
+        this.#addConfig(basename(record.name), record.data);
         return;
       case "device":
         this.#beforeData(`device "${record.name}"`);
@@ -164,10 +178,10 @@ class ArchiveWriter {
 
   finish(output: Output): void {
     const incomplete = [...this.#devices.values()]
-      .filter((device) => !device.isVmstate && device.writtenCount < device.clusters)
+      .filter((device) => !device.isVmstate && device.written.count < device.clusters)
       .map((device) =>
         `"${device.name}" (${
-          device.clusters - device.writtenCount
+          device.clusters - device.written.count
         } of ${device.clusters} clusters missing)`
       );
     if (incomplete.length > 0 && this.#options.requireComplete !== false) {
@@ -186,17 +200,20 @@ class ArchiveWriter {
     }
   }
 
+  #addConfig(name: string, data: Uint8Array): void {
+    validateConfig({ name, data }, new Set(this.#configs.map((config) => config.name)));
+    this.#configs.push({ name, data });
+  }
+
   #addDevice(devId: number, name: string, size: number): void {
-    if (this.#devices.has(devId)) {
-      throw new TypeError(`Cannot add device "${name}": Device id ${devId} is already in use`);
-    }
+    const names = new Set([...this.#devices.values()].map((device) => device.name));
+    validateDevice({ devId, name, size }, new Set(this.#devices.keys()), names);
     const clusters = clusterCount(size);
     this.#devices.set(devId, {
       name,
       size,
       clusters,
-      written: new Uint8Array(Math.ceil(clusters / 8)),
-      writtenCount: 0,
+      written: new ClusterBitmap(),
       isVmstate: name === VMSTATE_NAME,
     });
   }
@@ -222,13 +239,12 @@ class ArchiveWriter {
         `Cannot write cluster ${cluster} of device "${device.name}": It is past the device end (${device.clusters} clusters)`,
       );
     }
-    const bit = 1 << (cluster & 7);
-    if (device.written[cluster >>> 3]! & bit) {
+    if (device.written.has(cluster)) {
       throw new RangeError(
         `Cannot write cluster ${cluster} of device "${device.name}": It was already written`,
       );
     }
-    if (device.isVmstate && cluster !== device.writtenCount) {
+    if (device.isVmstate && cluster !== device.written.count) {
       throw new RangeError(
         `Cannot write cluster ${cluster} of "${VMSTATE_NAME}": non sequential vmstate write`,
       );
@@ -238,8 +254,7 @@ class ArchiveWriter {
         `Cannot write cluster ${cluster} of device "${device.name}": Data is ${data.byteLength} bytes, not ${CLUSTER_SIZE}`,
       );
     }
-    device.written[cluster >>> 3]! |= bit;
-    device.writtenCount++;
+    device.written.add(cluster);
 
     if (this.#slots === this.#slotsPerExtent) this.#flushExtent(output);
     // Blocks past the device end are never stored, whatever the mask says.
@@ -257,9 +272,11 @@ class ArchiveWriter {
 
   /** Appends the masked blocks, in runs of consecutive blocks, to the extent data. */
   #copyBlocks(data: Uint8Array, mask: number, bytesLeftInDevice: number): void {
-    this.#extentData ??= new Uint8Array(
-      EXTENT_HEADER_SIZE + this.#slotsPerExtent * CLUSTER_SIZE,
-    );
+    if (this.#extentData === null) {
+      const buffer = this.#extentPool.acquire();
+      buffer.hold(1); // the consumer's releaseChunk() gives it back
+      this.#extentData = buffer.bytes;
+    }
     const target = this.#extentData;
     let remaining = mask;
     while (remaining !== 0) {
@@ -296,7 +313,7 @@ class ArchiveWriter {
     } else {
       extent = this.#extentData.subarray(0, EXTENT_HEADER_SIZE + this.#dataLength);
       extent.set(header);
-      this.#extentData = null; // handed downstream: the next extent gets a new buffer
+      this.#extentData = null; // handed downstream until released
     }
     header.fill(0);
     this.#slots = 0;

@@ -1,9 +1,94 @@
 #!/usr/bin/env -S deno run --allow-read --allow-write
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
- * vmabackup command-line tool (placeholder until the CLI lands).
+ * vmabackup: back up VM disks into Proxmox VMA archives, and read them back.
+ *
+ * ```sh
+ * deno run --allow-read --allow-write cli.ts backup --disk drive-scsi0=disk.raw -o vm.vma.zst
+ * deno run --allow-read cli.ts verify vm.vma.zst
+ * deno run --allow-read --allow-write cli.ts extract vm.vma.zst restored/
+ * ```
+ *
+ * Every command has `--help`; exit codes are listed in the README.
  *
  * @module
  */
-// deno-lint-ignore no-console
-if (import.meta.main) console.error("usage: cli.ts COMMAND ... (not implemented yet)");
+import denoJson from "./deno.json" with { type: "json" };
+import type { Command } from "./lib/cli/command.ts";
+import { backupCommand } from "./lib/cli/commands/backup.ts";
+import { demoCommand } from "./lib/cli/commands/demo.ts";
+import { extractCommand } from "./lib/cli/commands/extract.ts";
+import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
+import { verifyCommand } from "./lib/cli/commands/verify.ts";
+import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
+import { describeError, ExitCode, InterruptedError } from "./lib/cli/errors.ts";
+
+const commands: Command[] = [
+  backupCommand,
+  extractCommand,
+  listCommand,
+  configCommand,
+  verifyCommand,
+  demoCommand,
+];
+
+function usage(): string {
+  const width = Math.max(...commands.map((command) => command.name.length));
+  return [
+    `vmabackup ${denoJson.version}: VM disk backups in the Proxmox VMA format`,
+    "",
+    "usage: cli.ts COMMAND [options]     (cli.ts COMMAND --help for details)",
+    "",
+    ...commands.map((command) => `  ${command.name.padEnd(width)}  ${command.summary}`),
+    "",
+    "  --version  print the version",
+  ].join("\n");
+}
+
+/** Runs the CLI with `args`; resolves to the process exit code. Errors become one line. */
+export async function main(args: string[], context: CliContext): Promise<number> {
+  const [name, ...rest] = args;
+  if (name === "--version" || name === "-V") {
+    await writeText(context.stdout, `vmabackup ${denoJson.version}\n`);
+    return ExitCode.ok;
+  }
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    await writeText(name === undefined ? context.stderr : context.stdout, `${usage()}\n`);
+    return name === undefined ? ExitCode.usage : ExitCode.ok;
+  }
+  const command = commands.find((candidate) => candidate.name === name);
+  if (command === undefined) {
+    await writeText(context.stderr, `error: unknown command '${name}' (see 'cli.ts --help')\n`);
+    return ExitCode.usage;
+  }
+  try {
+    return await command.run(rest, context);
+  } catch (error) {
+    const { exitCode, message } = describeError(error);
+    // deno-lint-ignore no-console
+    if (debugEnabled()) console.error(error);
+    await writeText(context.stderr, `error: ${message}\n`).catch(() => {});
+    return exitCode;
+  }
+}
+
+/** `VMABACKUP_DEBUG=1` prints stack traces, when the environment may be read at all. */
+function debugEnabled(): boolean {
+  const query = { name: "env", variable: "VMABACKUP_DEBUG" } as const;
+  return Deno.permissions.querySync(query).state === "granted" &&
+    Deno.env.get("VMABACKUP_DEBUG") === "1";
+}
+
+if (import.meta.main) {
+  const controller = new AbortController();
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  const onSignal = (signal: Deno.Signal) => () => {
+    if (controller.signal.aborted) Deno.exit(new InterruptedError(signal).exitCode); // a second signal
+    controller.abort(new InterruptedError(signal));
+  };
+  const listeners = signals.map((signal) => [signal, onSignal(signal)] as const);
+  for (const [signal, listener] of listeners) Deno.addSignalListener(signal, listener);
+  const code = await main(Deno.args, processContext(controller.signal));
+  for (const [signal, listener] of listeners) Deno.removeSignalListener(signal, listener);
+  Deno.exit(code);
+}

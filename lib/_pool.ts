@@ -72,6 +72,17 @@ export class BufferPool {
     return buffer;
   }
 
+  /**
+   * Takes back the memory of a buffer whose `ArrayBuffer` was transferred away (to a Worker)
+   * and has now come back.
+   */
+  adopt(bytes: Uint8Array<ArrayBuffer>): void {
+    if (bytes.byteLength !== this.size || this.#free.length >= this.#maxFree) return;
+    const buffer = new PooledBuffer(this, bytes);
+    if (this.#trackChunks) tracked.set(bytes.buffer, buffer);
+    this.#free.push(buffer);
+  }
+
   /** Called by {@linkcode PooledBuffer} when its last hold is released. */
   recycle(buffer: PooledBuffer): void {
     if (this.#free.length < this.#maxFree) this.#free.push(buffer);

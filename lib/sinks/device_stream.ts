@@ -5,7 +5,7 @@
  * @module
  */
 import { CLUSTER_SIZE, clusterCount } from "../vma/format.ts";
-import type { VmaRecord } from "../vma/records.ts";
+import type { VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
 
 /** Options of {@linkcode DeviceBytesStream}. */
 export interface DeviceBytesOptions {
@@ -19,7 +19,8 @@ export interface DeviceBytesOptions {
 const ZERO_RUN = 16; // zero clusters per emitted zero chunk (1 MiB)
 
 /**
- * Emits the raw bytes of one device (by name), from byte 0 to its exact size, so a disk
+ * Emits the raw bytes of one device (by name, or the first device `device` matches),
+ * from byte 0 to its exact size, so a disk
  * can be streamed to stdout or any WritableStream. Zero clusters become zero bytes.
  * Clusters that arrive ahead of their turn are held back, within `maxBufferedBytes`.
  *
@@ -41,7 +42,14 @@ const ZERO_RUN = 16; // zero clusters per emitted zero chunk (1 MiB)
  * ```
  */
 export class DeviceBytesStream extends TransformStream<VmaRecord, Uint8Array> {
-  constructor(deviceName: string, options: DeviceBytesOptions = {}) {
+  constructor(
+    device: string | ((device: VmaDeviceRecord) => boolean),
+    options: DeviceBytesOptions = {},
+  ) {
+    const matches = typeof device === "string"
+      ? (record: VmaDeviceRecord) => record.name === device
+      : device;
+    let deviceName = typeof device === "string" ? device : "(matching)";
     const maxBuffered = options.maxBufferedBytes ?? 64 << 20;
     let devId: number | undefined;
     let size = 0;
@@ -79,7 +87,8 @@ export class DeviceBytesStream extends TransformStream<VmaRecord, Uint8Array> {
 
     super({
       transform(record, controller) {
-        if (record.type === "device" && record.name === deviceName) {
+        if (record.type === "device" && devId === undefined && matches(record)) {
+          deviceName = record.name;
           devId = record.devId;
           size = record.size;
           clusters = clusterCount(size);

@@ -1,0 +1,70 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Reading an archive for a CLI command: open the file or stdin, detect and undo the
+ * compression, count progress, and parse it with the strict reader.
+ *
+ * @module
+ */
+import { decompressInput } from "../transforms/compression.ts";
+import type { Compression } from "../transforms/compression.ts";
+import type { VmaRecord } from "../vma/records.ts";
+import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
+import { CliError, ExitCode } from "./errors.ts";
+import { openInput } from "./files.ts";
+import { countingStream, type Progress } from "./progress.ts";
+
+/** An archive being read. */
+export interface ArchiveInput {
+  records: ReadableStream<VmaRecord>;
+  reader: VmaReaderStream;
+  compression: Compression;
+  /** Path or `stdin`. */
+  name: string;
+  /** Size of the (compressed) input when it is a regular file. */
+  size?: number | undefined;
+  /** Bytes of (compressed) input read so far. */
+  bytesRead(): number;
+}
+
+/** Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes. */
+export async function openArchive(
+  path: string,
+  options: { reader?: VmaReaderOptions; progress?: (size: number | undefined) => Progress },
+): Promise<ArchiveInput> {
+  const input = await openInput(path);
+  let read = 0;
+  const progress = options.progress?.(input.size);
+  const counted = input.readable.pipeThrough(
+    countingStream<Uint8Array>((chunk) => chunk.byteLength, (bytes) => {
+      read += bytes;
+      progress?.add(bytes);
+    }),
+  );
+  let decompressed;
+  try {
+    decompressed = await decompressInput(counted);
+  } catch (error) {
+    if (error instanceof TypeError) {
+      throw new CliError(ExitCode.corrupt, `${input.name}: ${error.message}`);
+    }
+    throw error;
+  }
+  const reader = new VmaReaderStream(options.reader);
+  return {
+    records: decompressed.readable.pipeThrough(reader),
+    reader,
+    compression: decompressed.compression,
+    name: input.name,
+    size: input.size,
+    bytesRead: () => read,
+  };
+}
+
+/** A sink that drops records, giving their buffers back to the reader. */
+export function discardRecords(): WritableStream<VmaRecord> {
+  return new WritableStream({
+    write(record) {
+      if (record.type === "cluster") record.lease?.release();
+    },
+  });
+}

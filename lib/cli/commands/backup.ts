@@ -1,0 +1,250 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * `backup`: disks and configs into one VMA archive, compressed or not, to a file or stdout.
+ *
+ * @module
+ */
+import { combineRecordStreams } from "../../sources/combine.ts";
+import { rawDiskSource } from "../../sources/raw_disk.ts";
+import {
+  compressionForPath,
+  compressor,
+  type WritableCompression,
+} from "../../transforms/compression.ts";
+import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
+import { CLUSTER_SIZE } from "../../vma/format.ts";
+import type { VmaRecord } from "../../vma/records.ts";
+import { VmaWriterStream } from "../../vma/writer_stream.ts";
+import { type Command, jsonLine, parseCommandArgs, printHelp, progressMode } from "../command.ts";
+import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
+import { UsageError } from "../errors.ts";
+import { openOutput } from "../files.ts";
+import { countingStream, Progress } from "../progress.ts";
+
+const HELP = `Back up disks into a VMA archive.
+
+usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
+                     [--compress zstd|gzip|none] [--level N] [--force]
+                     [--progress auto|json|none] [--json]
+
+  --disk [NAME=]PATH   a disk: a raw image file or block device. NAME is the Proxmox
+                       device name (drive-scsi0, drive-efidisk0, ...); a bare name such as
+                       scsi0 gets the drive- prefix. Without NAME: drive-scsi0, drive-scsi1, ...
+  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
+  -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
+  --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
+  --level N            compression level (zstd -7..19, default 3; gzip 1..9)
+  --force              replace an existing OUT
+  --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
+  --json               print a JSON result object instead of the summary line
+
+permissions: --allow-read (disks, configs) --allow-write (OUT)
+
+example: deno run --allow-read --allow-write cli.ts backup \\
+           --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
+
+/** A `--disk` value: `NAME=PATH` or `PATH`. */
+export interface DiskSpec {
+  name: string;
+  path: string;
+}
+
+/** Parses the `--disk` values, naming unnamed disks drive-scsi0, drive-scsi1, ... */
+export function parseDiskSpecs(values: string[]): DiskSpec[] {
+  const specs = values.map((value, index) => {
+    const equals = value.indexOf("=");
+    const looksNamed = equals > 0 && !value.slice(0, equals).includes("/");
+    const name = looksNamed ? value.slice(0, equals) : `scsi${index}`;
+    const path = looksNamed ? value.slice(equals + 1) : value;
+    if (path === "") throw new UsageError(`--disk ${value}: the path is missing`);
+    return { name: name.startsWith("drive-") ? name : `drive-${name}`, path };
+  });
+  const names = new Set<string>();
+  for (const { name } of specs) {
+    if (names.has(name)) throw new UsageError(`--disk: the name ${name} is used twice`);
+    names.add(name);
+  }
+  return specs;
+}
+
+/** Reads the `--compress` and `--level` values for an output path. */
+export function parseCompression(
+  output: string,
+  compress: string | undefined,
+  level: string | undefined,
+): { compression: WritableCompression; level: number | undefined } {
+  const compression = compress ?? compressionForPath(output);
+  if (compression !== "zstd" && compression !== "gzip" && compression !== "none") {
+    throw new UsageError(`--compress must be zstd, gzip or none, not '${compression}'`);
+  }
+  if (level === undefined) return { compression, level: undefined };
+  const parsed = Number(level);
+  const range = compression === "gzip" ? [1, 9] : [-7, 19];
+  if (!Number.isInteger(parsed) || parsed < range[0]! || parsed > range[1]!) {
+    throw new UsageError(
+      `--level must be an integer within ${range[0]}..${range[1]} for ${compression}`,
+    );
+  }
+  if (compression === "none") throw new UsageError("--level needs --compress zstd or gzip");
+  return { compression, level: parsed };
+}
+
+/** Reads config files (each at most 65535 bytes; the writer checks the rest). */
+export async function readConfigs(paths: string[]): Promise<{ name: string; data: Uint8Array }[]> {
+  return await Promise.all(
+    paths.map(async (path) => ({ name: path, data: await Deno.readFile(path) })),
+  );
+}
+
+/** Everything a backup needs besides its disk sources. */
+export interface BackupPlan {
+  sources: ReadableStream<VmaRecord>[];
+  configs: { name: string; data: Uint8Array }[];
+  /** Sum of the disk sizes, for progress (undefined when unknown). */
+  totalBytes?: number | undefined;
+  output: string;
+  compression: WritableCompression;
+  level?: number | undefined;
+  force: boolean;
+  progress: "auto" | "json" | "none";
+  json: boolean;
+  /** Shown in the summary and JSON result. */
+  disks: { name: string; path: string }[];
+}
+
+/**
+ * Runs the backup pipeline of a plan: sources → zero filter → writer → compressor → output,
+ * with progress, and the partial output removed on any failure or signal.
+ */
+export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
+  const output = await openOutput(plan.output, context, { force: plan.force });
+  const progress = new Progress(context, {
+    mode: plan.progress,
+    command: "backup",
+    total: plan.totalBytes,
+  });
+  const sizes = new Map<number, number>();
+  const uuid = crypto.randomUUID();
+  const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
+  const started = performance.now();
+  const onAbort = () => output.discardSync();
+  context.signal.addEventListener("abort", onAbort);
+  try {
+    await combineRecordStreams(plan.sources, { configs: plan.configs })
+      .pipeThrough(countingStream<VmaRecord>((record) => {
+        if (record.type === "device") sizes.set(record.devId, record.size);
+        if (record.type !== "cluster") return 0;
+        const size = sizes.get(record.devId) ?? 0;
+        return Math.min(CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE);
+      }, (bytes) => progress.add(bytes)))
+      .pipeThrough(new ZeroFilterStream())
+      .pipeThrough(writer)
+      .pipeThrough(compressor(plan.compression, plan.level))
+      .pipeTo(output.writable, { signal: context.signal });
+    await output.commit();
+    await progress.finish(true);
+  } catch (error) {
+    await output.discard();
+    await progress.finish(false);
+    throw context.signal.aborted ? context.signal.reason : error;
+  } finally {
+    context.signal.removeEventListener("abort", onAbort);
+  }
+
+  const seconds = (performance.now() - started) / 1000;
+  const stats = writer.stats;
+  const diskBytes = [...sizes.values()].reduce((a, b) => a + b, 0);
+  const written = output.writable.bytesWritten;
+  const result = {
+    ok: true,
+    command: "backup",
+    output: plan.output,
+    uuid,
+    compression: plan.compression,
+    disks: plan.disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
+    configs: plan.configs.map((config) => config.name.replace(/.*\//, "")),
+    diskBytes,
+    archiveBytes: stats.bytes,
+    outputBytes: written,
+    clusters: stats.clusters,
+    zeroClusters: stats.zeroClusters,
+    dataBytes: stats.dataBlocks * 4096,
+    seconds: Number(seconds.toFixed(3)),
+  };
+  const target = plan.output === "-" ? context.stderr : context.stdout;
+  if (plan.json) {
+    await writeText(target, jsonLine(result));
+  } else {
+    const sparse = diskBytes > 0
+      ? Math.max(0, 100 * (1 - result.dataBytes / diskBytes)).toFixed(1)
+      : "0";
+    const name = plan.output === "-" ? "stdout" : plan.output;
+    await writeText(
+      context.stderr,
+      `${name}: ${plan.disks.length} disk(s), ${formatBytes(diskBytes)} (${sparse}% sparse) → ${
+        formatBytes(written)
+      } ${plan.compression === "none" ? "" : `${plan.compression} `}in ${seconds.toFixed(1)} s, ${
+        formatRate(diskBytes, seconds)
+      }\n`,
+    );
+  }
+  return 0;
+}
+
+export const backupCommand: Command = {
+  name: "backup",
+  summary: "back up disks (and configs) into a VMA archive",
+  help: HELP,
+  async run(args, context) {
+    const { values, positionals } = parseCommandArgs("backup", args, {
+      disk: { type: "string", multiple: true },
+      config: { type: "string", multiple: true },
+      output: { type: "string", short: "o" },
+      compress: { type: "string" },
+      level: { type: "string" },
+      force: { type: "boolean" },
+      progress: { type: "string" },
+      json: { type: "boolean" },
+    });
+    if (values.help) return await printHelp(context, HELP);
+    if (positionals.length > 0) {
+      throw new UsageError(`backup takes no positional arguments, got '${positionals[0]}'`);
+    }
+    if (!values.disk?.length && !values.config?.length) {
+      throw new UsageError(
+        "backup needs at least one --disk (or --config) (see 'cli.ts backup --help')",
+      );
+    }
+    if (values.output === undefined) {
+      throw new UsageError("backup needs -o OUT (or -o - for stdout)");
+    }
+    const disks = parseDiskSpecs(values.disk ?? []);
+    const { compression, level } = parseCompression(values.output, values.compress, values.level);
+    const mode = progressMode(values.progress);
+    const configs = await readConfigs(values.config ?? []);
+    let totalBytes = 0;
+    for (const { path } of disks) totalBytes += await diskSize(path);
+    return await runBackup({
+      sources: disks.map(({ name, path }) => rawDiskSource(path, { name })),
+      configs,
+      totalBytes,
+      output: values.output,
+      compression,
+      level,
+      force: values.force ?? false,
+      progress: mode,
+      json: values.json ?? false,
+      disks,
+    }, context);
+  },
+};
+
+/** Size of a disk path, and a clear error when it cannot be read. */
+async function diskSize(path: string): Promise<number> {
+  using file = await Deno.open(path, { read: true });
+  const info = await file.stat();
+  if (info.isDirectory) {
+    throw new Deno.errors.IsADirectory(`Cannot back up ${path}: It is a directory`);
+  }
+  return info.isFile ? info.size : await file.seek(0, Deno.SeekMode.End);
+}

@@ -1,0 +1,243 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * `extract`: configs and sparse raw disks into a new directory, or one disk to stdout.
+ *
+ * @module
+ */
+import { DeviceBytesStream } from "../../sinks/device_stream.ts";
+import { ByteSink } from "../../sinks/file_sink.ts";
+import { RestoreSink } from "../../sinks/restore_files.ts";
+import { VmaFormatError } from "../../vma/errors.ts";
+import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../../vma/records.ts";
+import { VMSTATE_NAME } from "../../vma/format.ts";
+import { openArchive } from "../archive_input.ts";
+import {
+  type Command,
+  expectPositionals,
+  jsonLine,
+  parseCommandArgs,
+  printHelp,
+  progressMode,
+} from "../command.ts";
+import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
+import { CliError, ExitCode, UsageError } from "../errors.ts";
+import { exists } from "../files.ts";
+import { Progress } from "../progress.ts";
+
+const HELP = `Extract a VMA archive: configs and one sparse raw image per disk.
+
+usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--force]
+       cli.ts extract ARCHIVE|- --stdout NAME
+
+  TARGETDIR          a new directory; gets the configs and disk-<name>.raw per disk
+                     (vmstate.bin for a VM state stream). Built in TARGETDIR.partial and
+                     renamed when complete
+  --disk NAMES       extract only these disks (comma-separated, repeatable); the others
+                     are not written and not checked for missing clusters
+  --stdout NAME      stream one disk's raw bytes to stdout and write nothing else
+  --force            replace an existing TARGETDIR
+  --progress MODE    auto, json or none
+  --json             print a JSON result object
+
+Disk names match with or without the drive- prefix (scsi0 = drive-scsi0).
+Names that would leave TARGETDIR ('/', '..', NUL) are refused.
+permissions: --allow-read (ARCHIVE) --allow-write (TARGETDIR)`;
+
+/** True when `name` names a device given as `wanted` (with or without `drive-`). */
+export function deviceMatches(name: string, wanted: string): boolean {
+  return name === wanted || name === `drive-${wanted}`;
+}
+
+/** Refuses a name from the archive that is not a plain file name. */
+export function safeFileName(kind: string, name: string): string {
+  if (name === "" || name === "." || name === ".." || name.includes("/") || name.includes("\0")) {
+    throw new CliError(
+      ExitCode.corrupt,
+      `the archive has a ${kind} named '${name}', which would leave the target directory`,
+    );
+  }
+  return name;
+}
+
+/** The file name of a device inside TARGETDIR, as `vma extract` names it. */
+export function deviceFileName(device: VmaDeviceRecord): string {
+  return device.name === VMSTATE_NAME
+    ? "vmstate.bin"
+    : `disk-${safeFileName("device", device.name)}.raw`;
+}
+
+/** A pass-through that checks every name and records what it saw. */
+function inspect(found: { configs: VmaConfigRecord[]; devices: VmaDeviceRecord[] }) {
+  return new TransformStream<VmaRecord, VmaRecord>({
+    transform(record, controller) {
+      if (record.type === "config") {
+        safeFileName("config", record.name);
+        found.configs.push(record);
+      }
+      if (record.type === "device") found.devices.push(record);
+      controller.enqueue(record);
+    },
+  });
+}
+
+export const extractCommand: Command = {
+  name: "extract",
+  summary: "restore configs and sparse raw disks into a new directory (or one disk to stdout)",
+  help: HELP,
+  async run(args, context) {
+    const { values, positionals } = parseCommandArgs("extract", args, {
+      disk: { type: "string", multiple: true },
+      stdout: { type: "string" },
+      force: { type: "boolean" },
+      progress: { type: "string" },
+      json: { type: "boolean" },
+    });
+    if (values.help) return await printHelp(context, HELP);
+    const mode = progressMode(values.progress);
+    if (values.stdout !== undefined) {
+      expectPositionals("extract", positionals, 1);
+      if (values.disk) throw new UsageError("--stdout and --disk cannot be combined");
+      return await extractToStdout(positionals[0]!, values.stdout, context, mode);
+    }
+    expectPositionals("extract", positionals, 2);
+    const wanted = values.disk?.flatMap((list) => list.split(",")).filter((name) => name !== "");
+    return await extractToDirectory({
+      archive: positionals[0]!,
+      target: positionals[1]!,
+      wanted,
+      force: values.force ?? false,
+      json: values.json ?? false,
+      progress: mode,
+    }, context);
+  },
+};
+
+async function extractToStdout(
+  path: string,
+  name: string,
+  context: CliContext,
+  mode: "auto" | "json" | "none",
+): Promise<number> {
+  let progress: Progress | undefined;
+  let found = false;
+  const matches = (device: VmaDeviceRecord) => deviceMatches(device.name, name);
+  const archive = await openArchive(path, {
+    reader: { requireComplete: matches },
+    progress: (total) => (progress = new Progress(context, { mode, command: "extract", total })),
+  });
+  try {
+    await archive.records
+      .pipeThrough(inspectDevices((device) => found ||= matches(device)))
+      .pipeThrough(new DeviceBytesStream(matches))
+      .pipeTo(new ByteSink(context.stdout), { signal: context.signal });
+  } catch (error) {
+    await progress?.finish(false);
+    if (context.signal.aborted) throw context.signal.reason;
+    if (!found && !(error instanceof VmaFormatError)) {
+      throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
+    }
+    throw error;
+  }
+  await progress?.finish(true);
+  return ExitCode.ok;
+}
+
+/** A pass-through that calls `onDevice` for each device record. */
+function inspectDevices(onDevice: (device: VmaDeviceRecord) => void) {
+  return new TransformStream<VmaRecord, VmaRecord>({
+    transform(record, controller) {
+      if (record.type === "device") onDevice(record);
+      controller.enqueue(record);
+    },
+  });
+}
+
+interface ExtractPlan {
+  archive: string;
+  target: string;
+  wanted: string[] | undefined;
+  force: boolean;
+  json: boolean;
+  progress: "auto" | "json" | "none";
+}
+
+async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promise<number> {
+  const { target, wanted } = plan;
+  if (!plan.force && await exists(target)) {
+    throw new CliError(ExitCode.exists, `${target} already exists (use --force to replace it)`);
+  }
+  const partial = `${target}.partial`;
+  if (await exists(partial)) {
+    if (!plan.force) {
+      throw new CliError(ExitCode.exists, `${partial} already exists (use --force to replace it)`);
+    }
+    await Deno.remove(partial, { recursive: true });
+  }
+  const selected = (device: VmaDeviceRecord) =>
+    wanted === undefined || wanted.some((name) => deviceMatches(device.name, name));
+  let progress: Progress | undefined;
+  const archive = await openArchive(plan.archive, {
+    reader: { requireComplete: selected },
+    progress: (
+      total,
+    ) => (progress = new Progress(context, { mode: plan.progress, command: "extract", total })),
+  });
+  const started = performance.now();
+  const found = { configs: [] as VmaConfigRecord[], devices: [] as VmaDeviceRecord[] };
+  const sink = new RestoreSink({
+    target: (device) => selected(device) ? `${partial}/${deviceFileName(device)}` : undefined,
+    configTarget: (config) => `${partial}/${config.name}`,
+  });
+  const onAbort = () => Deno.removeSync(partial, { recursive: true });
+  await Deno.mkdir(partial);
+  context.signal.addEventListener("abort", onAbort);
+  try {
+    const checked = archive.records.pipeThrough(inspect(found));
+    await checked.pipeTo(sink, { signal: context.signal });
+    for (const name of wanted ?? []) {
+      if (!found.devices.some((device) => deviceMatches(device.name, name))) {
+        throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
+      }
+    }
+    if (plan.force) await Deno.remove(target, { recursive: true }).catch(() => {});
+    await Deno.rename(partial, target);
+    await progress?.finish(true);
+  } catch (error) {
+    await Deno.remove(partial, { recursive: true }).catch(() => {});
+    await progress?.finish(false);
+    throw context.signal.aborted ? context.signal.reason : error;
+  } finally {
+    context.signal.removeEventListener("abort", onAbort);
+  }
+  const seconds = (performance.now() - started) / 1000;
+  const restored = sink.restored.map((device) => ({
+    name: device.name,
+    path: String(device.path).replace(`${partial}/`, `${target}/`),
+    size: device.size,
+    dataBytes: device.dataBytes,
+  }));
+  const diskBytes = restored.reduce((sum, device) => sum + device.size, 0);
+  if (plan.json) {
+    await writeText(
+      context.stdout,
+      jsonLine({
+        ok: true,
+        command: "extract",
+        archive: archive.name,
+        compression: archive.compression,
+        target,
+        configs: found.configs.map((config) => `${target}/${config.name}`),
+        disks: restored,
+        seconds: Number(seconds.toFixed(3)),
+      }),
+    );
+  } else {
+    await writeText(
+      context.stderr,
+      `${target}: ${found.configs.length} config(s), ${restored.length} disk(s), ${
+        formatBytes(diskBytes)
+      } in ${seconds.toFixed(1)} s, ${formatRate(diskBytes, seconds)}\n`,
+    );
+  }
+  return ExitCode.ok;
+}

@@ -1,0 +1,154 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * `list` and `config`: what the archive header holds, in the exact format of Proxmox's
+ * `vma list` (qemu-server parses it) or as JSON, and the raw bytes of one config.
+ *
+ * @module
+ */
+import type { VmaConfigRecord, VmaDeviceRecord, VmaHeaderRecord } from "../../vma/records.ts";
+import { VMSTATE_NAME } from "../../vma/format.ts";
+import { openArchive } from "../archive_input.ts";
+import {
+  type Command,
+  expectPositionals,
+  jsonLine,
+  parseCommandArgs,
+  printHelp,
+} from "../command.ts";
+import { type CliContext, writeText } from "../context.ts";
+import { CliError, ExitCode } from "../errors.ts";
+
+const LIST_HELP =
+  `List the configs and devices of a VMA archive, as Proxmox's 'vma list' prints them.
+
+usage: cli.ts list ARCHIVE|- [--json]
+
+  ARCHIVE   a .vma, .vma.zst, .vma.gz or .vma.lzo file, or '-' for stdin
+  --json    print one JSON object instead of the vma list lines
+
+Output lines (CTIME last, in local time as C's ctime() prints it):
+  CFG: size: <bytes> name: <name>
+  DEV: dev_id=<id> size: <bytes> devname: <name>
+  VMSTATE: dev_id=<id> memory: <bytes>
+  CTIME: <ctime>
+
+Only the header is read. permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
+
+const CONFIG_HELP = `Print the raw bytes of a config file stored in a VMA archive.
+
+usage: cli.ts config ARCHIVE|- [-c NAME]
+
+  -c, --config NAME   the config to print (default qemu-server.conf)
+
+permissions: --allow-read (none for stdin)`;
+
+/** The archive header: identity, configs and devices. */
+export interface ArchiveHeader {
+  header: VmaHeaderRecord;
+  configs: VmaConfigRecord[];
+  devices: VmaDeviceRecord[];
+}
+
+/** Reads only the header records of an archive, then stops reading. */
+export async function readArchiveHeader(path: string): Promise<ArchiveHeader & { name: string }> {
+  const archive = await openArchive(path, {});
+  const reader = archive.records.getReader();
+  const result: ArchiveHeader = {
+    header: { type: "header", uuid: "", ctime: 0 },
+    configs: [],
+    devices: [],
+  };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      if (value.type === "header") result.header = value;
+      else if (value.type === "config") result.configs.push(value);
+      else if (value.type === "device") result.devices.push(value);
+      else break; // the first cluster: the header is complete
+    }
+  } finally {
+    await reader.cancel().catch(() => {});
+  }
+  return { ...result, name: archive.name };
+}
+
+/** C's `ctime()` text (without the newline), in the process's local time zone. */
+export function ctimeText(seconds: number): string {
+  const date = new Date(seconds * 1000);
+  const day = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"][date.getDay()];
+  const month =
+    ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][
+      date.getMonth()
+    ];
+  const two = (n: number) => String(n).padStart(2, "0");
+  const time = `${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
+  return `${day} ${month}${String(date.getDate()).padStart(3)} ${time} ${date.getFullYear()}`;
+}
+
+/** The `vma list` lines of a header. */
+export function vmaListLines({ header, configs, devices }: ArchiveHeader): string {
+  const lines = configs.map((config) =>
+    `CFG: size: ${config.data.byteLength} name: ${config.name}`
+  );
+  for (const device of devices) {
+    lines.push(
+      device.name === VMSTATE_NAME
+        ? `VMSTATE: dev_id=${device.devId} memory: ${device.size}`
+        : `DEV: dev_id=${device.devId} size: ${device.size} devname: ${device.name}`,
+    );
+  }
+  lines.push(`CTIME: ${ctimeText(header.ctime)}`);
+  return lines.map((line) => `${line}\n`).join("");
+}
+
+export const listCommand: Command = {
+  name: "list",
+  summary: "list configs and devices (the exact 'vma list' output, or --json)",
+  help: LIST_HELP,
+  async run(args, context) {
+    const { values, positionals } = parseCommandArgs("list", args, { json: { type: "boolean" } });
+    if (values.help) return await printHelp(context, LIST_HELP);
+    expectPositionals("list", positionals, 1);
+    const header = await readArchiveHeader(positionals[0]!);
+    if (!values.json) {
+      await writeText(context.stdout, vmaListLines(header));
+      return ExitCode.ok;
+    }
+    await writeText(
+      context.stdout,
+      jsonLine({
+        archive: header.name,
+        uuid: header.header.uuid,
+        ctime: header.header.ctime,
+        ctimeIso: new Date(header.header.ctime * 1000).toISOString(),
+        configs: header.configs.map(({ name, data }) => ({ name, size: data.byteLength })),
+        devices: header.devices.map(({ devId, name, size }) => ({ devId, name, size })),
+      }),
+    );
+    return ExitCode.ok;
+  },
+};
+
+export const configCommand: Command = {
+  name: "config",
+  summary: "print the raw bytes of a stored config (default qemu-server.conf)",
+  help: CONFIG_HELP,
+  async run(args, context: CliContext) {
+    const { values, positionals } = parseCommandArgs("config", args, {
+      config: { type: "string", short: "c" },
+    });
+    if (values.help) return await printHelp(context, CONFIG_HELP);
+    expectPositionals("config", positionals, 1);
+    const wanted = values.config ?? "qemu-server.conf";
+    const { configs } = await readArchiveHeader(positionals[0]!);
+    const config = configs.find((candidate) => candidate.name === wanted);
+    if (config === undefined) {
+      throw new CliError(ExitCode.notFound, `unable to find configuration data '${wanted}'`);
+    }
+    for (let done = 0; done < config.data.byteLength;) {
+      done += await context.stdout.write(config.data.subarray(done));
+    }
+    return ExitCode.ok;
+  },
+};

@@ -1,0 +1,139 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * `verify`: every check of the strict reader, missing clusters included, with a summary
+ * or a JSON report.
+ *
+ * @module
+ */
+import { VmaFormatError } from "../../vma/errors.ts";
+import type { VmaConfigRecord, VmaHeaderRecord } from "../../vma/records.ts";
+import { discardRecords, openArchive } from "../archive_input.ts";
+import {
+  type Command,
+  expectPositionals,
+  jsonLine,
+  parseCommandArgs,
+  printHelp,
+  progressMode,
+} from "../command.ts";
+import { formatBytes, formatRate, writeText } from "../context.ts";
+import { ExitCode } from "../errors.ts";
+import { Progress } from "../progress.ts";
+
+const HELP = `Verify a VMA archive: header and extent checksums, magic, version, blob pointers,
+extent UUIDs, block counts against the masks, device ids, duplicate clusters, clusters past a
+device's end, and, unlike Proxmox's 'vma verify', missing clusters (a truncated archive).
+
+usage: cli.ts verify ARCHIVE|- [--json] [--progress auto|json|none]
+
+  --json    print a JSON report on stdout (also when the archive is bad)
+
+Exit code 0 when the archive is valid and complete, 3 when it is not.
+permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
+
+export const verifyCommand: Command = {
+  name: "verify",
+  summary: "check every rule of the format, missing clusters included",
+  help: HELP,
+  async run(args, context) {
+    const { values, positionals } = parseCommandArgs("verify", args, {
+      json: { type: "boolean" },
+      progress: { type: "string" },
+    });
+    if (values.help) return await printHelp(context, HELP);
+    expectPositionals("verify", positionals, 1);
+    const mode = progressMode(values.progress);
+    let progress: Progress | undefined;
+    const archive = await openArchive(positionals[0]!, {
+      progress: (total) => (progress = new Progress(context, { mode, command: "verify", total })),
+    });
+    const started = performance.now();
+    let header: VmaHeaderRecord | undefined;
+    const configs: VmaConfigRecord[] = [];
+    let failure: VmaFormatError | undefined;
+    try {
+      await archive.records
+        .pipeThrough(
+          new TransformStream({
+            transform(record, controller) {
+              if (record.type === "header") header = record;
+              if (record.type === "config") configs.push(record);
+              controller.enqueue(record);
+            },
+          }),
+        )
+        .pipeTo(discardRecords(), { signal: context.signal });
+    } catch (error) {
+      if (!(error instanceof VmaFormatError) || !values.json) {
+        await progress?.finish(false);
+        throw error;
+      }
+      failure = error;
+    }
+    await progress?.finish(failure === undefined);
+    const seconds = (performance.now() - started) / 1000;
+    const stats = archive.reader.stats;
+    const diskBytes = stats.devices.reduce((sum, device) => sum + device.size, 0);
+    if (values.json) {
+      await writeText(
+        context.stdout,
+        jsonLine({
+          ok: failure === undefined,
+          command: "verify",
+          archive: archive.name,
+          compression: archive.compression,
+          ...(failure && {
+            error: { reason: failure.reason, offset: failure.offset, message: failure.message },
+          }),
+          uuid: header?.uuid ?? null,
+          ctime: header?.ctime ?? null,
+          configs: configs.map(({ name, data }) => ({ name, size: data.byteLength })),
+          devices: stats.devices.map((device) => ({
+            devId: device.devId,
+            name: device.name,
+            size: device.size,
+            clusters: device.clusters,
+            seenClusters: device.seenClusters,
+            zeroClusters: device.zeroClusters,
+            dataBytes: device.dataBlocks * 4096,
+          })),
+          headerBytes: stats.headerSize,
+          extents: stats.extents,
+          clusters: stats.clusters,
+          zeroClusters: stats.zeroClusters,
+          dataBytes: stats.dataBlocks * 4096,
+          diskBytes,
+          archiveBytes: stats.bytes,
+          inputBytes: archive.bytesRead(),
+          seconds: Number(seconds.toFixed(3)),
+        }),
+      );
+      return failure === undefined ? ExitCode.ok : ExitCode.corrupt;
+    }
+    const zeroShare = stats.clusters
+      ? ((100 * stats.zeroClusters) / stats.clusters).toFixed(1)
+      : "0";
+    const lines = [
+      `${archive.name}: ok (${
+        archive.compression === "none" ? "uncompressed" : archive.compression
+      })`,
+      `  ${stats.devices.length} device(s), ${
+        formatBytes(diskBytes)
+      }; ${stats.clusters} clusters, ${zeroShare}% zero; ${
+        formatBytes(stats.dataBlocks * 4096)
+      } of data in ${stats.extents} extents`,
+      ...stats.devices.map((device) =>
+        `  ${device.name}: ${
+          formatBytes(device.size)
+        }, ${device.clusters} clusters, ${device.zeroClusters} zero, ${
+          formatBytes(device.dataBlocks * 4096)
+        } data`
+      ),
+      `  ${formatBytes(archive.bytesRead())} read in ${seconds.toFixed(1)} s, ${
+        formatRate(stats.bytes, seconds)
+      } of archive`,
+    ];
+    await writeText(context.stdout, lines.map((line) => `${line}\n`).join(""));
+    return ExitCode.ok;
+  },
+};

@@ -1,0 +1,104 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Exit codes of the CLI and the mapping from errors to one-line messages.
+ *
+ * @module
+ */
+import { VmaFormatError } from "../vma/errors.ts";
+
+/** Stable exit codes, documented in the README. */
+export const ExitCode = {
+  ok: 0,
+  /** Anything else that failed: a QEMU error, a bad disk size, an internal error. */
+  failure: 1,
+  /** A bad command line: unknown command or flag, missing or invalid argument. */
+  usage: 2,
+  /** The archive is corrupt, incomplete, truncated, or not a VMA archive. */
+  corrupt: 3,
+  /** An input or output could not be read or written (missing file, disk full, closed pipe). */
+  io: 4,
+  /** Deno denied a permission: the message names the --allow-* flag to add. */
+  permission: 5,
+  /** The output exists and --force was not given. */
+  exists: 6,
+  /** The archive has no config or disk of the requested name. */
+  notFound: 7,
+  /** Interrupted by SIGINT (128 + 2). */
+  interrupted: 130,
+  /** Stopped by SIGTERM (128 + 15). */
+  terminated: 143,
+} as const;
+
+/** An error the CLI reports as is, with its own exit code. */
+export class CliError extends Error {
+  readonly exitCode: number;
+  constructor(exitCode: number, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "CliError";
+    this.exitCode = exitCode;
+  }
+}
+
+/** A bad command line. */
+export class UsageError extends CliError {
+  constructor(message: string) {
+    super(ExitCode.usage, message);
+    this.name = "UsageError";
+  }
+}
+
+/** The run was stopped by a signal. */
+export class InterruptedError extends CliError {
+  constructor(signal: Deno.Signal) {
+    super(
+      signal === "SIGTERM" ? ExitCode.terminated : ExitCode.interrupted,
+      `interrupted by ${signal}`,
+    );
+    this.name = "InterruptedError";
+  }
+}
+
+const IO_ERRORS = [
+  Deno.errors.NotFound,
+  Deno.errors.PermissionDenied,
+  Deno.errors.IsADirectory,
+  Deno.errors.NotADirectory,
+  Deno.errors.UnexpectedEof,
+  Deno.errors.BrokenPipe,
+  Deno.errors.ConnectionRefused,
+  Deno.errors.ConnectionReset,
+  Deno.errors.WriteZero,
+  Deno.errors.TimedOut,
+  Deno.errors.FilesystemLoop,
+];
+
+/** The exit code and one-line message for any error, without a stack trace. */
+export function describeError(error: unknown): { exitCode: number; message: string } {
+  if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
+  if (error instanceof VmaFormatError) {
+    return { exitCode: ExitCode.corrupt, message: error.message };
+  }
+  if (error instanceof Deno.errors.NotCapable) {
+    return { exitCode: ExitCode.permission, message: `permission denied: ${error.message}` };
+  }
+  if (error instanceof Deno.errors.AlreadyExists) {
+    return {
+      exitCode: ExitCode.exists,
+      message: `${errorText(error)} (use --force to replace it)`,
+    };
+  }
+  if (IO_ERRORS.some((type) => error instanceof type) || isOsError(error)) {
+    return { exitCode: ExitCode.io, message: errorText(error) };
+  }
+  return { exitCode: ExitCode.failure, message: errorText(error) };
+}
+
+/** Errors with an OS error code (ENOSPC, EIO, ...) that Deno maps to a plain Error. */
+function isOsError(error: unknown): boolean {
+  return error instanceof Error && /\(os error \d+\)/.test(error.message);
+}
+
+function errorText(error: unknown): string {
+  const text = error instanceof Error ? error.message : String(error);
+  return text.split("\n")[0]!.trim() || String(error);
+}

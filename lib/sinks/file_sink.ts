@@ -1,0 +1,50 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * A byte sink for files and stdout that gives recycled chunks back.
+ *
+ * @module
+ */
+import { releaseChunk } from "../_pool.ts";
+
+/** Something bytes can be written to: an `FsFile`, `Deno.stdout`, a socket. */
+export interface ByteWriter {
+  write(bytes: Uint8Array): Promise<number>;
+}
+
+/**
+ * Writes every chunk completely to `target` and then releases it (see `releaseChunk`),
+ * so producers such as `VmaWriterStream({ reuseBuffers: true })` can reuse their buffers.
+ * Closing the stream does not close `target`.
+ *
+ * @example Write to a file
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ByteSink } from "./file_sink.ts";
+ *
+ * const path = await Deno.makeTempFile();
+ * using file = await Deno.open(path, { write: true });
+ * await ReadableStream.from([new TextEncoder().encode("hi")]).pipeTo(new ByteSink(file));
+ * assert.equal(await Deno.readTextFile(path), "hi");
+ * await Deno.remove(path);
+ * ```
+ */
+export class ByteSink extends WritableStream<Uint8Array> {
+  #written = 0;
+
+  constructor(target: ByteWriter) {
+    super({
+      write: async (chunk) => {
+        for (let done = 0; done < chunk.byteLength;) {
+          done += await target.write(chunk.subarray(done));
+        }
+        this.#written += chunk.byteLength;
+        releaseChunk(chunk);
+      },
+    });
+  }
+
+  /** Bytes written so far. */
+  get bytesWritten(): number {
+    return this.#written;
+  }
+}

@@ -1,0 +1,201 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Compression formats of VMA archives: detection by magic bytes, compressors and
+ * decompressors as transform streams.
+ *
+ * @module
+ */
+import { constants, createGunzip, createGzip } from "node:zlib";
+import { nodeTransformer } from "./node_transform.ts";
+import { ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
+
+/** A compression vzdump uses for VMA archives, or `none`. */
+export type Compression = "none" | "zstd" | "gzip" | "lzop";
+
+/** Compressions this toolkit can write. */
+export type WritableCompression = "none" | "zstd" | "gzip";
+
+/**
+ * The compression of a stream from its first bytes (at least 4 are needed): zstd frames
+ * (also skippable frames, which `pzstd` writes first), gzip, lzop, or a plain VMA archive.
+ * `undefined` when the bytes are none of these.
+ *
+ * @example Detect a zstd stream
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { detectCompression } from "./compression.ts";
+ *
+ * assert.equal(detectCompression(new Uint8Array([0x28, 0xb5, 0x2f, 0xfd])), "zstd");
+ * assert.equal(detectCompression(new TextEncoder().encode("VMA\0")), "none");
+ * assert.equal(detectCompression(new TextEncoder().encode("PK\x03\x04")), undefined);
+ * ```
+ */
+export function detectCompression(head: Uint8Array): Compression | undefined {
+  const [a, b, c, d] = head;
+  if (a === 0x28 && b === 0xb5 && c === 0x2f && d === 0xfd) return "zstd";
+  if (d === 0x18 && c === 0x4d && b === 0x2a && a !== undefined && (a & 0xf0) === 0x50) {
+    return "zstd"; // a skippable frame (0x184D2A5?)
+  }
+  if (a === 0x1f && b === 0x8b) return "gzip";
+  if (a === 0x89 && b === 0x4c && c === 0x5a && d === 0x4f) return "lzop";
+  if (a === 0x56 && b === 0x4d && c === 0x41 && d === 0x00) return "none";
+  return undefined;
+}
+
+/** The compression an output file name implies: `.zst`, `.gz`, or none. */
+export function compressionForPath(path: string): WritableCompression {
+  if (/\.(zst|zstd)$/.test(path)) return "zstd";
+  if (/\.(gz|gzip)$/.test(path)) return "gzip";
+  return "none";
+}
+
+/**
+ * A compressor for `compression`. zstd runs on every core (see `ZstdCompressStream`);
+ * gzip uses `CompressionStream` at its default level, or `node:zlib` when a level is given.
+ */
+export function compressor(
+  compression: WritableCompression,
+  level?: number,
+): TransformStream<Uint8Array, Uint8Array> {
+  switch (compression) {
+    case "zstd":
+      return new ZstdCompressStream(level === undefined ? {} : { level });
+    case "gzip":
+      if (level === undefined) {
+        return new CompressionStream("gzip") as TransformStream<Uint8Array, Uint8Array>;
+      }
+      if (!Number.isInteger(level) || level < 1 || level > 9) {
+        throw new RangeError(`Cannot compress with gzip: level ${level} is not within 1..9`);
+      }
+      return new TransformStream(nodeTransformer(createGzip({ level })));
+    case "none":
+      return new TransformStream();
+  }
+}
+
+/**
+ * Decompresses gzip, including files of several gzip members (as `pigz` and concatenation
+ * produce them), which `DecompressionStream("gzip")` rejects.
+ */
+export class GzipDecompressStream extends TransformStream<Uint8Array, Uint8Array> {
+  constructor() {
+    super(nodeTransformer(createGunzip({ chunkSize: 256 << 10, flush: constants.Z_SYNC_FLUSH })));
+  }
+}
+
+/**
+ * Decompresses lzop through the `lzop` program (Debian package `lzop`), which needs
+ * `--allow-run=lzop`. No TypeScript lzop decoder is known to be reliable.
+ */
+export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command("lzop", {
+      args: ["-d", "-c", "-q"],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      throw new Deno.errors.NotFound(
+        "Cannot decode the lzop-compressed archive: The lzop program is not installed (Debian package lzop)",
+      );
+    }
+    throw error;
+  }
+  const stderr = new Response(child.stderr).text();
+  const checked = child.stdout.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      async flush() {
+        const status = await child.status;
+        if (!status.success) {
+          throw new Error(`Cannot decode the lzop-compressed archive: ${(await stderr).trim()}`);
+        }
+      },
+    }),
+  );
+  return { writable: child.stdin, readable: checked };
+}
+
+/** A decompressor for `compression`. */
+export function decompressor(
+  compression: Compression,
+): ReadableWritablePair<Uint8Array, Uint8Array> {
+  switch (compression) {
+    case "zstd":
+      return new ZstdDecompressStream();
+    case "gzip":
+      return new GzipDecompressStream();
+    case "lzop":
+      return lzopDecompress();
+    case "none":
+      return new TransformStream();
+  }
+}
+
+/** An archive byte stream, decompressed, with the compression that was found. */
+export interface DecompressedInput {
+  compression: Compression;
+  readable: ReadableStream<Uint8Array>;
+}
+
+/**
+ * Looks at the first bytes of `input` and decompresses it accordingly, so plain, zstd,
+ * gzip and lzop archives all come out as plain VMA bytes. Throws a `TypeError` naming the
+ * first bytes when the input is none of these.
+ *
+ * @example Read a gzip-compressed archive
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { decompressInput } from "./compression.ts";
+ *
+ * const vma = new TextEncoder().encode("VMA\0 and the rest");
+ * const gzipped = ReadableStream.from([vma]).pipeThrough(new CompressionStream("gzip"));
+ * const { compression, readable } = await decompressInput(gzipped);
+ * assert.equal(compression, "gzip");
+ * assert.equal(await new Response(readable).text(), "VMA\0 and the rest");
+ * ```
+ */
+export async function decompressInput(
+  input: ReadableStream<Uint8Array>,
+): Promise<DecompressedInput> {
+  const reader = input.getReader();
+  const head: Uint8Array[] = [];
+  let length = 0;
+  while (length < 4) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    head.push(value);
+    length += value.byteLength;
+  }
+  const first = new Uint8Array(Math.min(length, 4));
+  let at = 0;
+  for (const chunk of head) {
+    if (at >= first.byteLength) break;
+    first.set(chunk.subarray(0, first.byteLength - at), at);
+    at += Math.min(chunk.byteLength, first.byteLength - at);
+  }
+  const compression = detectCompression(first);
+  if (compression === undefined) {
+    await reader.cancel();
+    const shown = [...first].map((byte) => byte.toString(16).padStart(2, "0")).join(" ");
+    throw new TypeError(
+      length === 0
+        ? "Cannot read the archive: The input is empty"
+        : `Cannot read the archive: Unknown compression or not a VMA archive (first bytes: ${shown})`,
+    );
+  }
+  // Put the bytes that were looked at back in front of the rest.
+  const replayed = new ReadableStream<Uint8Array>({
+    pull: async (controller) => {
+      const chunk = head.shift();
+      if (chunk !== undefined) return controller.enqueue(chunk);
+      const { value, done } = await reader.read();
+      if (done) controller.close();
+      else controller.enqueue(value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
+  return { compression, readable: replayed.pipeThrough(decompressor(compression)) };
+}

@@ -1,0 +1,82 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/** Helpers to run cli.ts as a subprocess, as users and scripts do. */
+
+export const CLI = new URL("../cli.ts", import.meta.url).pathname;
+
+export interface CliResult {
+  code: number;
+  stdout: Uint8Array;
+  stderr: string;
+  text: string;
+}
+
+export interface CliOptions {
+  /** Deno permission flags (default: read and write). */
+  permissions?: string[];
+  stdin?: Uint8Array;
+  env?: Record<string, string>;
+  cwd?: string;
+}
+
+const decoder = new TextDecoder();
+
+/** Spawns `deno run <permissions> cli.ts ...args` with piped stdio. */
+export function spawnCli(args: string[], options: CliOptions = {}): Deno.ChildProcess {
+  return new Deno.Command(Deno.execPath(), {
+    args: ["run", ...(options.permissions ?? ["--allow-read", "--allow-write"]), CLI, ...args],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1", TZ: "UTC", ...options.env },
+    ...(options.cwd && { cwd: options.cwd }),
+  }).spawn();
+}
+
+/** Runs the CLI to completion. */
+export async function cli(args: string[], options: CliOptions = {}): Promise<CliResult> {
+  const child = spawnCli(args, options);
+  const feeding = ReadableStream.from(options.stdin ? [options.stdin] : []).pipeTo(child.stdin)
+    .catch(() => {}); // the CLI may stop reading early (list reads only the header)
+  const [{ code, stdout, stderr }] = await Promise.all([child.output(), feeding]);
+  return { code, stdout, stderr: decoder.decode(stderr), text: decoder.decode(stdout) };
+}
+
+/** Runs an external program (zstd, gzip, ...) and returns its stdout. */
+export async function tool(
+  program: string,
+  args: string[],
+  stdin?: Uint8Array,
+): Promise<Uint8Array> {
+  const child = new Deno.Command(program, {
+    args,
+    stdin: stdin ? "piped" : "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  // Feed stdin while the output is collected, or a full pipe deadlocks both sides.
+  const feeding = stdin ? ReadableStream.from([stdin]).pipeTo(child.stdin) : Promise.resolve();
+  const [{ code, stdout, stderr }] = await Promise.all([child.output(), feeding]);
+  if (code !== 0) throw new Error(`${program} ${args.join(" ")} failed: ${decoder.decode(stderr)}`);
+  return stdout;
+}
+
+/** True when `program` can be run. */
+export async function hasProgram(program: string): Promise<boolean> {
+  try {
+    await new Deno.Command(program, { args: ["--version"], stdout: "null", stderr: "null" })
+      .output();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** A temporary directory for one test, removed afterwards. */
+export async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "vmabackup-test-" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}

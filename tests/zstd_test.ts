@@ -1,0 +1,98 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/** zstd frames from this toolkit and from the zstd CLI, in any chunking. */
+import assert from "node:assert/strict";
+import fc from "fast-check";
+import { ZstdCompressStream, ZstdDecompressStream } from "../lib/transforms/zstd.ts";
+import { tool } from "./_cli.ts";
+import { randomBytes } from "./_utils.ts";
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.byteLength, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.byteLength;
+  }
+  return out;
+}
+
+function chunked(bytes: Uint8Array, sizes: number[]): Uint8Array[] {
+  const chunks: Uint8Array[] = [];
+  for (let at = 0, i = 0; at < bytes.byteLength; i++) {
+    const size = sizes[i % sizes.length]!;
+    chunks.push(bytes.slice(at, at + size));
+    at += size;
+  }
+  return chunks;
+}
+
+async function decode(chunks: Uint8Array[], workers?: number): Promise<Uint8Array> {
+  return await new Response(
+    ReadableStream.from(chunks).pipeThrough(new ZstdDecompressStream(workers ? { workers } : {})),
+  ).bytes();
+}
+
+Deno.test("ZstdDecompressStream() reads zstd CLI frames with and without a content size, and skippable frames", async () => {
+  const a = randomBytes(300_000, 1);
+  const b = new Uint8Array(500_000).fill(7);
+  const c = new TextEncoder().encode("vma extent ".repeat(30_000));
+  const withSize = await tool("zstd", ["-q", "-c", "--content-size"], a);
+  const streamed = await tool("zstd", ["-q", "-c", "--no-content-size", "--no-check"], b);
+  const skippable = new Uint8Array([0x5a, 0x2a, 0x4d, 0x18, 5, 0, 0, 0, 1, 2, 3, 4, 5]);
+  const ours = await new Response(
+    ReadableStream.from([c]).pipeThrough(new ZstdCompressStream({ frameSize: 100_000 })),
+  ).bytes();
+  const stream = concat([withSize, skippable, streamed, ours]);
+  const expected = concat([a, b, c]);
+  for (const sizes of [[stream.byteLength], [1], [3, 1000, 17], [65536]]) {
+    assert.deepEqual(await decode(chunked(stream, sizes)), expected, `chunks ${sizes}`);
+  }
+});
+
+Deno.test("ZstdDecompressStream() round-trips random data in random chunkings (property)", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.integer({ min: 0, max: 200_000 }), { minLength: 1, maxLength: 5 }),
+      fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 4 }),
+      fc.integer({ min: 1, max: 3 }),
+      async (lengths, chunkSizes, workers) => {
+        const input = concat(
+          lengths.map((length, i) =>
+            i % 2 ? randomBytes(length, i + 1) : new Uint8Array(length).fill(i)
+          ),
+        );
+        const compressed = await new Response(
+          ReadableStream.from(chunked(input, chunkSizes)).pipeThrough(
+            new ZstdCompressStream({ frameSize: 65536 * 3, workers }),
+          ),
+        ).bytes();
+        assert.deepEqual(
+          await decode(chunked(compressed, [...chunkSizes].reverse()), workers),
+          input,
+        );
+      },
+    ),
+    { numRuns: 25 },
+  );
+});
+
+Deno.test("ZstdDecompressStream() reports a truncated stream and garbage", async () => {
+  const compressed = await tool("zstd", ["-q", "-c"], randomBytes(100_000, 3));
+  await assert.rejects(decode([compressed.subarray(0, compressed.byteLength - 10)]), {
+    message: /ends inside a frame \(truncated\)/,
+  });
+  await assert.rejects(decode([compressed, new Uint8Array([1, 2, 3, 4, 5])]), {
+    message: /Bad frame magic at byte \d+/,
+  });
+});
+
+Deno.test("ZstdCompressStream() output is what the zstd CLI decodes", async () => {
+  const input = concat([randomBytes(5 << 20, 4), new Uint8Array(3 << 20)]);
+  const compressed = await new Response(
+    ReadableStream.from(chunked(input, [1 << 20])).pipeThrough(
+      new ZstdCompressStream({ level: 1 }),
+    ),
+  ).bytes();
+  assert.deepEqual(await tool("zstd", ["-d", "-c"], compressed), input);
+  assert.throws(() => new ZstdCompressStream({ level: 20 }), RangeError);
+});

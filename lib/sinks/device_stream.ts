@@ -85,6 +85,36 @@ export class DeviceBytesStream extends TransformStream<VmaRecord, Uint8Array> {
       next++;
     };
 
+    /** Takes one cluster of the device: emits it in turn, or holds it back. */
+    const accept = (
+      cluster: number,
+      data: Uint8Array | null,
+      controller: TransformStreamDefaultController<Uint8Array>,
+    ) => {
+      if (cluster !== next) {
+        if (cluster < next || early.has(cluster)) {
+          throw new RangeError(
+            `Cannot stream device "${deviceName}": Cluster ${cluster} came twice`,
+          );
+        }
+        early.set(cluster, data);
+        bufferedBytes += data?.byteLength ?? 0;
+        if (bufferedBytes > maxBuffered) {
+          throw new RangeError(
+            `Cannot stream device "${deviceName}": The archive is too far out of order (more than ${maxBuffered} bytes held back); extract it to a file instead`,
+          );
+        }
+        return;
+      }
+      emit(data, controller);
+      while (early.has(next)) {
+        const held = early.get(next)!;
+        early.delete(next);
+        bufferedBytes -= held?.byteLength ?? 0;
+        emit(held, controller);
+      }
+    };
+
     super({
       transform(record, controller) {
         if (record.type === "device" && devId === undefined && matches(record)) {
@@ -92,31 +122,10 @@ export class DeviceBytesStream extends TransformStream<VmaRecord, Uint8Array> {
           devId = record.devId;
           size = record.size;
           clusters = clusterCount(size);
-          return;
-        }
-        if (record.type !== "cluster" || record.devId !== devId) return;
-        const data = record.mask === 0 ? null : record.data;
-        if (record.cluster !== next) {
-          if (record.cluster < next || early.has(record.cluster)) {
-            throw new RangeError(
-              `Cannot stream device "${deviceName}": Cluster ${record.cluster} came twice`,
-            );
-          }
-          early.set(record.cluster, data);
-          bufferedBytes += data?.byteLength ?? 0;
-          if (bufferedBytes > maxBuffered) {
-            throw new RangeError(
-              `Cannot stream device "${deviceName}": The archive is too far out of order (more than ${maxBuffered} bytes held back); extract it to a file instead`,
-            );
-          }
-          return;
-        }
-        emit(data, controller);
-        while (early.has(next)) {
-          const held = early.get(next)!;
-          early.delete(next);
-          bufferedBytes -= held?.byteLength ?? 0;
-          emit(held, controller);
+        } else if (record.type === "zeros" && record.devId === devId) {
+          for (let i = 0; i < record.count; i++) accept(record.cluster + i, null, controller);
+        } else if (record.type === "cluster" && record.devId === devId) {
+          accept(record.cluster, record.mask === 0 ? null : record.data, controller);
         }
       },
       flush(controller) {

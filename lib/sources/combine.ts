@@ -79,7 +79,7 @@ export function combineRecordStreams(
           for (;;) {
             const { value, done } = await source.reader.read();
             if (done) break;
-            if (value.type === "cluster") {
+            if (value.type === "cluster" || value.type === "zeros") {
               source.pending = value;
               break;
             }
@@ -119,7 +119,7 @@ export function combineRecordStreams(
             }
             record = next.value;
           }
-          if (record.type !== "cluster") {
+          if (record.type !== "cluster" && record.type !== "zeros") {
             const error = new TypeError(
               `Cannot combine disks: A ${record.type} record came after cluster data`,
             );

@@ -7,6 +7,7 @@
 import { BufferPool } from "../_pool.ts";
 import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
+import { SparseMap } from "./_sparse_map.ts";
 
 /** Options of {@linkcode rawDiskSource}. */
 export interface RawDiskSourceOptions {
@@ -16,9 +17,16 @@ export interface RawDiskSourceOptions {
   devId?: number;
   /** Bytes per read: a multiple of 64 KiB, default 1 MiB. */
   readSize?: number;
+  /**
+   * Skip holes without reading them (default `true`). Needs `--allow-ffi` (SEEK_DATA through
+   * libc); without it every byte is read and zero blocks are found by scanning.
+   */
+  skipHoles?: boolean;
 }
 
 const DEFAULT_READ_SIZE = 1 << 20;
+/** Largest zero run in one record: 64 GiB, so progress keeps moving on huge holes. */
+const MAX_ZEROS_PER_RECORD = 1 << 20;
 
 /**
  * Reads a raw image file or block device and emits a `device` record, then one `cluster`
@@ -26,6 +34,9 @@ const DEFAULT_READ_SIZE = 1 << 20;
  * its mask. Reads are `readSize` bytes into recycled buffers; cluster data are views of
  * them with a shared lease. The last cluster of a size that is not a multiple of 64 KiB is
  * zero-padded, and its mask covers only the blocks inside the device, as Proxmox does.
+ *
+ * Holes of a sparse file are not read: with `--allow-ffi` they are found with SEEK_DATA and
+ * become `zeros` records, so the time grows with the allocated data, not the virtual size.
  *
  * Chain a {@linkcode ZeroFilterStream} after it to leave out all-zero blocks.
  *
@@ -46,7 +57,7 @@ export function rawDiskSource(
   path: string | URL,
   options: RawDiskSourceOptions,
 ): ReadableStream<VmaRecord> {
-  const { name, devId = 1, readSize = DEFAULT_READ_SIZE } = options;
+  const { name, devId = 1, readSize = DEFAULT_READ_SIZE, skipHoles = true } = options;
   if (!Number.isInteger(readSize) || readSize <= 0 || readSize % CLUSTER_SIZE !== 0) {
     throw new RangeError(
       `Cannot read disk "${name}": readSize ${readSize} is not a multiple of 64 KiB`,
@@ -54,12 +65,16 @@ export function rawDiskSource(
   }
   const pool = new BufferPool(readSize);
   let file: Deno.FsFile | undefined;
+  let map: SparseMap | undefined;
   let size = 0;
   let offset = 0;
+  let filePosition = 0;
 
   const close = () => {
     file?.close();
     file = undefined;
+    map?.close();
+    map = undefined;
   };
 
   return new ReadableStream<VmaRecord>({
@@ -77,6 +92,7 @@ export function rawDiskSource(
           `Cannot back up disk "${name}": ${path} is empty, and VMA cannot store an empty device`,
         );
       }
+      if (skipHoles) map = SparseMap.open(path);
       controller.enqueue({ type: "device", devId, name, size });
     },
     async pull(controller) {
@@ -85,11 +101,30 @@ export function rawDiskSource(
         controller.close();
         return;
       }
-      const length = Math.min(readSize, size - offset);
+      let length = Math.min(readSize, size - offset);
+      if (map !== undefined) {
+        // Whole clusters before the next data are a hole: no read, one record per run.
+        const data = map.nextData(offset) ?? size;
+        const holeClusters = data >= size
+          ? clusterCount(size - offset)
+          : Math.floor((data - offset) / CLUSTER_SIZE);
+        if (holeClusters > 0) {
+          const count = Math.min(holeClusters, MAX_ZEROS_PER_RECORD);
+          controller.enqueue({ type: "zeros", devId, cluster: offset / CLUSTER_SIZE, count });
+          offset = Math.min(size, offset + count * CLUSTER_SIZE);
+          return;
+        }
+        // Read up to the cluster that holds the hole after this data (the data may start
+        // inside this cluster, after a hole: SEEK_HOLE from offset would find that one).
+        const hole = map.nextHole(data);
+        length = Math.min(length, Math.ceil(hole / CLUSTER_SIZE) * CLUSTER_SIZE - offset);
+      }
       const buffer = pool.acquire();
       const bytes = buffer.bytes;
       try {
+        if (filePosition !== offset) await file!.seek(offset, Deno.SeekMode.Start);
         await readFully(file!, bytes.subarray(0, length), offset);
+        filePosition = offset + length;
       } catch (error) {
         close();
         throw error;

@@ -4,7 +4,7 @@
  *
  * A record stream always starts with the archive-level records (an optional `header`,
  * then `config` and `device` records) and continues with `cluster` records, in any order
- * and with devices interleaved.
+ * and with devices interleaved. A `zeros` record stands for a run of all-zero clusters.
  *
  * @example A complete, tiny record stream
  * ```ts
@@ -85,5 +85,24 @@ export interface VmaClusterRecord {
   lease?: Lease;
 }
 
+/**
+ * A run of `count` consecutive all-zero clusters of a device, starting at `cluster`: the
+ * same as `count` cluster records with mask 0, in one record. Sources emit it for holes, so
+ * the cost of a backup follows the data, not the virtual disk size.
+ */
+export interface VmaZerosRecord {
+  type: "zeros";
+  devId: number;
+  /** First cluster of the run. */
+  cluster: number;
+  /** Number of clusters (at least 1). */
+  count: number;
+}
+
 /** Any record of a VMA record stream. */
-export type VmaRecord = VmaHeaderRecord | VmaConfigRecord | VmaDeviceRecord | VmaClusterRecord;
+export type VmaRecord =
+  | VmaHeaderRecord
+  | VmaConfigRecord
+  | VmaDeviceRecord
+  | VmaClusterRecord
+  | VmaZerosRecord;

@@ -20,7 +20,7 @@ import {
   WRITER_SLOTS_PER_EXTENT,
 } from "./format.ts";
 import { encodeHeader, validateConfig, validateDevice, type VmaHeader } from "./header.ts";
-import type { VmaClusterRecord, VmaRecord } from "./records.ts";
+import type { VmaClusterRecord, VmaRecord, VmaZerosRecord } from "./records.ts";
 
 /** Options of {@linkcode VmaWriterStream}. */
 export interface VmaWriterOptions {
@@ -157,6 +157,10 @@ class ArchiveWriter {
         if (!this.#headerWritten) this.#writeHeader(output);
         this.#writeCluster(record, output);
         return;
+      case "zeros":
+        if (!this.#headerWritten) this.#writeHeader(output);
+        this.#writeZeros(record, output);
+        return;
       case "header":
         this.#beforeData("header");
         this.#identity = { uuid: record.uuid, ctime: record.ctime };
@@ -230,6 +234,36 @@ class ArchiveWriter {
 
   #writeCluster(record: VmaClusterRecord, output: Output): void {
     const { devId, cluster, data } = record;
+    const device = this.#claim(devId, cluster);
+    if (data !== null && data.byteLength !== CLUSTER_SIZE) {
+      throw new TypeError(
+        `Cannot write cluster ${cluster} of device "${device.name}": Data is ${data.byteLength} bytes, not ${CLUSTER_SIZE}`,
+      );
+    }
+    if (this.#slots === this.#slotsPerExtent) this.#flushExtent(output);
+    // Blocks past the device end are never stored, whatever the mask says.
+    const mask = data === null ? 0 : record.mask & validMask(device.size, cluster);
+    if (mask !== 0) this.#copyBlocks(data!, mask, device.size - cluster * CLUSTER_SIZE);
+    record.lease?.release();
+    this.#addSlot(mask, devId, cluster);
+  }
+
+  /** A run of zero clusters: one mask-0 slot each, in a tight loop. */
+  #writeZeros({ devId, cluster, count }: VmaZerosRecord, output: Output): void {
+    if (!Number.isInteger(count) || count < 1) {
+      throw new RangeError(
+        `Cannot write zero clusters from ${cluster}: count ${count} is not positive`,
+      );
+    }
+    for (let i = cluster; i < cluster + count; i++) {
+      this.#claim(devId, i);
+      if (this.#slots === this.#slotsPerExtent) this.#flushExtent(output);
+      this.#addSlot(0, devId, i);
+    }
+  }
+
+  /** Checks that `cluster` of `devId` may be written now, and marks it written. */
+  #claim(devId: number, cluster: number): DeviceState {
     const device = this.#devices.get(devId);
     if (device === undefined) {
       throw new RangeError(`Cannot write cluster ${cluster}: Device id ${devId} was not declared`);
@@ -249,19 +283,11 @@ class ArchiveWriter {
         `Cannot write cluster ${cluster} of "${VMSTATE_NAME}": non sequential vmstate write`,
       );
     }
-    if (data !== null && data.byteLength !== CLUSTER_SIZE) {
-      throw new TypeError(
-        `Cannot write cluster ${cluster} of device "${device.name}": Data is ${data.byteLength} bytes, not ${CLUSTER_SIZE}`,
-      );
-    }
     device.written.add(cluster);
+    return device;
+  }
 
-    if (this.#slots === this.#slotsPerExtent) this.#flushExtent(output);
-    // Blocks past the device end are never stored, whatever the mask says.
-    const mask = data === null ? 0 : record.mask & validMask(device.size, cluster);
-    if (mask !== 0) this.#copyBlocks(data!, mask, device.size - cluster * CLUSTER_SIZE);
-    record.lease?.release();
-
+  #addSlot(mask: number, devId: number, cluster: number): void {
     const slot = ExtentOffset.blockInfo + 8 * this.#slots++;
     this.#extentView.setUint16(slot, mask);
     this.#extentView.setUint16(slot + 2, devId); // byte 2 reserved (0), byte 3 dev_id

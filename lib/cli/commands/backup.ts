@@ -38,7 +38,8 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
-permissions: --allow-read (disks, configs) --allow-write (OUT)
+permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
+holes of sparse raw images without reading them (SEEK_DATA through libc)
 
 example: deno run --allow-read --allow-write cli.ts backup \\
            --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
@@ -133,9 +134,10 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     await combineRecordStreams(plan.sources, { configs: plan.configs })
       .pipeThrough(countingStream<VmaRecord>((record) => {
         if (record.type === "device") sizes.set(record.devId, record.size);
-        if (record.type !== "cluster") return 0;
+        if (record.type !== "cluster" && record.type !== "zeros") return 0;
+        const count = record.type === "zeros" ? record.count : 1;
         const size = sizes.get(record.devId) ?? 0;
-        return Math.min(CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE);
+        return Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE);
       }, (bytes) => progress.add(bytes)))
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)

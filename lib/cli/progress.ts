@@ -19,6 +19,7 @@ export class Progress {
   #started = performance.now();
   #lastReport = 0;
   #pending: Promise<void> = Promise.resolve();
+  #startSent = false;
 
   constructor(
     context: CliContext,
@@ -32,21 +33,41 @@ export class Progress {
       : options.mode === "auto" && context.stderrIsTerminal
       ? "bar"
       : "none";
-    if (this.#kind === "json") this.#emit({ event: "start", total: this.#total ?? null });
+  }
+
+  /** Adds to the total (for example when a device record shows its size). */
+  addTotal(bytes: number): void {
+    this.#total = (this.#total ?? 0) + bytes;
+  }
+
+  /** Writes a JSON-lines event (only in `json` mode), such as the snapshot point of a live backup. */
+  note(event: string, data: Record<string, unknown> = {}): void {
+    if (this.#kind !== "json") return;
+    this.#start();
+    this.#emit({ event, ...data });
   }
 
   /** Adds `bytes` to the count. */
   add(bytes: number): void {
     this.#done += bytes;
     if (this.#kind === "none") return;
+    this.#start();
     const now = performance.now();
     if (now - this.#lastReport < (this.#kind === "bar" ? 100 : 500)) return;
     this.#lastReport = now;
     this.#report(false);
   }
 
+  #start(): void {
+    if (this.#kind === "json" && !this.#startSent) {
+      this.#startSent = true;
+      this.#emit({ event: "start", total: this.#total ?? null });
+    }
+  }
+
   /** Writes the final report and waits for all progress output to be written. */
   async finish(ok: boolean): Promise<void> {
+    this.#start();
     if (this.#kind === "bar") this.#report(true);
     if (this.#kind === "json") {
       this.#emit({ event: ok ? "done" : "failed", done: this.#done, seconds: this.#seconds() });

@@ -4,8 +4,13 @@
  *
  * @module
  */
+import { startPullBackup } from "../../live/pull_backup.ts";
+import { startPushBackup } from "../../live/push_backup.ts";
+import type { LiveBackup } from "../../live/session.ts";
+import { QmpClient } from "../../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../../sources/combine.ts";
-import { rawDiskSource } from "../../sources/raw_disk.ts";
+import { imageDiskSource } from "../../sources/image_disk.ts";
+import { nbdDiskSource } from "../../sources/nbd_disk.ts";
 import {
   compressionForPath,
   compressor,
@@ -17,19 +22,24 @@ import type { VmaRecord } from "../../vma/records.ts";
 import { VmaWriterStream } from "../../vma/writer_stream.ts";
 import { type Command, jsonLine, parseCommandArgs, printHelp, progressMode } from "../command.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
-import { UsageError } from "../errors.ts";
-import { openOutput } from "../files.ts";
+import { CliError, ExitCode, UsageError } from "../errors.ts";
+import { exists, openOutput } from "../files.ts";
 import { countingStream, Progress } from "../progress.ts";
 
-const HELP = `Back up disks into a VMA archive.
+const HELP = `Back up disks, or the drives of a running VM, into a VMA archive.
 
 usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                      [--compress zstd|gzip|none] [--level N] [--force]
                      [--progress auto|json|none] [--json]
+       cli.ts backup --qmp SOCKET [--drive ID]... [--mode push|pull] [--config FILE]...
+                     -o OUT|- [--speed BYTES] [--fleece-dir DIR] [--discard-read] [...]
 
-  --disk [NAME=]PATH   a disk: a raw image file or block device. NAME is the Proxmox
-                       device name (drive-scsi0, drive-efidisk0, ...); a bare name such as
-                       scsi0 gets the drive- prefix. Without NAME: drive-scsi0, drive-scsi1, ...
+  --disk [NAME=]PATH   a disk: an image file of any format QEMU reads (raw, qcow2, vmdk,
+                       vdi, vhdx, vpc, qed; recognised by its magic bytes), a block device,
+                       or an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT).
+                       NAME is the Proxmox device name (drive-scsi0, drive-efidisk0, ...); a
+                       bare name such as scsi0 gets the drive- prefix. Without NAME:
+                       drive-scsi0, drive-scsi1, ...
   --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
   -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
@@ -38,8 +48,25 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
+Live backup of a running QEMU VM (the archive holds the disks as of the moment it starts,
+while the VM keeps running and writing):
+  --qmp SOCKET         a QMP monitor socket of the VM, for this tool only
+                       (start QEMU with an extra -qmp unix:SOCKET,server=on,wait=off)
+  --drive ID           a drive to back up: BlockBackend name, device id or node name;
+                       default every writable drive. Archive names are drive-<id>
+  --mode push          (default) QEMU's backup job copies each cluster once into an NBD
+                       server of this tool: one read and two writes, no temporary image
+  --mode pull          fleecing: a copy-before-write filter keeps the old data of clusters
+                       the guest overwrites in a fleece image, read over NBD
+  --speed BYTES        rate limit of QEMU's copy in push mode (bytes per second)
+  --fleece-dir DIR     where pull mode keeps the fleece images (default a private temporary
+                       directory); they are removed afterwards
+  --discard-read       pull mode: discard fleece data once archived, so the image stays small
+
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
-holes of sparse raw images without reading them (SEEK_DATA through libc)
+holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
+also need --allow-run=qemu-nbd and --allow-net (qemu-nbd serves them on a private socket);
+NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets)
 
 example: deno run --allow-read --allow-write cli.ts backup \\
            --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
@@ -111,6 +138,8 @@ export interface BackupPlan {
   json: boolean;
   /** Shown in the summary and JSON result. */
   disks: { name: string; path: string }[];
+  /** A live backup feeding `sources`: aborted when the pipeline fails, awaited at the end. */
+  live?: LiveBackup | undefined;
 }
 
 /**
@@ -118,7 +147,13 @@ export interface BackupPlan {
  * with progress, and the partial output removed on any failure or signal.
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
-  const output = await openOutput(plan.output, context, { force: plan.force });
+  let output;
+  try {
+    output = await openOutput(plan.output, context, { force: plan.force });
+  } catch (error) {
+    await plan.live?.abort(error);
+    throw error;
+  }
   const progress = new Progress(context, {
     mode: plan.progress,
     command: "backup",
@@ -133,7 +168,10 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   try {
     await combineRecordStreams(plan.sources, { configs: plan.configs })
       .pipeThrough(countingStream<VmaRecord>((record) => {
-        if (record.type === "device") sizes.set(record.devId, record.size);
+        if (record.type === "device") {
+          sizes.set(record.devId, record.size);
+          if (plan.totalBytes === undefined) progress.addTotal(record.size);
+        }
         if (record.type !== "cluster" && record.type !== "zeros") return 0;
         const count = record.type === "zeros" ? record.count : 1;
         const size = sizes.get(record.devId) ?? 0;
@@ -143,10 +181,13 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       .pipeThrough(writer)
       .pipeThrough(compressor(plan.compression, plan.level))
       .pipeTo(output.writable, { signal: context.signal });
+    await plan.live?.finished;
     await output.commit();
     await progress.finish(true);
   } catch (error) {
     await output.discard();
+    // Whatever failed, QEMU's graph is put back before the command ends.
+    await plan.live?.abort(error);
     await progress.finish(false);
     throw context.signal.aborted ? context.signal.reason : error;
   } finally {
@@ -207,10 +248,20 @@ export const backupCommand: Command = {
       force: { type: "boolean" },
       progress: { type: "string" },
       json: { type: "boolean" },
+      qmp: { type: "string" },
+      drive: { type: "string", multiple: true },
+      mode: { type: "string" },
+      speed: { type: "string" },
+      "fleece-dir": { type: "string" },
+      "discard-read": { type: "boolean" },
     });
     if (values.help) return await printHelp(context, HELP);
+    if (values.qmp !== undefined) return await runLiveBackup(values, context);
     if (positionals.length > 0) {
       throw new UsageError(`backup takes no positional arguments, got '${positionals[0]}'`);
+    }
+    if (values.drive || values.mode || values.speed || values["fleece-dir"]) {
+      throw new UsageError("--drive, --mode, --speed and --fleece-dir need --qmp SOCKET");
     }
     if (!values.disk?.length && !values.config?.length) {
       throw new UsageError(
@@ -224,12 +275,12 @@ export const backupCommand: Command = {
     const { compression, level } = parseCompression(values.output, values.compress, values.level);
     const mode = progressMode(values.progress);
     const configs = await readConfigs(values.config ?? []);
-    let totalBytes = 0;
-    for (const { path } of disks) totalBytes += await diskSize(path);
+    for (const { path } of disks) if (!isNbdUri(path)) await checkReadable(path);
     return await runBackup({
-      sources: disks.map(({ name, path }) => rawDiskSource(path, { name })),
+      sources: disks.map(({ name, path }) =>
+        isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
+      ),
       configs,
-      totalBytes,
       output: values.output,
       compression,
       level,
@@ -241,12 +292,81 @@ export const backupCommand: Command = {
   },
 };
 
-/** Size of a disk path, and a clear error when it cannot be read. */
-async function diskSize(path: string): Promise<number> {
+interface LiveValues {
+  qmp?: string;
+  drive?: string[];
+  mode?: string;
+  speed?: string;
+  "fleece-dir"?: string;
+  "discard-read"?: boolean;
+  disk?: string[];
+  config?: string[];
+  output?: string;
+  compress?: string;
+  level?: string;
+  force?: boolean;
+  progress?: string;
+  json?: boolean;
+}
+
+/** `backup --qmp`: a live backup of a running VM, push or pull. */
+async function runLiveBackup(values: LiveValues, context: CliContext): Promise<number> {
+  if (values.disk?.length) throw new UsageError("--disk and --qmp cannot be combined");
+  if (values.output === undefined) throw new UsageError("backup needs -o OUT (or -o - for stdout)");
+  const mode = values.mode ?? "push";
+  if (mode !== "push" && mode !== "pull") {
+    throw new UsageError(`--mode must be push or pull, not '${mode}'`);
+  }
+  const speed = values.speed === undefined ? undefined : Number(values.speed);
+  if (speed !== undefined && (!Number.isSafeInteger(speed) || speed <= 0)) {
+    throw new UsageError(`--speed must be a positive number of bytes per second`);
+  }
+  if (mode === "pull" && speed !== undefined) throw new UsageError("--speed is for --mode push");
+  if (mode === "push" && (values["fleece-dir"] || values["discard-read"])) {
+    throw new UsageError("--fleece-dir and --discard-read are for --mode pull");
+  }
+  const { compression, level } = parseCompression(values.output, values.compress, values.level);
+  const progress = progressMode(values.progress);
+  const configs = await readConfigs(values.config ?? []);
+  // Refuse an existing output before touching the VM.
+  if (values.output !== "-" && !values.force && await exists(values.output)) {
+    throw new CliError(
+      ExitCode.exists,
+      `${values.output} already exists (use --force to replace it)`,
+    );
+  }
+  using qmp = await QmpClient.connect(values.qmp!);
+  const options = { qmp, ...(values.drive && { drives: values.drive }) };
+  const live = mode === "push"
+    ? await startPushBackup({ ...options, ...(speed && { speed }) })
+    : await startPullBackup({
+      ...options,
+      ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
+      discardRead: values["discard-read"] ?? false,
+    });
+  return await runBackup({
+    sources: [live.records],
+    configs,
+    totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
+    output: values.output,
+    compression,
+    level,
+    force: values.force ?? false,
+    progress,
+    json: values.json ?? false,
+    disks: live.drives.map((drive) => ({ name: drive.name, path: `qmp:${drive.node}` })),
+    live,
+  }, context);
+}
+
+function isNbdUri(path: string): boolean {
+  return path.startsWith("nbd://") || path.startsWith("nbd+unix://");
+}
+
+/** Fails early, with a clear error, for a disk path that cannot be read. */
+async function checkReadable(path: string): Promise<void> {
   using file = await Deno.open(path, { read: true });
-  const info = await file.stat();
-  if (info.isDirectory) {
+  if ((await file.stat()).isDirectory) {
     throw new Deno.errors.IsADirectory(`Cannot back up ${path}: It is a directory`);
   }
-  return info.isFile ? info.size : await file.seek(0, Deno.SeekMode.End);
 }

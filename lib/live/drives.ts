@@ -1,0 +1,73 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * The drives of a running VM, as QMP `query-block` describes them.
+ *
+ * @module
+ */
+import type { QmpClient } from "../protocols/qmp_client.ts";
+
+/** A drive of a running VM. */
+export interface LiveDrive {
+  /** Device name in the archive, Proxmox style: `drive-<id>`. */
+  name: string;
+  /** Block node the guest device reads and writes (`inserted.node-name`). */
+  node: string;
+  /** Virtual size in bytes. */
+  size: number;
+  /** QOM path of the guest device, when there is one (for `qom-set ... drive`). */
+  qdev?: string | undefined;
+  /** The BlockBackend name, empty for devices set up with `-blockdev`. */
+  device: string;
+}
+
+interface BlockInfo {
+  device: string;
+  qdev?: string;
+  removable?: boolean;
+  inserted?: { "node-name": string; ro?: boolean; image: { "virtual-size": number } };
+}
+
+/** The id of a device from its QOM path: `/machine/peripheral/vda/virtio-backend` → `vda`. */
+function qdevId(qdev: string | undefined): string | undefined {
+  return qdev?.match(/^\/machine\/peripheral\/([^/]+)/)?.[1];
+}
+
+/**
+ * Lists the drives to back up: all drives with a medium that is not read-only (so not CD-ROMs)
+ * when `selection` is empty, otherwise the ones named by BlockBackend name, device id, node
+ * name or archive name. Throws for a selected drive that does not exist.
+ */
+export async function findDrives(qmp: QmpClient, selection: string[] = []): Promise<LiveDrive[]> {
+  const blocks = await qmp.execute("query-block") as BlockInfo[];
+  const drives = blocks.flatMap((block): (LiveDrive & { ro: boolean })[] => {
+    if (!block.inserted) return [];
+    const base = block.device || qdevId(block.qdev) || block.inserted["node-name"];
+    return [{
+      name: base.startsWith("drive-") ? base : `drive-${base}`,
+      node: block.inserted["node-name"],
+      size: block.inserted.image["virtual-size"],
+      qdev: block.qdev,
+      device: block.device,
+      ro: block.inserted.ro === true,
+    }];
+  });
+  if (selection.length === 0) {
+    const writable = drives.filter((drive) => !drive.ro);
+    if (writable.length === 0) throw new Error("Cannot back up the VM: It has no writable drive");
+    return writable.map(({ ro: _, ...drive }) => drive);
+  }
+  return selection.map((wanted) => {
+    const drive = drives.find((candidate) =>
+      [candidate.name, candidate.node, candidate.device, qdevId(candidate.qdev)].includes(wanted) ||
+      candidate.name === `drive-${wanted}`
+    );
+    if (drive === undefined) {
+      const known = drives.map((candidate) => candidate.name).join(", ");
+      throw new Error(
+        `Cannot back up drive "${wanted}": The VM has no such drive (it has ${known})`,
+      );
+    }
+    const { ro: _, ...rest } = drive;
+    return rest;
+  });
+}

@@ -1,0 +1,187 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Push mode, the 2012 RFC design on stock QEMU: QEMU's backup job copies every cluster once,
+ * old data first where the guest is about to overwrite it, into an NBD server of ours.
+ *
+ * @module
+ */
+import { NbdServer } from "../protocols/nbd_server.ts";
+import type { QmpEvent } from "../protocols/qmp_client.ts";
+import type { VmaRecord } from "../vma/records.ts";
+import { findDrives } from "./drives.ts";
+import { PushTarget } from "./push_target.ts";
+import { RecordQueue } from "./record_queue.ts";
+import { deviceRecords, type LiveBackup, type LiveBackupOptions, tearDown } from "./session.ts";
+
+/** Options of {@linkcode startPushBackup}. */
+export interface PushBackupOptions extends LiveBackupOptions {
+  /** Rate limit of QEMU's copy in bytes per second (default: none). */
+  speed?: number;
+}
+
+const PREFIX = "vmabackup";
+
+/**
+ * Starts a push backup of a running VM:
+ *
+ * 1. one NBD server of ours per drive, on a private unix socket;
+ * 2. `blockdev-add driver=nbd` nodes pointing at them;
+ * 3. one `transaction` of `blockdev-backup sync=full` for all drives: the snapshot point;
+ * 4. QEMU writes each cluster exactly once, out of order where copy-before-write forces it,
+ *    and the servers turn WRITE / WRITE_ZEROES / TRIM into records: one read and two writes
+ *    per cluster, no snapshot and no temporary image;
+ * 5. after `BLOCK_JOB_COMPLETED` for every job: `blockdev-del` of the nodes we added.
+ *
+ * If the record stream is cancelled (the archive sink failed) or {@linkcode LiveBackup.abort}
+ * is called, the jobs are cancelled and the nodes removed, so the graph is as before.
+ *
+ * @example Back up a running VM to a file
+ * ```ts ignore
+ * import { QmpClient, startPushBackup, VmaWriterStream, ZeroFilterStream } from "../../mod.ts";
+ *
+ * using qmp = await QmpClient.connect("/run/vm-100.backup.qmp");
+ * const backup = await startPushBackup({ qmp });
+ * const out = await Deno.open("vm-100.vma", { write: true, createNew: true });
+ * await backup.records.pipeThrough(new ZeroFilterStream()).pipeThrough(new VmaWriterStream())
+ *   .pipeTo(out.writable);
+ * await backup.finished;
+ * ```
+ */
+export async function startPushBackup(options: PushBackupOptions): Promise<LiveBackup> {
+  const { qmp } = options;
+  const timeoutMs = (options.timeoutSeconds ?? 60) * 1000;
+  const drives = await findDrives(qmp, options.drives);
+  const ownDir = options.workDir === undefined;
+  const dir = options.workDir ?? await Deno.makeTempDir({ prefix: `${PREFIX}-` });
+  const tag = crypto.randomUUID().slice(0, 8); // unique node and job names per backup
+  const aborted = new AbortController();
+  const queue = new RecordQueue<VmaRecord>(64, (reason) => aborted.abort(reason));
+  const snapshot = Promise.withResolvers<void>();
+  snapshot.promise.catch(() => {});
+
+  const jobs = drives.map((drive, index) => ({
+    drive,
+    job: `${PREFIX}-${tag}-${index}`,
+    node: `${PREFIX}-${tag}-target-${index}`,
+    socket: `${dir}/push-${index}.sock`,
+    server: undefined as NbdServer | undefined,
+    nodeAdded: false,
+    state: "none" as "none" | "running" | "done",
+  }));
+
+  const run = async () => {
+    try {
+      for (const record of deviceRecords(drives)) await queue.push(record);
+      jobs.forEach((entry, index) => {
+        entry.server = NbdServer.listen(
+          entry.socket,
+          new PushTarget(index + 1, entry.drive.size, queue),
+        );
+      });
+      for (const entry of jobs) {
+        await qmp.execute("blockdev-add", {
+          driver: "nbd",
+          "node-name": entry.node,
+          server: { type: "unix", path: entry.socket },
+          export: "",
+        });
+        entry.nodeAdded = true;
+      }
+      aborted.signal.throwIfAborted();
+      await qmp.execute("transaction", {
+        actions: jobs.map((entry) => ({
+          type: "blockdev-backup",
+          data: {
+            "job-id": entry.job,
+            device: entry.drive.node,
+            target: entry.node,
+            sync: "full",
+            "auto-finalize": true,
+            "auto-dismiss": true,
+            ...(options.speed && { speed: options.speed }),
+          },
+        })),
+      });
+      for (const entry of jobs) entry.state = "running";
+      snapshot.resolve();
+      for (const entry of jobs) {
+        const event = await qmp.waitForEvent(jobEnded(entry.job), {
+          timeoutMs: Infinity,
+          signal: aborted.signal,
+          description: `the end of backup job ${entry.job}`,
+        });
+        entry.state = "done";
+        const error = event.data?.error;
+        if (event.event === "BLOCK_JOB_CANCELLED") {
+          throw new Error(`Backup job ${entry.job} was cancelled`);
+        }
+        if (typeof error === "string") {
+          throw new Error(
+            `Cannot back up drive "${entry.drive.name}": QEMU's backup job failed: ${error}`,
+          );
+        }
+      }
+      await removeTargets();
+      queue.close();
+    } catch (error) {
+      snapshot.reject(error);
+      const reason = aborted.signal.aborted ? aborted.signal.reason : error;
+      await cancelAndRemove();
+      queue.error(reason);
+      throw reason;
+    } finally {
+      await Promise.all(jobs.map((entry) => entry.server?.close()));
+      if (ownDir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  };
+
+  /** `blockdev-del` makes QEMU disconnect; then our servers have seen everything. */
+  const removeTargets = async () => {
+    for (const entry of jobs) {
+      await qmp.execute("blockdev-del", { "node-name": entry.node });
+      entry.nodeAdded = false;
+    }
+    await Promise.all(jobs.map((entry) => entry.server?.disconnected));
+  };
+
+  const cancelAndRemove = async () => {
+    const failures = await tearDown([
+      ...jobs.filter((entry) => entry.state === "running").map((entry) => async () => {
+        await qmp.execute("block-job-cancel", { device: entry.job, force: true }).catch(() => {});
+        await qmp.waitForEvent(jobEnded(entry.job), {
+          timeoutMs,
+          description: `job ${entry.job} to end`,
+        });
+        entry.state = "done";
+      }),
+      ...jobs.filter((entry) => entry.nodeAdded).map((entry) => async () => {
+        await qmp.execute("blockdev-del", { "node-name": entry.node });
+        entry.nodeAdded = false;
+      }),
+    ]);
+    if (failures.length > 0) {
+      throw new Error(
+        `Cannot restore the VM's block graph: ${failures.map((e) => e.message).join("; ")}`,
+      );
+    }
+  };
+
+  const finished = run();
+  finished.catch(() => {});
+  return {
+    drives,
+    records: queue.readable,
+    snapshot: snapshot.promise,
+    finished,
+    async abort(reason?: unknown) {
+      aborted.abort(reason ?? new Error("The backup was aborted"));
+      await finished.catch(() => {});
+    },
+  };
+}
+
+function jobEnded(job: string) {
+  return (event: QmpEvent) =>
+    (event.event === "BLOCK_JOB_COMPLETED" || event.event === "BLOCK_JOB_CANCELLED") &&
+    event.data?.device === job;
+}

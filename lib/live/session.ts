@@ -1,0 +1,61 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * What a running live backup gives its caller, and the options both modes share.
+ *
+ * @module
+ */
+import type { QmpClient } from "../protocols/qmp_client.ts";
+import type { VmaRecord } from "../vma/records.ts";
+import type { LiveDrive } from "./drives.ts";
+
+/** Options of a live backup, push or pull. */
+export interface LiveBackupOptions {
+  /** A connected QMP client of the running VM (its own monitor socket). */
+  qmp: QmpClient;
+  /** Drives to back up (by name, device id or node name); default every writable drive. */
+  drives?: string[];
+  /** Directory for the private sockets (and fleece images); default a new temporary one. */
+  workDir?: string;
+  /** Most seconds to wait for QEMU when setting up and tearing down (default 60). */
+  timeoutSeconds?: number;
+}
+
+/** A live backup in progress. */
+export interface LiveBackup {
+  /** The drives being backed up, with their archive names (devIds 1, 2, ... in this order). */
+  readonly drives: LiveDrive[];
+  /** `device` records, then every cluster of every drive as of the snapshot point. */
+  readonly records: ReadableStream<VmaRecord>;
+  /** Resolves once the snapshot point was taken: the instant the archive shows. */
+  readonly snapshot: Promise<void>;
+  /**
+   * Resolves when the backup is over and the VM's block graph is as it was before; rejects
+   * with what went wrong (the graph is restored in any case).
+   */
+  readonly finished: Promise<void>;
+  /** Stops the backup: cancels QEMU's work and restores the graph; resolves when done. */
+  abort(reason?: unknown): Promise<void>;
+}
+
+/** The device records that start a live backup's record stream. */
+export function deviceRecords(drives: LiveDrive[]): VmaRecord[] {
+  return drives.map((drive, index) => ({
+    type: "device",
+    devId: index + 1,
+    name: drive.name,
+    size: drive.size,
+  }));
+}
+
+/** Runs QMP commands of a teardown one by one; failures are collected, never thrown early. */
+export async function tearDown(steps: (() => Promise<unknown>)[]): Promise<Error[]> {
+  const failures: Error[] = [];
+  for (const step of steps) {
+    try {
+      await step();
+    } catch (error) {
+      failures.push(error instanceof Error ? error : new Error(String(error)));
+    }
+  }
+  return failures;
+}

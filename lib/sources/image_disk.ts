@@ -1,0 +1,75 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * A disk image of any format QEMU reads, as cluster records, through `qemu-nbd`.
+ *
+ * @module
+ */
+import type { VmaRecord } from "../vma/records.ts";
+import { detectImageFormat, type ImageFormat } from "./image_format.ts";
+import { nbdDiskSource, type NbdDiskSourceOptions } from "./nbd_disk.ts";
+import { rawDiskSource } from "./raw_disk.ts";
+import { type QemuNbdExport, serveImage } from "./qemu_nbd.ts";
+
+/** Options of {@linkcode imageDiskSource}. */
+export interface ImageDiskSourceOptions extends NbdDiskSourceOptions {
+  /** The image format; default: recognised from the magic bytes. */
+  format?: ImageFormat;
+}
+
+/**
+ * Reads a disk image of any format QEMU knows (raw, qcow2, vmdk, vdi, vhdx, vpc, qed).
+ * Raw images are read directly (see {@linkcode rawDiskSource}); the others are served by a
+ * read-only `qemu-nbd` on a private unix socket and read with block status, so only
+ * allocated data is read. The `qemu-nbd` child is stopped when the stream ends, fails or is
+ * cancelled, and when the process exits. Needs `--allow-run=qemu-nbd` and `--allow-net`.
+ *
+ * @example Back up a qcow2 image
+ * ```ts ignore
+ * import { imageDiskSource, VmaWriterStream, ZeroFilterStream } from "../../mod.ts";
+ *
+ * await imageDiskSource("vm-100-disk-0.qcow2", { name: "drive-scsi0" })
+ *   .pipeThrough(new ZeroFilterStream()).pipeThrough(new VmaWriterStream())
+ *   .pipeTo((await Deno.open("vm-100.vma", { write: true, createNew: true })).writable);
+ * ```
+ */
+export function imageDiskSource(
+  path: string,
+  options: ImageDiskSourceOptions,
+): ReadableStream<VmaRecord> {
+  let served: QemuNbdExport | undefined;
+  let reader: ReadableStreamDefaultReader<VmaRecord> | undefined;
+  const stop = async () => {
+    const running = served;
+    served = undefined;
+    await running?.stop();
+  };
+  return new ReadableStream<VmaRecord>({
+    async start() {
+      const format = options.format ?? await detectImageFormat(path);
+      if (format === "raw") {
+        reader = rawDiskSource(path, options).getReader();
+        return;
+      }
+      served = await serveImage(path, { format });
+      reader = nbdDiskSource(served.uri, options).getReader();
+    },
+    async pull(controller) {
+      try {
+        const { value, done } = await reader!.read();
+        if (done) {
+          await stop();
+          controller.close();
+        } else {
+          controller.enqueue(value);
+        }
+      } catch (error) {
+        await stop();
+        throw error;
+      }
+    },
+    async cancel(reason) {
+      await reader?.cancel(reason);
+      await stop();
+    },
+  }, { highWaterMark: 0 });
+}

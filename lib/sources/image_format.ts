@@ -1,0 +1,65 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Disk image formats, recognised by their magic bytes as QEMU's probes do.
+ *
+ * @module
+ */
+
+/** Image formats QEMU reads that this toolkit backs up and restores. */
+export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vdi" | "vhdx" | "vpc" | "qed";
+
+/** Formats `extract --format` can write (all of them). */
+export const IMAGE_FORMATS: readonly ImageFormat[] = [
+  "raw",
+  "qcow2",
+  "vmdk",
+  "vdi",
+  "vhdx",
+  "vpc",
+  "qed",
+];
+
+const ascii = (text: string) => [...text].map((char) => char.charCodeAt(0));
+const MAGICS: [ImageFormat, number, number[]][] = [
+  ["qcow2", 0, [0x51, 0x46, 0x49, 0xfb]], // "QFI\xfb" (qcow version 1 is refused below)
+  ["vmdk", 0, ascii("KDMV")], // hosted sparse extent
+  ["vmdk", 0, ascii("# Disk DescriptorFile")], // a descriptor file
+  ["vdi", 64, [0x7f, 0x10, 0xda, 0xbe]], // signature 0xbeda107f, little-endian
+  ["vhdx", 0, ascii("vhdxfile")],
+  ["vpc", 0, ascii("conectix")], // dynamic VHD; a fixed VHD reads as raw, for QEMU too
+  ["qed", 0, ascii("QED\0")],
+];
+
+/**
+ * The format of an image from its first 512 bytes: a known magic, or `raw`. Images of the
+ * qcow version 1 and other formats QEMU can read are reported with `qemu-img info` in mind:
+ * anything unknown is raw, as QEMU treats it.
+ *
+ * @example Recognise a qcow2 header
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { formatFromMagic } from "./image_format.ts";
+ *
+ * assert.equal(formatFromMagic(new Uint8Array([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3])), "qcow2");
+ * assert.equal(formatFromMagic(new Uint8Array(512)), "raw");
+ * ```
+ */
+export function formatFromMagic(head: Uint8Array): ImageFormat {
+  for (const [format, offset, magic] of MAGICS) {
+    if (magic.every((byte, i) => head[offset + i] === byte)) return format;
+  }
+  return "raw";
+}
+
+/** Reads the first 512 bytes of `path` and recognises its format. */
+export async function detectImageFormat(path: string | URL): Promise<ImageFormat> {
+  using file = await Deno.open(path, { read: true });
+  const head = new Uint8Array(512);
+  let filled = 0;
+  while (filled < head.byteLength) {
+    const count = await file.read(head.subarray(filled));
+    if (count === null) break;
+    filled += count;
+  }
+  return formatFromMagic(head.subarray(0, filled));
+}

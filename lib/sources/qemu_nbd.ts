@@ -1,0 +1,122 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * `qemu-nbd` child processes that serve an image on a private unix socket, and are always
+ * stopped: on success, on error, and when the process exits.
+ *
+ * @module
+ */
+import type { ImageFormat } from "./image_format.ts";
+
+/** A running `qemu-nbd`. */
+export interface QemuNbdExport {
+  /** `nbd+unix:///EXPORT?socket=PATH` of the export. */
+  uri: string;
+  socket: string;
+  exportName: string;
+  /** Stops qemu-nbd and removes its socket; safe to call more than once. */
+  stop(): Promise<void>;
+}
+
+/** Options of {@linkcode serveImage}. */
+export interface ServeImageOptions {
+  format: ImageFormat;
+  /** Serve read-only (default `true`). */
+  readOnly?: boolean;
+  /** Directory for the socket (default a new temporary directory). */
+  socketDir?: string;
+  /** Most milliseconds to wait for the socket (default 10 s). */
+  timeoutMs?: number;
+}
+
+/** Children still running, killed synchronously if the process exits first. */
+const running = new Set<Deno.ChildProcess>();
+globalThis.addEventListener("unload", () => {
+  for (const child of running) {
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already gone */ }
+  }
+});
+
+/** Runs a qemu tool, turning "not installed" into a line that names the Debian package. */
+export function spawnQemuTool(program: string, args: string[], options: Deno.CommandOptions = {}) {
+  try {
+    return new Deno.Command(program, { ...options, args }).spawn();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      throw new Deno.errors.NotFound(
+        `Cannot run ${program}: It is not installed (Debian package qemu-utils)`,
+      );
+    }
+    throw error;
+  }
+}
+
+/**
+ * Starts `qemu-nbd --persistent` for `path` on a private unix socket and waits until it
+ * listens. Fails with qemu-nbd's own message when it cannot open the image (an unknown or
+ * corrupt format, a locked image).
+ *
+ * @example Serve a qcow2 image read-only
+ * ```ts ignore
+ * import { serveImage } from "./qemu_nbd.ts";
+ *
+ * const nbd = await serveImage("disk.qcow2", { format: "qcow2" });
+ * try {
+ *   console.log(nbd.uri); // nbd+unix:///disk?socket=/tmp/.../nbd.sock
+ * } finally {
+ *   await nbd.stop();
+ * }
+ * ```
+ */
+export async function serveImage(
+  path: string,
+  options: ServeImageOptions,
+): Promise<QemuNbdExport> {
+  const ownDir = options.socketDir === undefined;
+  const dir = options.socketDir ?? await Deno.makeTempDir({ prefix: "vmabackup-nbd-" });
+  const socket = `${dir}/nbd-${crypto.randomUUID().slice(0, 8)}.sock`;
+  const exportName = "disk";
+  const args = [
+    `--format=${options.format}`,
+    "--persistent",
+    "--shared=4",
+    `--socket=${socket}`,
+    `--export-name=${exportName}`,
+    "--allocation-depth",
+    ...(options.readOnly === false ? ["--discard=unmap"] : ["--read-only"]),
+    path,
+  ];
+  const child = spawnQemuTool("qemu-nbd", args, { stdout: "null", stderr: "piped" });
+  running.add(child);
+  const stderr = new Response(child.stderr).text();
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already exited */ }
+    await child.status;
+    running.delete(child);
+    await stderr.catch(() => {});
+    await Deno.remove(socket).catch(() => {});
+    if (ownDir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+  };
+  const deadline = Date.now() + (options.timeoutMs ?? 10_000);
+  let exited = false;
+  child.status.then(() => (exited = true));
+  while (!(await Deno.lstat(socket).then(() => true, () => false))) {
+    if (exited || Date.now() > deadline) {
+      await stop();
+      const message = (await stderr.catch(() => "")).trim().split("\n").at(-1) ?? "";
+      throw new Error(
+        exited
+          ? `Cannot serve ${path} as ${options.format}: ${message.replace(/^qemu-nbd: /, "")}`
+          : `Cannot serve ${path}: qemu-nbd did not start listening in time`,
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return { uri: `nbd+unix:///${exportName}?socket=${socket}`, socket, exportName, stop };
+}

@@ -1,0 +1,205 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * A real QEMU 7.2 VM for tests: q35 under TCG (no KVM, no guest OS), virtio-blk disks made
+ * with qemu-img, two QMP monitors (one for the test, one for the tool), and guest writes
+ * through the device's BlockBackend with HMP qemu-io, the same path as guest I/O.
+ */
+import { QmpClient } from "../lib/protocols/qmp_client.ts";
+import { randomBytes } from "./_utils.ts";
+
+/** True when QEMU and qemu-img can run here. */
+export const QEMU = await (async () => {
+  try {
+    for (const program of ["qemu-system-x86_64", "qemu-img", "qemu-nbd"]) {
+      await new Deno.Command(program, { args: ["--version"], stdout: "null", stderr: "null" })
+        .output();
+    }
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * `Deno.test` for tests that need QEMU: skipped (and saying so) on a machine without it,
+ * failing instead under CI=true, where .ci/run installs it.
+ */
+export function qemuTest(name: string, fn: () => Promise<void>): void {
+  const ci = Deno.env.get("CI") === "true";
+  if (!QEMU && !ci) {
+    Deno.test({ name: `${name} (skipped: QEMU is not installed)`, ignore: true, fn });
+    return;
+  }
+  Deno.test(name, async () => {
+    if (!QEMU) {
+      throw new Error(
+        "QEMU is required under CI=true (apt-get install qemu-utils qemu-system-x86)",
+      );
+    }
+    await fn();
+  });
+}
+
+/** A disk of the test VM. */
+export interface DiskSpec {
+  id: string;
+  size: number;
+  format?: "qcow2" | "raw";
+  /** Data written before the VM starts: [offset, bytes]. */
+  data?: [number, Uint8Array][];
+}
+
+/** A running test VM. */
+export interface TestVm {
+  dir: string;
+  /** The test's own QMP connection. */
+  qmp: QmpClient;
+  /** A second monitor socket, for the tool under test. */
+  toolQmp: string;
+  /** What each disk holds now, as far as the test wrote it (the model). */
+  model: Map<string, Uint8Array>;
+  /** A guest write of a byte pattern (qemu-io write -P), applied to the model too. */
+  write(id: string, offset: number, length: number, pattern: number): Promise<void>;
+  /** Node names of the block graph, sorted. */
+  nodes(): Promise<string[]>;
+  /** The VM's run state (for example "running"). */
+  status(): Promise<string>;
+  /** Quits QEMU and returns each disk's content read back with qemu-img. */
+  stop(): Promise<Map<string, Uint8Array>>;
+}
+
+async function run(program: string, args: string[]): Promise<Uint8Array> {
+  const { code, stdout, stderr } = await new Deno.Command(program, { args }).output();
+  if (code !== 0) throw new Error(`${program} failed: ${new TextDecoder().decode(stderr)}`);
+  return stdout;
+}
+
+/** Random content with zero runs: realistic enough, and compressible in parts. */
+export function diskContent(size: number, seed: number): [number, Uint8Array][] {
+  const pieces: [number, Uint8Array][] = [];
+  for (let offset = 0, i = 0; offset < size; offset += 4 << 20, i++) {
+    const length = Math.min(1 << 20, size - offset);
+    pieces.push([
+      offset,
+      i % 3 === 2 ? new Uint8Array(length).fill(0x5d) : randomBytes(length, seed + i),
+    ]);
+  }
+  return pieces;
+}
+
+/** Starts a VM with `disks` in a new temporary directory. */
+export async function startVm(disks: DiskSpec[]): Promise<TestVm> {
+  const dir = await Deno.makeTempDir({ prefix: "vmabackup-vm-" });
+  const model = new Map<string, Uint8Array>();
+  const args = [
+    "-nodefaults",
+    "-display",
+    "none",
+    "-machine",
+    "q35",
+    "-accel",
+    "tcg",
+    "-m",
+    "64",
+    "-qmp",
+    `unix:${dir}/test.qmp,server=on,wait=off`,
+    "-qmp",
+    `unix:${dir}/tool.qmp,server=on,wait=off`,
+  ];
+  for (const disk of disks) {
+    const format = disk.format ?? "qcow2";
+    const image = `${dir}/${disk.id}.${format}`;
+    const content = new Uint8Array(disk.size);
+    for (const [offset, bytes] of disk.data ?? []) content.set(bytes, offset);
+    await Deno.writeFile(`${dir}/${disk.id}.init.raw`, content);
+    await run("qemu-img", [
+      "convert",
+      "-q",
+      "-f",
+      "raw",
+      "-O",
+      format,
+      `${dir}/${disk.id}.init.raw`,
+      image,
+    ]);
+    await Deno.remove(`${dir}/${disk.id}.init.raw`);
+    model.set(disk.id, content);
+    args.push(
+      "-blockdev",
+      `driver=file,filename=${image},node-name=${disk.id}-file`,
+      "-blockdev",
+      `driver=${format},file=${disk.id}-file,node-name=${disk.id}-node`,
+      "-device",
+      `virtio-blk-pci,drive=${disk.id}-node,id=${disk.id}`,
+    );
+  }
+  const process = new Deno.Command("qemu-system-x86_64", { args, stdout: "piped", stderr: "piped" })
+    .spawn();
+  const output = new Response(process.stdout).text();
+  const errors = new Response(process.stderr).text();
+  for (let i = 0; i < 200; i++) {
+    if (await Deno.stat(`${dir}/tool.qmp`).then(() => true, () => false)) break;
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  const qmp = await QmpClient.connect(`${dir}/test.qmp`);
+  let stopped = false;
+  const stop = async () => {
+    if (!stopped) {
+      stopped = true;
+      await qmp.execute("quit").catch(() => {});
+      qmp.close();
+      await process.status;
+      await output;
+      await errors;
+    }
+  };
+  return {
+    dir,
+    qmp,
+    toolQmp: `${dir}/tool.qmp`,
+    model,
+    async write(id, offset, length, pattern) {
+      const line =
+        `qemu-io -d /machine/peripheral/${id}/virtio-backend "write -P ${pattern} ${offset} ${length}"`;
+      const answer = await qmp.humanMonitorCommand(line);
+      if (answer.trim() !== "") throw new Error(`guest write failed: ${answer}`);
+      model.get(id)!.fill(pattern, offset, offset + length);
+    },
+    async nodes() {
+      const nodes = await qmp.execute("query-named-block-nodes", { flat: true }) as {
+        "node-name": string;
+      }[];
+      return nodes.map((node) => node["node-name"]).sort();
+    },
+    async status() {
+      return ((await qmp.execute("query-status")) as { status: string }).status;
+    },
+    async stop() {
+      await stop();
+      const contents = new Map<string, Uint8Array>();
+      for (const disk of disks) {
+        const format = disk.format ?? "qcow2";
+        await run("qemu-img", [
+          "convert",
+          "-q",
+          "-f",
+          format,
+          "-O",
+          "raw",
+          `${dir}/${disk.id}.${format}`,
+          `${dir}/${disk.id}.out.raw`,
+        ]);
+        contents.set(disk.id, await Deno.readFile(`${dir}/${disk.id}.out.raw`));
+      }
+      await Deno.remove(dir, { recursive: true });
+      return contents;
+    },
+  };
+}
+
+/** The first offset where two byte arrays differ, or -1. */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  if (a.byteLength !== b.byteLength) return Math.min(a.byteLength, b.byteLength);
+  for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return i;
+  return -1;
+}

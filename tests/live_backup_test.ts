@@ -1,0 +1,179 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Live backups of a running QEMU VM, push and pull: the archive equals the disks at the
+ * snapshot point bit for bit while hundreds of guest writes land, and after every test and
+ * every fault the VM runs on with its disks intact and its block graph as before.
+ */
+import assert from "node:assert/strict";
+import type { LiveBackup } from "../lib/live/session.ts";
+import { startPushBackup } from "../lib/live/push_backup.ts";
+import { QmpClient } from "../lib/protocols/qmp_client.ts";
+import { type VmaRecord, VmaWriterStream, ZeroFilterStream } from "../mod.ts";
+import { diskContent, firstDifference, qemuTest, startVm, type TestVm } from "./_qemu.ts";
+import { restoreInMemory } from "./_utils.ts";
+
+const MiB = 2 ** 20;
+type Mode = "push" | "pull";
+
+async function start(mode: Mode, vm: TestVm, qmp: QmpClient): Promise<LiveBackup> {
+  if (mode === "push") return await startPushBackup({ qmp, speed: 24 * MiB });
+  const { startPullBackup } = await import("../lib/live/pull_backup.ts");
+  return await startPullBackup({ qmp, workDir: vm.dir });
+}
+
+function vmDisks() {
+  return [
+    { id: "vda", size: 48 * MiB, format: "qcow2" as const, data: diskContent(48 * MiB, 1) },
+    // Raw, and not a multiple of 64 KiB: the last cluster is partial.
+    {
+      id: "vdb",
+      size: 16 * MiB + 3 * 4096,
+      format: "raw" as const,
+      data: diskContent(16 * MiB, 9),
+    },
+  ];
+}
+
+/** Random guest writes of 4 KiB to 128 KiB, some not cluster-aligned, on both disks. */
+async function guestWrites(vm: TestVm, count: number, seed: number, during?: () => boolean) {
+  let state = seed;
+  const random = (n: number) => {
+    state = (state * 1103515245 + 12345) & 0x7fffffff;
+    return state % n;
+  };
+  let whileRunning = 0;
+  for (let i = 0; i < count; i++) {
+    const id = random(3) === 0 ? "vdb" : "vda";
+    const size = vm.model.get(id)!.byteLength;
+    const length = (1 + random(32)) * 4096;
+    const offset = Math.min(random(size / 4096) * 4096, size - length);
+    if (during?.()) whileRunning++;
+    await vm.write(id, offset, length, 0x10 + (i % 200));
+  }
+  return whileRunning;
+}
+
+for (const mode of ["push", "pull"] as const) {
+  qemuTest(
+    `live ${mode} backup: the archive is the point-in-time image while the guest writes`,
+    async () => {
+      const vm = await startVm(vmDisks());
+      try {
+        await guestWrites(vm, 20, 7); // before the backup: part of the snapshot
+        const snapshot = new Map(
+          [...vm.model].map(([id, bytes]) => [`drive-${id}`, bytes.slice()]),
+        );
+        const before = await vm.nodes();
+        using qmp = await QmpClient.connect(vm.toolQmp);
+        const backup = await start(mode, vm, qmp);
+        let running = true;
+        const writes = backup.snapshot.then(() => guestWrites(vm, 300, 11, () => running));
+        const archive = await new Response(
+          backup.records.pipeThrough(slowTarget()).pipeThrough(new ZeroFilterStream())
+            .pipeThrough(new VmaWriterStream()),
+        ).bytes();
+        await backup.finished;
+        running = false;
+        const duringBackup = await writes;
+        assert.ok(duringBackup >= 50, `${duringBackup} guest writes landed during the backup`);
+
+        const restored = await restoreInMemory(archive);
+        for (const [name, expected] of snapshot) {
+          assert.equal(
+            firstDifference(restored.get(name)!, expected),
+            -1,
+            `${name} equals the snapshot`,
+          );
+        }
+        assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
+        assert.equal(await vm.status(), "running");
+        const after = new Map(vm.model);
+        const disks = await vm.stop();
+        for (const [id, bytes] of disks) {
+          assert.equal(
+            firstDifference(bytes, after.get(id)!),
+            -1,
+            `every guest write landed on ${id}`,
+          );
+        }
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    },
+  );
+
+  qemuTest(
+    `live ${mode} backup: a failing archive sink cancels the backup and restores the VM`,
+    async () => {
+      const vm = await startVm(vmDisks());
+      try {
+        const before = await vm.nodes();
+        using qmp = await QmpClient.connect(vm.toolQmp);
+        const backup = await start(mode, vm, qmp);
+        let written = 0;
+        const failing = new WritableStream<Uint8Array>({
+          write(chunk) {
+            written += chunk.byteLength;
+            if (written > 8 * MiB) {
+              throw new Deno.errors.WriteZero("No space left on device (test)");
+            }
+          },
+        });
+        await assert.rejects(
+          backup.records.pipeThrough(new ZeroFilterStream()).pipeThrough(new VmaWriterStream())
+            .pipeTo(failing),
+          /No space left/,
+        );
+        await assert.rejects(backup.finished);
+        await checkRestored(vm, before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    },
+  );
+
+  qemuTest(`live ${mode} backup: abort() in the middle restores the VM`, async () => {
+    const vm = await startVm(vmDisks());
+    try {
+      const before = await vm.nodes();
+      using qmp = await QmpClient.connect(vm.toolQmp);
+      const backup = await start(mode, vm, qmp);
+      let clusters = 0;
+      const pipe = backup.records.pipeTo(
+        new WritableStream({
+          async write(record) {
+            if (record.type === "cluster") record.lease?.release();
+            if (++clusters === 100) await backup.abort(new Error("user pressed Ctrl-C"));
+          },
+        }),
+      );
+      await assert.rejects(pipe);
+      await assert.rejects(backup.finished, /Ctrl-C/);
+      await checkRestored(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+}
+
+/** A slow archive target: 4 ms per data cluster, so guest writes land during the backup. */
+function slowTarget() {
+  return new TransformStream<VmaRecord, VmaRecord>({
+    async transform(record, controller) {
+      if (record.type === "cluster") await new Promise((resolve) => setTimeout(resolve, 4));
+      controller.enqueue(record);
+    },
+  });
+}
+
+/** The graph is as before, the VM runs, and the disks still take writes. */
+async function checkRestored(vm: TestVm, before: string[]) {
+  assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
+  assert.equal(await vm.status(), "running");
+  await vm.write("vda", 4096, 8192, 0xee);
+  const expected = new Map(vm.model);
+  const disks = await vm.stop();
+  for (const [id, bytes] of disks) {
+    assert.equal(firstDifference(bytes, expected.get(id)!), -1, `${id} is intact`);
+  }
+}

@@ -15,7 +15,10 @@ export const ExitCode = {
   usage: 2,
   /** The archive is corrupt, incomplete, truncated, or not a VMA archive. */
   corrupt: 3,
-  /** An input or output could not be read or written (missing file, disk full, closed pipe). */
+  /**
+   * An input or output could not be read or written (missing file, unreadable or corrupt
+   * disk image, disk full, closed pipe).
+   */
   io: 4,
   /** Deno denied a permission: the message names the --allow-* flag to add. */
   permission: 5,
@@ -70,6 +73,7 @@ const IO_ERRORS = [
   Deno.errors.WriteZero,
   Deno.errors.TimedOut,
   Deno.errors.FilesystemLoop,
+  Deno.errors.InvalidData,
 ];
 
 /** The exit code and one-line message for any error, without a stack trace. */

@@ -49,6 +49,7 @@ export class Progress {
 
   /** Adds `bytes` to the count. */
   add(bytes: number): void {
+    if (bytes === 0) return; // device records: only their total counts
     this.#done += bytes;
     if (this.#kind === "none") return;
     this.#start();

@@ -4,8 +4,8 @@
  *
  * @module
  */
-import { BLOCK_SIZE, CLUSTER_SIZE } from "../vma/format.ts";
-import type { Lease, VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
+import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
+import { WriteCoalescer } from "./_write_runs.ts";
 
 /** Options of {@linkcode RestoreSink}. */
 export interface RestoreSinkOptions {
@@ -29,14 +29,6 @@ export interface RestoredDevice {
 interface OpenDevice {
   file: Deno.FsFile;
   info: RestoredDevice;
-}
-
-/** A pending write: contiguous in memory and in the file, so one syscall writes it. */
-interface Run {
-  device: OpenDevice;
-  position: number;
-  bytes: Uint8Array;
-  leases: Lease[];
 }
 
 /**
@@ -71,22 +63,16 @@ export class RestoreSink extends WritableStream<VmaRecord> {
   constructor(options: RestoreSinkOptions) {
     const devices = new Map<number, OpenDevice | null>();
     const restored: RestoredDevice[] = [];
-    let run: Run | undefined;
     const openOptions: Deno.OpenOptions = options.overwrite
       ? { write: true, create: true, truncate: true }
       : { write: true, createNew: true };
-
-    const flush = async () => {
-      if (run === undefined) return;
-      const { device, position, bytes, leases } = run;
-      run = undefined;
+    const writes = new WriteCoalescer<OpenDevice>(async (device, position, bytes) => {
       await device.file.seek(position, Deno.SeekMode.Start);
       for (let written = 0; written < bytes.byteLength;) {
         written += await device.file.write(bytes.subarray(written));
       }
       device.info.dataBytes += bytes.byteLength;
-      for (const lease of leases) lease.release();
-    };
+    });
     const closeAll = () => {
       for (const device of devices.values()) device?.file.close();
       devices.clear();
@@ -115,56 +101,23 @@ export class RestoreSink extends WritableStream<VmaRecord> {
             restored.push(info);
             return;
           }
-          case "cluster":
-            break;
-          default:
+          case "cluster": {
+            const device = devices.get(record.devId);
+            if (device) await writes.add(device, record, device.info.size);
+            else record.lease?.release();
             return;
-        }
-        const device = devices.get(record.devId);
-        if (!device || record.data === null || record.mask === 0) {
-          record.lease?.release();
-          return;
-        }
-        const base = record.cluster * CLUSTER_SIZE;
-        const end = Math.min(CLUSTER_SIZE, device.info.size - base);
-        let mask = record.mask;
-        while (mask !== 0) {
-          const first = 31 - Math.clz32(mask & -mask);
-          let last = first;
-          while (last < 15 && (mask & (1 << (last + 1)))) last++;
-          mask &= ~(((1 << (last - first + 1)) - 1) << first);
-          const start = first * BLOCK_SIZE;
-          const stop = Math.min((last + 1) * BLOCK_SIZE, end);
-          if (stop <= start) break;
-          const bytes = record.data.subarray(start, stop);
-          if (
-            run !== undefined && run.device === device &&
-            run.position + run.bytes.byteLength === base + start &&
-            run.bytes.buffer === bytes.buffer &&
-            run.bytes.byteOffset + run.bytes.byteLength === bytes.byteOffset
-          ) {
-            run.bytes = new Uint8Array(
-              bytes.buffer,
-              run.bytes.byteOffset,
-              run.bytes.byteLength + bytes.byteLength,
-            );
-          } else {
-            await flush();
-            run = { device, position: base + start, bytes, leases: [] };
           }
         }
-        // Released with the run that holds this record's last bytes.
-        if (record.lease) (run?.leases ?? []).push(record.lease);
       },
       async close() {
         try {
-          await flush();
+          await writes.flush();
         } finally {
           closeAll();
         }
       },
       abort() {
-        run = undefined;
+        writes.discard();
         closeAll();
       },
     });

@@ -106,11 +106,13 @@ export async function serveImage(
   const deadline = Date.now() + (options.timeoutMs ?? 10_000);
   let exited = false;
   child.status.then(() => (exited = true));
-  while (!(await Deno.lstat(socket).then(() => true, () => false))) {
+  // Ready means a client gets the NBD greeting: qemu-nbd may create its socket and only then
+  // find that it cannot open the image.
+  while (!await greets(socket)) {
     if (exited || Date.now() > deadline) {
       await stop();
       const message = (await stderr.catch(() => "")).trim().split("\n").at(-1) ?? "";
-      throw new Error(
+      throw new Deno.errors.InvalidData(
         exited
           ? `Cannot serve ${path} as ${options.format}: ${message.replace(/^qemu-nbd: /, "")}`
           : `Cannot serve ${path}: qemu-nbd did not start listening in time`,
@@ -119,4 +121,23 @@ export async function serveImage(
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
   return { uri: `nbd+unix:///${exportName}?socket=${socket}`, socket, exportName, stop };
+}
+
+/** True when a server on `socket` sends the 8-byte NBD magic. */
+async function greets(socket: string): Promise<boolean> {
+  let conn: Deno.UnixConn | undefined;
+  try {
+    conn = await Deno.connect({ transport: "unix", path: socket });
+    const magic = new Uint8Array(8);
+    for (let filled = 0; filled < magic.byteLength;) {
+      const count = await conn.read(magic.subarray(filled));
+      if (count === null) return false;
+      filled += count;
+    }
+    return new TextDecoder().decode(magic) === "NBDMAGIC";
+  } catch {
+    return false;
+  } finally {
+    conn?.close();
+  }
 }

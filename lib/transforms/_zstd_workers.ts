@@ -67,6 +67,8 @@ export class ZstdWorkerPool {
     const slot = id % this.size;
     const worker = this.#workers[slot] ?? this.#start(slot);
     const pending = Promise.withResolvers<FrameResult>();
+    // A stream that is cancelled stops awaiting its frames: their rejection is expected.
+    pending.promise.catch(() => {});
     this.#waiting.set(id, pending);
     worker.postMessage({ id, ...job }, [job.input.buffer]);
     return pending.promise;

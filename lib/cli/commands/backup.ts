@@ -163,6 +163,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const uuid = crypto.randomUUID();
   const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const started = performance.now();
+  plan.live?.snapshot.then(() => progress.note("snapshot"), () => {});
   const onAbort = () => output.discardSync();
   context.signal.addEventListener("abort", onAbort);
   try {

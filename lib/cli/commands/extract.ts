@@ -6,7 +6,9 @@
  */
 import { DeviceBytesStream } from "../../sinks/device_stream.ts";
 import { ByteSink } from "../../sinks/file_sink.ts";
+import { ImageRestoreSink } from "../../sinks/nbd_restore.ts";
 import { RestoreSink } from "../../sinks/restore_files.ts";
+import { IMAGE_FORMATS, type ImageFormat } from "../../sources/image_format.ts";
 import { VmaFormatError } from "../../vma/errors.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../../vma/records.ts";
 import { VMSTATE_NAME } from "../../vma/format.ts";
@@ -26,7 +28,7 @@ import { Progress } from "../progress.ts";
 
 const HELP = `Extract a VMA archive: configs and one sparse raw image per disk.
 
-usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--force]
+usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT] [--force]
        cli.ts extract ARCHIVE|- --stdout NAME
 
   TARGETDIR          a new directory; gets the configs and disk-<name>.raw per disk
@@ -35,13 +37,18 @@ usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--force]
   --disk NAMES       extract only these disks (comma-separated, repeatable); the others
                      are not written and not checked for missing clusters
   --stdout NAME      stream one disk's raw bytes to stdout and write nothing else
+  --format FMT       write disk-<name>.FMT images: raw (default, sparse files), qcow2,
+                     vmdk, vdi, vhdx, vpc or qed. Non-raw images are created with qemu-img
+                     and written through a writable qemu-nbd (only stored blocks; no raw
+                     copy is staged)
   --force            replace an existing TARGETDIR
   --progress MODE    auto, json or none
   --json             print a JSON result object
 
 Disk names match with or without the drive- prefix (scsi0 = drive-scsi0).
 Names that would leave TARGETDIR ('/', '..', NUL) are refused.
-permissions: --allow-read (ARCHIVE) --allow-write (TARGETDIR)`;
+permissions: --allow-read (ARCHIVE) --allow-write (TARGETDIR); --format other than raw also
+needs --allow-run=qemu-img,qemu-nbd and --allow-net`;
 
 /** True when `name` names a device given as `wanted` (with or without `drive-`). */
 export function deviceMatches(name: string, wanted: string): boolean {
@@ -60,10 +67,22 @@ export function safeFileName(kind: string, name: string): string {
 }
 
 /** The file name of a device inside TARGETDIR, as `vma extract` names it. */
-export function deviceFileName(device: VmaDeviceRecord): string {
+export function deviceFileName(device: VmaDeviceRecord, format: ImageFormat = "raw"): string {
   return device.name === VMSTATE_NAME
     ? "vmstate.bin"
-    : `disk-${safeFileName("device", device.name)}.raw`;
+    : `disk-${safeFileName("device", device.name)}.${format}`;
+}
+
+/** A pass-through that writes config records into `dir`. */
+function writeConfigs(dir: string) {
+  return new TransformStream<VmaRecord, VmaRecord>({
+    async transform(record, controller) {
+      if (record.type === "config") {
+        await Deno.writeFile(`${dir}/${record.name}`, record.data, { createNew: true });
+      }
+      controller.enqueue(record);
+    },
+  });
 }
 
 /** A pass-through that checks every name and records what it saw. */
@@ -91,12 +110,19 @@ export const extractCommand: Command = {
       force: { type: "boolean" },
       progress: { type: "string" },
       json: { type: "boolean" },
+      format: { type: "string" },
     });
     if (values.help) return await printHelp(context, HELP);
     const mode = progressMode(values.progress);
+    const format = (values.format ?? "raw") as ImageFormat;
+    if (!IMAGE_FORMATS.includes(format)) {
+      throw new UsageError(`--format must be one of ${IMAGE_FORMATS.join(", ")}, not '${format}'`);
+    }
     if (values.stdout !== undefined) {
       expectPositionals("extract", positionals, 1);
-      if (values.disk) throw new UsageError("--stdout and --disk cannot be combined");
+      if (values.disk || values.format) {
+        throw new UsageError("--stdout cannot be combined with --disk or --format");
+      }
       return await extractToStdout(positionals[0]!, values.stdout, context, mode);
     }
     expectPositionals("extract", positionals, 2);
@@ -108,6 +134,7 @@ export const extractCommand: Command = {
       force: values.force ?? false,
       json: values.json ?? false,
       progress: mode,
+      format,
     }, context);
   },
 };
@@ -159,6 +186,7 @@ interface ExtractPlan {
   force: boolean;
   json: boolean;
   progress: "auto" | "json" | "none";
+  format: ImageFormat;
 }
 
 async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promise<number> {
@@ -184,16 +212,27 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   });
   const started = performance.now();
   const found = { configs: [] as VmaConfigRecord[], devices: [] as VmaDeviceRecord[] };
+  const pathOf = (device: VmaDeviceRecord) =>
+    selected(device) ? `${partial}/${deviceFileName(device, plan.format)}` : undefined;
   const sink = new RestoreSink({
-    target: (device) => selected(device) ? `${partial}/${deviceFileName(device)}` : undefined,
+    target: pathOf,
     configTarget: (config) => `${partial}/${config.name}`,
   });
+  const imageSink = plan.format === "raw"
+    ? undefined
+    : new ImageRestoreSink({ format: plan.format, target: pathOf });
   const onAbort = () => Deno.removeSync(partial, { recursive: true });
   await Deno.mkdir(partial);
   context.signal.addEventListener("abort", onAbort);
   try {
     const checked = archive.records.pipeThrough(inspect(found));
-    await checked.pipeTo(sink, { signal: context.signal });
+    if (imageSink === undefined) {
+      await checked.pipeTo(sink, { signal: context.signal });
+    } else {
+      await checked.pipeThrough(writeConfigs(partial)).pipeTo(imageSink, {
+        signal: context.signal,
+      });
+    }
     for (const name of wanted ?? []) {
       if (!found.devices.some((device) => deviceMatches(device.name, name))) {
         throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
@@ -210,11 +249,11 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     context.signal.removeEventListener("abort", onAbort);
   }
   const seconds = (performance.now() - started) / 1000;
-  const restored = sink.restored.map((device) => ({
+  const restored = found.devices.filter(selected).map((device) => ({
     name: device.name,
-    path: String(device.path).replace(`${partial}/`, `${target}/`),
+    path: `${plan.target}/${deviceFileName(device, plan.format)}`,
     size: device.size,
-    dataBytes: device.dataBytes,
+    dataBytes: sink.restored.find((done) => done.name === device.name)?.dataBytes ?? null,
   }));
   const diskBytes = restored.reduce((sum, device) => sum + device.size, 0);
   if (plan.json) {

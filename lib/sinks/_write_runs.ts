@@ -1,0 +1,84 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Turning cluster records into as few writes as possible (internal): the stored blocks of a
+ * record, clipped to the device size, merged with neighbours that are contiguous both in
+ * memory and on the target.
+ *
+ * @module
+ */
+import { BLOCK_SIZE, CLUSTER_SIZE } from "../vma/format.ts";
+import type { Lease, VmaClusterRecord } from "../vma/records.ts";
+
+/** Byte ranges of a cluster's stored blocks: runs of consecutive mask bits, cut at `size`. */
+export function* storedRanges(
+  record: VmaClusterRecord,
+  deviceSize: number,
+): Generator<{ position: number; bytes: Uint8Array }> {
+  if (record.data === null) return;
+  const base = record.cluster * CLUSTER_SIZE;
+  const end = Math.min(CLUSTER_SIZE, deviceSize - base);
+  let mask = record.mask;
+  while (mask !== 0) {
+    const first = 31 - Math.clz32(mask & -mask);
+    let last = first;
+    while (last < 15 && (mask & (1 << (last + 1)))) last++;
+    mask &= ~(((1 << (last - first + 1)) - 1) << first);
+    const start = first * BLOCK_SIZE;
+    const stop = Math.min((last + 1) * BLOCK_SIZE, end);
+    if (stop <= start) return;
+    yield { position: base + start, bytes: record.data.subarray(start, stop) };
+  }
+}
+
+/**
+ * Collects writes for targets of type `T` and merges each with the previous one when both
+ * are contiguous in memory and on the target, so an extent of neighbouring clusters becomes
+ * one write. Leases are released once the bytes they cover are written.
+ */
+export class WriteCoalescer<T> {
+  #write: (target: T, position: number, bytes: Uint8Array) => Promise<void>;
+  #run: { target: T; position: number; bytes: Uint8Array; leases: Lease[] } | undefined;
+
+  constructor(write: (target: T, position: number, bytes: Uint8Array) => Promise<void>) {
+    this.#write = write;
+  }
+
+  /** Adds the stored blocks of `record`; its lease goes with the write of its last bytes. */
+  async add(target: T, record: VmaClusterRecord, deviceSize: number): Promise<void> {
+    for (const { position, bytes } of storedRanges(record, deviceSize)) {
+      const run = this.#run;
+      if (
+        run !== undefined && run.target === target &&
+        run.position + run.bytes.byteLength === position &&
+        run.bytes.buffer === bytes.buffer &&
+        run.bytes.byteOffset + run.bytes.byteLength === bytes.byteOffset
+      ) {
+        run.bytes = new Uint8Array(
+          bytes.buffer,
+          run.bytes.byteOffset,
+          run.bytes.byteLength + bytes.byteLength,
+        );
+      } else {
+        await this.flush();
+        this.#run = { target, position, bytes, leases: [] };
+      }
+    }
+    if (record.lease === undefined) return;
+    if (this.#run === undefined) record.lease.release();
+    else this.#run.leases.push(record.lease);
+  }
+
+  /** Writes what is pending. */
+  async flush(): Promise<void> {
+    const run = this.#run;
+    if (run === undefined) return;
+    this.#run = undefined;
+    await this.#write(run.target, run.position, run.bytes);
+    for (const lease of run.leases) lease.release();
+  }
+
+  /** Drops what is pending (after a failure). */
+  discard(): void {
+    this.#run = undefined;
+  }
+}

@@ -1,0 +1,118 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Restore into any image format QEMU writes, through a writable `qemu-nbd` export.
+ *
+ * @module
+ */
+import { NbdClient } from "../protocols/nbd_client.ts";
+import type { ImageFormat } from "../sources/image_format.ts";
+import { type QemuNbdExport, serveImage, spawnQemuTool } from "../sources/qemu_nbd.ts";
+import type { VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
+import { WriteCoalescer } from "./_write_runs.ts";
+
+/** Options of {@linkcode ImageRestoreSink}. */
+export interface ImageRestoreOptions {
+  /** Format of the images to write. */
+  format: ImageFormat;
+  /** Path of a device's image, or `undefined` to skip the device. */
+  target(device: VmaDeviceRecord): string | undefined;
+}
+
+interface OpenImage {
+  served: QemuNbdExport;
+  client: NbdClient;
+  size: number;
+}
+
+/** Creates an image of `size` bytes with `qemu-img create` (it must not exist). */
+async function createImage(path: string, format: ImageFormat, size: number): Promise<void> {
+  const options = format === "vpc" ? ["-o", "force_size=on"] : []; // keep the exact size
+  const child = spawnQemuTool("qemu-img", [
+    "create",
+    "-q",
+    "-f",
+    format,
+    ...options,
+    path,
+    `${size}`,
+  ], {
+    stdout: "null",
+    stderr: "piped",
+  });
+  const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text()]);
+  if (!status.success) {
+    throw new Error(
+      `Cannot create ${path} as ${format}: ${stderr.trim().replace(/^qemu-img: /, "")}`,
+    );
+  }
+}
+
+/**
+ * Writes each device into a new image of `format` (qcow2, vmdk, vdi, vhdx, vpc, qed):
+ * `qemu-img create` makes an empty image of the exact size, a writable `qemu-nbd` serves
+ * it on a private socket, and only stored blocks are written over NBD, so zero clusters
+ * stay unallocated. No raw copy is staged on disk. Needs `--allow-run=qemu-img,qemu-nbd`
+ * and `--allow-net`.
+ *
+ * @example Restore an archive to qcow2
+ * ```ts ignore
+ * import { ImageRestoreSink, VmaReaderStream } from "../../mod.ts";
+ *
+ * await (await Deno.open("vm.vma")).readable.pipeThrough(new VmaReaderStream())
+ *   .pipeTo(new ImageRestoreSink({ format: "qcow2", target: (d) => `restored/${d.name}.qcow2` }));
+ * ```
+ */
+export class ImageRestoreSink extends WritableStream<VmaRecord> {
+  constructor(options: ImageRestoreOptions) {
+    const images = new Map<number, OpenImage | null>();
+    const writes = new WriteCoalescer<OpenImage>(async (image, position, bytes) => {
+      const step = image.client.maxRequestSize;
+      for (let at = 0; at < bytes.byteLength; at += step) {
+        await image.client.write(position + at, bytes.subarray(at, at + step));
+      }
+    });
+    const closeAll = async () => {
+      for (const image of images.values()) {
+        if (image === null) continue;
+        await image.client.close().catch(() => {});
+        await image.served.stop();
+      }
+      images.clear();
+    };
+
+    super({
+      async write(record) {
+        if (record.type === "device") {
+          const path = options.target(record);
+          if (path === undefined) return void images.set(record.devId, null);
+          await createImage(path, options.format, record.size);
+          const served = await serveImage(path, { format: options.format, readOnly: false });
+          try {
+            const client = await NbdClient.connect(served.uri);
+            images.set(record.devId, { served, client, size: record.size });
+          } catch (error) {
+            await served.stop();
+            throw error;
+          }
+          return;
+        }
+        if (record.type !== "cluster") return;
+        const image = images.get(record.devId);
+        if (image) await writes.add(image, record, image.size);
+        else record.lease?.release();
+      },
+      async close() {
+        try {
+          await writes.flush();
+          for (const image of images.values()) await image?.client.flush();
+        } finally {
+          await closeAll();
+        }
+      },
+      async abort() {
+        writes.discard();
+        await closeAll();
+      },
+    });
+  }
+}

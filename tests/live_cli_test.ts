@@ -1,0 +1,181 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * `backup --qmp` as users run it, push and pull, and the faults that must leave the VM as it
+ * was: Ctrl-C, a closed pipe, a full disk. After each, the block graph is the original one,
+ * the VM runs, its disks take writes, the partial archive is gone and the exit code is not 0.
+ */
+import assert from "node:assert/strict";
+import { cli, spawnCli, withTempDir } from "./_cli.ts";
+import { diskContent, firstDifference, qemuTest, startVm, type TestVm } from "./_qemu.ts";
+import { randomBytes } from "./_utils.ts";
+
+const MiB = 2 ** 20;
+const PERMISSIONS = [
+  "--allow-read",
+  "--allow-write",
+  "--allow-net",
+  "--allow-run=qemu-nbd,qemu-img",
+];
+
+function disks(size = 32 * MiB) {
+  return [{ id: "scsi0", size, data: diskContent(size, 4) }];
+}
+
+/** A VM whose 128 MiB disk is random data: slow to compress at level 19, easy to interrupt. */
+function bigDisk() {
+  return [{
+    id: "scsi0",
+    size: 128 * MiB,
+    data: [[0, randomBytes(128 * MiB, 8)]] as [number, Uint8Array][],
+  }];
+}
+
+const SLOW = ["--level", "19"];
+
+async function assertVmUntouched(vm: TestVm, before: string[]) {
+  assert.deepEqual(await vm.nodes(), before, "the block graph is the original one");
+  assert.equal(await vm.status(), "running");
+  await vm.write("scsi0", 65536, 4096, 0x77);
+  const expected = new Map(vm.model);
+  const contents = await vm.stop();
+  assert.equal(
+    firstDifference(contents.get("scsi0")!, expected.get("scsi0")!),
+    -1,
+    "the disk is intact",
+  );
+}
+
+for (const mode of ["push", "pull"] as const) {
+  qemuTest(`cli backup --qmp --mode ${mode}: a consistent archive of a running VM`, async () => {
+    const vm = await startVm(disks());
+    await withTempDir(async (dir) => {
+      try {
+        const before = await vm.nodes();
+        const snapshot = vm.model.get("scsi0")!.slice();
+        const fleece = `${dir}/fleece`;
+        await Deno.mkdir(fleece);
+        const extra = mode === "pull"
+          ? ["--fleece-dir", fleece, "--discard-read"]
+          : ["--speed", `${16 * MiB}`];
+        const child = spawnCli(
+          [
+            "backup",
+            "--qmp",
+            vm.toolQmp,
+            "--mode",
+            mode,
+            "-o",
+            `${dir}/vm.vma.zst`,
+            "--progress",
+            "json",
+            ...extra,
+          ],
+          { permissions: PERMISSIONS },
+        );
+        await child.stdin.close();
+        const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+        let seen = "";
+        while (!seen.includes('"event":"snapshot"')) {
+          const { value, done } = await lines.read();
+          if (done) break;
+          seen += value;
+        }
+        // The guest writes after the snapshot point: none of this may reach the archive.
+        for (let i = 0; i < 40; i++) {
+          await vm.write("scsi0", (i * 7 % 500) * 65536, 65536, 0xa0 + i);
+        }
+        const status = await child.status;
+        assert.equal(status.code, 0, seen);
+        const extract = await cli(["extract", `${dir}/vm.vma.zst`, `${dir}/out`]);
+        assert.equal(extract.code, 0, extract.stderr);
+        const restored = await Deno.readFile(`${dir}/out/disk-drive-scsi0.raw`);
+        assert.equal(firstDifference(restored, snapshot), -1, "the archive is the snapshot");
+        assert.deepEqual([...Deno.readDirSync(fleece)], [], "the fleece images are removed");
+        await assertVmUntouched(vm, before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    });
+  });
+
+  qemuTest(
+    `cli backup --qmp --mode ${mode}: Ctrl-C cancels, restores the VM, removes the partial file`,
+    async () => {
+      const vm = await startVm(bigDisk());
+      await withTempDir(async (dir) => {
+        try {
+          const before = await vm.nodes();
+          const out = `${dir}/vm.vma.zst`;
+          const child = spawnCli([
+            "backup",
+            "--qmp",
+            vm.toolQmp,
+            "--mode",
+            mode,
+            "-o",
+            out,
+            ...SLOW,
+          ], {
+            permissions: PERMISSIONS,
+          });
+          await child.stdin.close();
+          for (let i = 0; i < 200 && !(await exists(`${out}.partial`)); i++) await sleep(50);
+          await sleep(500);
+          child.kill("SIGINT");
+          const result = await child.output();
+          assert.equal(result.code, 130, new TextDecoder().decode(result.stderr));
+          assert.match(new TextDecoder().decode(result.stderr), /error: interrupted by SIGINT/);
+          assert.ok(!(await exists(`${out}.partial`)) && !(await exists(out)));
+          await assertVmUntouched(vm, before);
+        } finally {
+          await vm.stop().catch(() => {});
+        }
+      });
+    },
+  );
+
+  qemuTest(
+    `cli backup --qmp --mode ${mode}: a closed pipe and a full disk fail cleanly`,
+    async () => {
+      const vm = await startVm(bigDisk());
+      try {
+        const before = await vm.nodes();
+        const deno = Deno.execPath();
+        const command = `${deno} run ${
+          PERMISSIONS.join(" ")
+        } cli.ts backup --qmp ${vm.toolQmp} --mode ${mode} -o - --compress zstd ${SLOW.join(" ")}`;
+        for (
+          const [shell, message] of [
+            [
+              `${command} | head -c 100000 > /dev/null; exit \${PIPESTATUS[0]}`,
+              /error: .*(Broken pipe|os error 32)/,
+            ],
+            [`${command} > /dev/full`, /error: .*(No space left on device|os error 28)/],
+          ] as const
+        ) {
+          const result = await new Deno.Command("bash", {
+            args: ["-c", shell],
+            cwd: new URL("..", import.meta.url).pathname,
+            env: { NO_COLOR: "1" },
+          }).output();
+          const stderr = new TextDecoder().decode(result.stderr);
+          assert.equal(result.code, 4, stderr);
+          assert.match(stderr, message);
+          assert.deepEqual(await vm.nodes(), before, "the graph is restored after each failure");
+          assert.equal(await vm.status(), "running");
+        }
+        await assertVmUntouched(vm, before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    },
+  );
+}
+
+async function exists(path: string): Promise<boolean> {
+  return await Deno.lstat(path).then(() => true, () => false);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

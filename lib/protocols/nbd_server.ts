@@ -4,34 +4,32 @@
  *
  * @module
  */
+import {
+  decodeExportInfoRequest,
+  decodeOptionHeader,
+  decodeRequest,
+  encodeExportNameReply,
+  encodeHandshake,
+  encodeInfoReply,
+  encodeOptionReply,
+  encodeSimpleReply,
+  NBD_OPTION_HEADER_SIZE,
+  NBD_REQUEST_SIZE,
+  NbdClientFlag,
+  NbdCmd,
+  NbdErrno,
+  NbdHandshakeFlag,
+  NbdOpt,
+  NbdRep,
+  NbdTransmissionFlag,
+} from "./nbd_protocol.ts";
 
-const NBD_MAGIC = 0x4e42444d41474943n;
-const IHAVEOPT = 0x49484156454f5054n;
-const OPTION_REPLY_MAGIC = 0x3e889045565a9n;
-const REQUEST_MAGIC = 0x25609513;
-const SIMPLE_REPLY_MAGIC = 0x67446698;
-
-const FLAG_FIXED_NEWSTYLE = 1;
-const FLAG_NO_ZEROES = 2;
-const OPT_EXPORT_NAME = 1;
-const OPT_ABORT = 2;
-const OPT_INFO = 6;
-const OPT_GO = 7;
-const REP_ACK = 1;
-const REP_INFO = 3;
-const REP_ERR_UNSUP = 2 ** 31 + 1;
-const INFO_EXPORT = 0;
-const INFO_BLOCK_SIZE = 3;
-const TRANSMISSION_FLAGS = 1 | 4 | 8 | 32 | 64; // HAS_FLAGS SEND_FLUSH SEND_FUA SEND_TRIM SEND_WRITE_ZEROES
-const CMD_READ = 0;
-const CMD_WRITE = 1;
-const CMD_DISC = 2;
-const CMD_FLUSH = 3;
-const CMD_TRIM = 4;
-const CMD_WRITE_ZEROES = 6;
-const EIO = 5;
-const EINVAL = 22;
+const TRANSMISSION_FLAGS = NbdTransmissionFlag.HAS_FLAGS | NbdTransmissionFlag.SEND_FLUSH |
+  NbdTransmissionFlag.SEND_FUA | NbdTransmissionFlag.SEND_TRIM |
+  NbdTransmissionFlag.SEND_WRITE_ZEROES;
 const MAX_OPTION_LENGTH = 65536;
+
+const DEFAULT_BLOCK_SIZES = { minimum: 4096, preferred: 65536, maximum: 4 << 20 };
 
 /** What an export does with the requests of a client. Throwing answers the request with EIO. */
 export interface NbdExportHandler {
@@ -169,11 +167,8 @@ export class NbdServer {
   }
 
   async #serve(reader: SocketReader, connection: Deno.UnixConn): Promise<void> {
-    const greeting = new DataView(new ArrayBuffer(18));
-    greeting.setBigUint64(0, NBD_MAGIC);
-    greeting.setBigUint64(8, IHAVEOPT);
-    greeting.setUint16(16, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    await writeAll(connection, new Uint8Array(greeting.buffer));
+    const flags = NbdHandshakeFlag.FIXED_NEWSTYLE | NbdHandshakeFlag.NO_ZEROES;
+    await writeAll(connection, encodeHandshake(flags));
     const clientFlags = (await reader.read(4)).getUint32(0);
     if (!await this.#negotiate(reader, connection, clientFlags)) return;
     try {
@@ -185,81 +180,53 @@ export class NbdServer {
 
   /** The option haggling; true when the client entered transmission. */
   async #negotiate(reader: SocketReader, connection: Deno.UnixConn, clientFlags: number) {
-    const reply = async (option: number, type: number, data = new Uint8Array(0)) => {
-      const header = new DataView(new ArrayBuffer(20));
-      header.setBigUint64(0, OPTION_REPLY_MAGIC);
-      header.setUint32(8, option);
-      header.setUint32(12, type);
-      header.setUint32(16, data.byteLength);
-      await writeAll(connection, concat(new Uint8Array(header.buffer), data));
-    };
+    const reply = (option: number, type: number, data?: Uint8Array) =>
+      writeAll(connection, encodeOptionReply(option, type, data));
     for (;;) {
-      const header = await reader.read(16);
-      if (header.getBigUint64(0) !== IHAVEOPT) throw new Error("bad option magic");
-      const option = header.getUint32(8);
-      const length = header.getUint32(12);
+      const { option, length } = decodeOptionHeader(await reader.bytes(NBD_OPTION_HEADER_SIZE));
       if (length > MAX_OPTION_LENGTH) throw new Error("option too long");
-      const data = length > 0
-        ? new Uint8Array((await reader.read(length)).buffer.slice(0))
-        : new Uint8Array(0);
-      if (option === OPT_GO || option === OPT_INFO) {
-        if (!this.#exportMatches(data, 4)) {
-          await reply(option, 2 ** 31 + 6); // NBD_REP_ERR_UNKNOWN
+      const data = (await reader.bytes(length)).slice();
+      if (option === NbdOpt.GO || option === NbdOpt.INFO) {
+        const wanted = this.#options.exportName;
+        if (wanted !== undefined && decodeExportInfoRequest(data).exportName !== wanted) {
+          await reply(option, NbdRep.ERR_UNKNOWN);
           continue;
         }
-        const info = new DataView(new ArrayBuffer(12));
-        info.setUint16(0, INFO_EXPORT);
-        info.setBigUint64(2, BigInt(this.#handler.size));
-        info.setUint16(10, TRANSMISSION_FLAGS);
-        await reply(option, REP_INFO, new Uint8Array(info.buffer));
-        const sizes = this.#options.blockSizes ??
-          { minimum: 4096, preferred: 65536, maximum: 4 << 20 };
-        const blocks = new DataView(new ArrayBuffer(14));
-        blocks.setUint16(0, INFO_BLOCK_SIZE);
-        blocks.setUint32(2, sizes.minimum);
-        blocks.setUint32(6, sizes.preferred);
-        blocks.setUint32(10, sizes.maximum);
-        await reply(option, REP_INFO, new Uint8Array(blocks.buffer));
-        await reply(option, REP_ACK);
-        if (option === OPT_GO) return true;
-      } else if (option === OPT_EXPORT_NAME) {
-        const start = new DataView(new ArrayBuffer(10));
-        start.setBigUint64(0, BigInt(this.#handler.size));
-        start.setUint16(8, TRANSMISSION_FLAGS);
-        const zeroes = clientFlags & FLAG_NO_ZEROES ? 0 : 124;
-        await writeAll(connection, concat(new Uint8Array(start.buffer), new Uint8Array(zeroes)));
+        const sizes = this.#options.blockSizes ?? DEFAULT_BLOCK_SIZES;
+        const size = this.#handler.size;
+        await reply(
+          option,
+          NbdRep.INFO,
+          encodeInfoReply({ type: "export", size, flags: TRANSMISSION_FLAGS }),
+        );
+        await reply(option, NbdRep.INFO, encodeInfoReply({ type: "block-size", ...sizes }));
+        await reply(option, NbdRep.ACK);
+        if (option === NbdOpt.GO) return true;
+      } else if (option === NbdOpt.EXPORT_NAME) {
+        const noZeroes = (clientFlags & NbdClientFlag.NO_ZEROES) !== 0;
+        await writeAll(
+          connection,
+          encodeExportNameReply(this.#handler.size, TRANSMISSION_FLAGS, noZeroes),
+        );
         return true;
-      } else if (option === OPT_ABORT) {
-        await reply(option, REP_ACK);
+      } else if (option === NbdOpt.ABORT) {
+        await reply(option, NbdRep.ACK);
         return false;
       } else {
-        await reply(option, REP_ERR_UNSUP);
+        await reply(option, NbdRep.ERR_UNSUP);
       }
     }
   }
 
-  #exportMatches(data: Uint8Array, at: number): boolean {
-    if (this.#options.exportName === undefined || data.byteLength < at) return true;
-    const length = new DataView(data.buffer, data.byteOffset).getUint32(0);
-    const name = new TextDecoder().decode(data.subarray(at, at + length));
-    return name === this.#options.exportName;
-  }
-
   async #transmission(reader: SocketReader, connection: Deno.UnixConn): Promise<void> {
-    const maximum = (this.#options.blockSizes ?? { maximum: 4 << 20 }).maximum;
-    const replyBuffer = new DataView(new ArrayBuffer(16));
-    replyBuffer.setUint32(0, SIMPLE_REPLY_MAGIC);
+    const maximum = (this.#options.blockSizes ?? DEFAULT_BLOCK_SIZES).maximum;
     for (;;) {
-      const request = await reader.read(28, true);
-      if (request === null) return; // EOF between requests: the client went away
-      if (request.getUint32(0) !== REQUEST_MAGIC) throw new Error("bad request magic");
-      const type = request.getUint16(6);
-      const cookie = request.getBigUint64(8);
-      const offset = Number(request.getBigUint64(16));
-      const length = request.getUint32(24);
-      if (type === CMD_DISC) return;
+      const header = await reader.bytes(NBD_REQUEST_SIZE, true);
+      if (header === null) return; // EOF between requests: the client went away
+      const { type, cookie, offset, length } = decodeRequest(header);
+      if (type === NbdCmd.DISC) return;
       let error = 0;
-      if (type === CMD_WRITE) {
+      if (type === NbdCmd.WRITE) {
         if (length > maximum) throw new Error("write larger than the maximum block size");
         let consumed = false;
         const read = async (target: Uint8Array) => {
@@ -271,38 +238,34 @@ export class NbdServer {
         if (!consumed) await reader.skip(length); // the handler failed before reading
         this.stats.writes++;
         this.stats.bytesWritten += length;
-      } else if (type === CMD_WRITE_ZEROES) {
+      } else if (type === NbdCmd.WRITE_ZEROES) {
         error = await this.#run(offset, length, () => this.#handler.writeZeroes(offset, length));
         this.stats.writeZeroes++;
-      } else if (type === CMD_TRIM) {
+      } else if (type === NbdCmd.TRIM) {
         error = await this.#run(offset, length, () => this.#handler.trim(offset, length));
         this.stats.trims++;
-      } else if (type === CMD_FLUSH) {
+      } else if (type === NbdCmd.FLUSH) {
         error = await this.#run(0, 0, () => this.#handler.flush());
         this.stats.flushes++;
-      } else if (type === CMD_READ) {
-        error = EINVAL; // a write-only sink
       } else {
-        error = EINVAL;
+        error = NbdErrno.EINVAL; // READ and anything else: a write-only sink
       }
-      if (type !== CMD_FLUSH && type !== CMD_READ) {
+      if (type === NbdCmd.WRITE || type === NbdCmd.WRITE_ZEROES || type === NbdCmd.TRIM) {
         if (offset < this.#highest) this.stats.outOfOrder++;
         this.#highest = Math.max(this.#highest, offset + length);
       }
-      replyBuffer.setUint32(4, error);
-      replyBuffer.setBigUint64(8, cookie);
-      await writeAll(connection, new Uint8Array(replyBuffer.buffer));
+      await writeAll(connection, encodeSimpleReply(error, cookie));
     }
   }
 
   async #run(offset: number, length: number, action: () => Promise<void>): Promise<number> {
-    if (offset + length > this.#handler.size) return EINVAL;
+    if (offset + length > this.#handler.size) return NbdErrno.EINVAL;
     try {
       await action();
       return 0;
     } catch {
       this.stats.errors++;
-      return EIO;
+      return NbdErrno.EIO;
     }
   }
 }
@@ -319,9 +282,9 @@ class SocketReader {
   }
 
   /** Reads exactly `length` bytes (at most 64 KiB) as a view valid until the next read. */
-  read(length: number, eofOk: true): Promise<DataView | null>;
-  read(length: number): Promise<DataView>;
-  async read(length: number, eofOk = false): Promise<DataView | null> {
+  bytes(length: number, eofOk: true): Promise<Uint8Array | null>;
+  bytes(length: number): Promise<Uint8Array>;
+  async bytes(length: number, eofOk = false): Promise<Uint8Array | null> {
     while (this.#end - this.#start < length) {
       if (this.#start > 0) {
         this.#buffer.copyWithin(0, this.#start, this.#end);
@@ -335,9 +298,15 @@ class SocketReader {
       }
       this.#end += count;
     }
-    const view = new DataView(this.#buffer.buffer, this.#start, length);
+    const view = this.#buffer.subarray(this.#start, this.#start + length);
     this.#start += length;
     return view;
+  }
+
+  /** Reads exactly `length` bytes as a DataView valid until the next read. */
+  async read(length: number): Promise<DataView> {
+    const bytes = await this.bytes(length);
+    return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
 
   /** Fills `target` with the next bytes: buffered ones first, the rest straight from the socket. */
@@ -362,11 +331,4 @@ class SocketReader {
 
 async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
   for (let done = 0; done < bytes.byteLength;) done += await conn.write(bytes.subarray(done));
-}
-
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const out = new Uint8Array(a.byteLength + b.byteLength);
-  out.set(a);
-  out.set(b, a.byteLength);
-  return out;
 }

@@ -78,9 +78,17 @@ export class BufferPool {
    */
   adopt(bytes: Uint8Array<ArrayBuffer>): void {
     if (bytes.byteLength !== this.size || this.#free.length >= this.#maxFree) return;
+    this.#free.push(this.wrap(bytes));
+  }
+
+  /**
+   * A pooled buffer around `bytes`, for memory that came back under a new `ArrayBuffer`
+   * (a transfer, a BYOB read); it joins the free list when its holds are released.
+   */
+  wrap(bytes: Uint8Array<ArrayBuffer>): PooledBuffer {
     const buffer = new PooledBuffer(this, bytes);
     if (this.#trackChunks) tracked.set(bytes.buffer, buffer);
-    this.#free.push(buffer);
+    return buffer;
   }
 
   /** Called by {@linkcode PooledBuffer} when its last hold is released. */

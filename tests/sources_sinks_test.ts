@@ -77,7 +77,8 @@ Deno.test("rawDiskSource() recycles its read buffers only after they are release
       }),
     );
     assert.equal(mismatches, 0);
-    assert.ok(seenBuffers.size <= 2, `buffers are reused (${seenBuffers.size} used for 16 reads)`);
+    // Up to four reads run ahead of the consumer; beyond that, buffers come back and are reused.
+    assert.ok(seenBuffers.size <= 6, `buffers are reused (${seenBuffers.size} used for 16 reads)`);
   });
 });
 

@@ -5,8 +5,7 @@
  *
  * @module
  */
-import { decompressInput } from "../transforms/compression.ts";
-import type { Compression } from "../transforms/compression.ts";
+import { type Compression, decompressInput, type ZstdEngine } from "../transforms/compression.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { CliError, ExitCode } from "./errors.ts";
@@ -29,7 +28,11 @@ export interface ArchiveInput {
 /** Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes. */
 export async function openArchive(
   path: string,
-  options: { reader?: VmaReaderOptions; progress?: (size: number | undefined) => Progress },
+  options: {
+    reader?: VmaReaderOptions;
+    progress?: (size: number | undefined) => Progress;
+    zstd?: ZstdEngine;
+  },
 ): Promise<ArchiveInput> {
   const input = await openInput(path);
   let read = 0;
@@ -42,7 +45,7 @@ export async function openArchive(
   );
   let decompressed;
   try {
-    decompressed = await decompressInput(counted);
+    decompressed = await decompressInput(counted, options.zstd);
   } catch (error) {
     if (error instanceof TypeError) {
       throw new CliError(ExitCode.corrupt, `${input.name}: ${error.message}`);

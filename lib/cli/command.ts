@@ -8,6 +8,7 @@ import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { type CliContext, writeText } from "./context.ts";
 import { UsageError } from "./errors.ts";
 import type { ProgressMode } from "./progress.ts";
+import type { ZstdEngine } from "../transforms/compression.ts";
 
 /** One subcommand of `cli.ts`. */
 export interface Command {
@@ -65,6 +66,21 @@ export function progressMode(value: string | undefined): ProgressMode {
   }
   return mode;
 }
+
+/** Reads `--zstd`. */
+export function zstdEngine(value: string | undefined): ZstdEngine {
+  const engine = value ?? "builtin";
+  if (engine !== "builtin" && engine !== "program") {
+    throw new UsageError(`--zstd must be builtin or program, not '${engine}'`);
+  }
+  return engine;
+}
+
+/** The `--zstd` lines of a command's help. */
+export const ZSTD_HELP =
+  `  --zstd ENGINE      builtin (default): node:zlib on Worker threads, no permission needed;
+                     program: the system zstd (Debian package zstd, --allow-run=zstd),
+                     multi-threaded and with less memory in this process`;
 
 /** Prints a command's `--help` text on stdout; resolves to exit code 0. */
 export async function printHelp(context: CliContext, text: string): Promise<number> {

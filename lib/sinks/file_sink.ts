@@ -31,7 +31,7 @@ export interface ByteWriter {
 export class ByteSink extends WritableStream<Uint8Array> {
   #written = 0;
 
-  constructor(target: ByteWriter) {
+  constructor(target: ByteWriter, options: { queuedChunks?: number } = {}) {
     super({
       write: async (chunk) => {
         for (let done = 0; done < chunk.byteLength;) {
@@ -40,7 +40,8 @@ export class ByteSink extends WritableStream<Uint8Array> {
         this.#written += chunk.byteLength;
         releaseChunk(chunk);
       },
-    });
+      // A few chunks may wait while one is written, so upstream keeps working meanwhile.
+    }, { highWaterMark: options.queuedChunks ?? 4 });
   }
 
   /** Bytes written so far. */

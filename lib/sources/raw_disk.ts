@@ -147,7 +147,8 @@ export function rawDiskSource(
       offset += length;
     },
     cancel: close,
-  }, { highWaterMark: 0 });
+    // Read ahead up to 4 MiB of clusters, so reading overlaps with the stages downstream.
+  }, { highWaterMark: 4 * (readSize / CLUSTER_SIZE) });
 }
 
 /** Size of a regular file or block device: seeking to the end works for both. */

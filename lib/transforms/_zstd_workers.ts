@@ -16,6 +16,21 @@ export interface FrameJob {
   length: number;
   /** Compression level (compress only). */
   level?: number;
+  /** Most bytes a decompressed frame may have (decompress only). */
+  maxOutput?: number;
+}
+
+/** A job failed; its input buffer came back with the error. */
+export class FrameJobError extends Error {
+  readonly input: Uint8Array<ArrayBuffer>;
+  /** The decompressed frame would exceed `maxOutput`. */
+  readonly tooLarge: boolean;
+  constructor(message: string, input: Uint8Array<ArrayBuffer>, tooLarge: boolean) {
+    super(message);
+    this.name = "FrameJobError";
+    this.input = input;
+    this.tooLarge = tooLarge;
+  }
 }
 
 /** A finished job: the output, and the input buffer given back. */
@@ -27,17 +42,22 @@ export interface FrameResult {
 const WORKER_SOURCE = `
 import { constants, zstdCompressSync, zstdDecompressSync } from "node:zlib";
 self.onmessage = (event) => {
-  const { id, op, input, length, level } = event.data;
+  const { id, op, input, length, level, maxOutput } = event.data;
   try {
     const data = input.subarray(0, length);
+    // The pledged size puts the content size in the frame header, for parallel decoding.
     const result = op === "compress"
-      ? zstdCompressSync(data, { params: { [constants.ZSTD_c_compressionLevel]: level } })
-      : zstdDecompressSync(data);
+      ? zstdCompressSync(data, {
+        pledgedSrcSize: length,
+        params: { [constants.ZSTD_c_compressionLevel]: level },
+      })
+      : zstdDecompressSync(data, { maxOutputLength: maxOutput });
     const whole = result.byteOffset === 0 && result.byteLength === result.buffer.byteLength;
     const output = whole ? new Uint8Array(result.buffer) : new Uint8Array(result);
     self.postMessage({ id, output, input }, [output.buffer, input.buffer]);
   } catch (error) {
-    self.postMessage({ id, input, error: String(error && error.message || error) }, [input.buffer]);
+    const tooLarge = error instanceof RangeError;
+    self.postMessage({ id, input, tooLarge, error: String(error && error.message || error) }, [input.buffer]);
   }
 };
 `;
@@ -48,6 +68,7 @@ interface Reply {
   output?: Uint8Array<ArrayBuffer>;
   input: Uint8Array<ArrayBuffer>;
   error?: string;
+  tooLarge?: boolean;
 }
 
 /** Up to `size` workers; jobs go round-robin. */
@@ -87,7 +108,9 @@ export class ZstdWorkerPool {
       const pending = this.#waiting.get(data.id);
       this.#waiting.delete(data.id);
       if (data.error !== undefined || data.output === undefined) {
-        pending?.reject(new Error(data.error ?? "no output"));
+        pending?.reject(
+          new FrameJobError(data.error ?? "no output", data.input, data.tooLarge === true),
+        );
       } else {
         pending?.resolve({ output: data.output, input: data.input });
       }

@@ -7,6 +7,7 @@
  */
 import { constants, createGunzip, createGzip } from "node:zlib";
 import { nodeTransformer } from "./node_transform.ts";
+import { programTransform } from "./program_transform.ts";
 import { ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
 
 /** A compression vzdump uses for VMA archives, or `none`. */
@@ -56,9 +57,14 @@ export function compressionForPath(path: string): WritableCompression {
 export function compressor(
   compression: WritableCompression,
   level?: number,
-): TransformStream<Uint8Array, Uint8Array> {
+  engine: ZstdEngine = "builtin",
+): ReadableWritablePair<Uint8Array, Uint8Array> {
   switch (compression) {
     case "zstd":
+      if (engine === "program") {
+        const strength = (level ?? 3) < 0 ? `--fast=${-level!}` : `-${level ?? 3}`;
+        return zstdProgram([strength, "-T0"], "encode zstd");
+      }
       return new ZstdCompressStream(level === undefined ? {} : { level });
     case "gzip":
       if (level === undefined) {
@@ -88,42 +94,31 @@ export class GzipDecompressStream extends TransformStream<Uint8Array, Uint8Array
  * `--allow-run=lzop`. No TypeScript lzop decoder is known to be reliable.
  */
 export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
-  let child: Deno.ChildProcess;
-  try {
-    child = new Deno.Command("lzop", {
-      args: ["-d", "-c", "-q"],
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) {
-      throw new Deno.errors.NotFound(
-        "Cannot decode the lzop-compressed archive: The lzop program is not installed (Debian package lzop)",
-      );
-    }
-    throw error;
-  }
-  const stderr = new Response(child.stderr).text();
-  const checked = child.stdout.pipeThrough(
-    new TransformStream<Uint8Array, Uint8Array>({
-      async flush() {
-        const status = await child.status;
-        if (!status.success) {
-          throw new Error(`Cannot decode the lzop-compressed archive: ${(await stderr).trim()}`);
-        }
-      },
-    }),
-  );
-  return { writable: child.stdin, readable: checked };
+  return programTransform("lzop", ["-d", "-c", "-q"], {
+    purpose: "decode the lzop-compressed archive",
+    debianPackage: "lzop",
+  });
+}
+
+/**
+ * Which zstd implementation to use: `builtin` (`node:zlib` on a pool of Workers, no
+ * permission needed) or `program` (the system `zstd`, multi-threaded, with less memory in
+ * this process; needs `--allow-run=zstd`).
+ */
+export type ZstdEngine = "builtin" | "program";
+
+function zstdProgram(args: string[], purpose: string) {
+  return programTransform("zstd", ["-q", "-c", ...args], { purpose, debianPackage: "zstd" });
 }
 
 /** A decompressor for `compression`. */
 export function decompressor(
   compression: Compression,
+  engine: ZstdEngine = "builtin",
 ): ReadableWritablePair<Uint8Array, Uint8Array> {
   switch (compression) {
     case "zstd":
+      if (engine === "program") return zstdProgram(["-d", "--long=31"], "decode zstd");
       return new ZstdDecompressStream();
     case "gzip":
       return new GzipDecompressStream();
@@ -159,6 +154,7 @@ export interface DecompressedInput {
  */
 export async function decompressInput(
   input: ReadableStream<Uint8Array>,
+  engine: ZstdEngine = "builtin",
 ): Promise<DecompressedInput> {
   const reader = input.getReader();
   const head: Uint8Array[] = [];
@@ -197,5 +193,5 @@ export async function decompressInput(
     },
     cancel: (reason) => reader.cancel(reason),
   }, { highWaterMark: 0 });
-  return { compression, readable: replayed.pipeThrough(decompressor(compression)) };
+  return { compression, readable: replayed.pipeThrough(decompressor(compression, engine)) };
 }

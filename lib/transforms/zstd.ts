@@ -8,7 +8,7 @@
 import { createZstdDecompress } from "node:zlib";
 import { BufferPool, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
-import { type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
+import { FrameJobError, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
 
 /** Options of {@linkcode ZstdCompressStream}. */
 export interface ZstdCompressOptions {
@@ -109,10 +109,9 @@ export interface ZstdDecompressOptions {
 
 /**
  * Decompresses a zstd stream of any number of frames. The stream is split at frame
- * boundaries by walking the frame and block headers: frames of a known size up to 16 MiB
- * (such as {@linkcode ZstdCompressStream}'s) are decoded in parallel by Workers; other frames
- * (a `zstd` CLI file is often one frame) stream through `node:zlib`, a fresh decoder per
- * frame. Splitting also avoids a Deno bug: its `node:zlib` decoder stops after the first
+ * boundaries by walking the frame and block headers: frames up to 16 MiB (such as
+ * {@linkcode ZstdCompressStream}'s) are decoded in parallel by Workers; bigger frames (a
+ * `zstd` CLI file is often one frame) stream through `node:zlib`, a fresh decoder per frame. Splitting also avoids a Deno bug: its `node:zlib` decoder stops after the first
  * frame of `zstd` CLI output.
  *
  * @example Round trip
@@ -142,7 +141,15 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
     let decoder: FrameDecoder | undefined;
 
     const emitOldest = async (controller: Output) => {
-      controller.enqueue((await inflight.shift()!).output);
+      try {
+        controller.enqueue((await inflight.shift()!).output);
+      } catch (error) {
+        if (!(error instanceof FrameJobError && error.tooLarge)) throw error;
+        // A frame of unknown size that turned out big: stream it here instead.
+        const big = new FrameDecoder(controller);
+        await big.write(error.input);
+        await big.end();
+      }
     };
     const startStreaming = async (controller: Output) => {
       while (inflight.length > 0) await emitOldest(controller); // keep the order
@@ -177,7 +184,14 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
               at += part.byteLength;
             }
             parts = undefined;
-            inflight.push(workers.run({ op: "decompress", input, length: input.byteLength }));
+            inflight.push(
+              workers.run({
+                op: "decompress",
+                input,
+                length: input.byteLength,
+                maxOutput: maxParallel,
+              }),
+            );
             while (inflight.length >= 2 * workers.size) await emitOldest(controller);
           } else {
             await decoder!.end();

@@ -15,12 +15,21 @@ import {
   compressionForPath,
   compressor,
   type WritableCompression,
+  type ZstdEngine,
 } from "../../transforms/compression.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
 import { CLUSTER_SIZE } from "../../vma/format.ts";
 import type { VmaRecord } from "../../vma/records.ts";
 import { VmaWriterStream } from "../../vma/writer_stream.ts";
-import { type Command, jsonLine, parseCommandArgs, printHelp, progressMode } from "../command.ts";
+import {
+  type Command,
+  jsonLine,
+  parseCommandArgs,
+  printHelp,
+  progressMode,
+  ZSTD_HELP,
+  zstdEngine,
+} from "../command.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
 import { exists, openOutput } from "../files.ts";
@@ -44,6 +53,7 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
   -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
+${ZSTD_HELP}
   --force              replace an existing OUT
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
@@ -133,6 +143,7 @@ export interface BackupPlan {
   output: string;
   compression: WritableCompression;
   level?: number | undefined;
+  zstd?: ZstdEngine | undefined;
   force: boolean;
   progress: "auto" | "json" | "none";
   json: boolean;
@@ -180,7 +191,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       }, (bytes) => progress.add(bytes)))
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)
-      .pipeThrough(compressor(plan.compression, plan.level))
+      .pipeThrough(compressor(plan.compression, plan.level, plan.zstd))
       .pipeTo(output.writable, { signal: context.signal });
     await plan.live?.finished;
     await output.commit();
@@ -255,6 +266,7 @@ export const backupCommand: Command = {
       speed: { type: "string" },
       "fleece-dir": { type: "string" },
       "discard-read": { type: "boolean" },
+      zstd: { type: "string" },
     });
     if (values.help) return await printHelp(context, HELP);
     if (values.qmp !== undefined) return await runLiveBackup(values, context);
@@ -285,6 +297,7 @@ export const backupCommand: Command = {
       output: values.output,
       compression,
       level,
+      zstd: zstdEngine(values.zstd),
       force: values.force ?? false,
       progress: mode,
       json: values.json ?? false,
@@ -308,6 +321,7 @@ interface LiveValues {
   force?: boolean;
   progress?: string;
   json?: boolean;
+  zstd?: string;
 }
 
 /** `backup --qmp`: a live backup of a running VM, push or pull. */
@@ -352,6 +366,7 @@ async function runLiveBackup(values: LiveValues, context: CliContext): Promise<n
     output: values.output,
     compression,
     level,
+    zstd: zstdEngine(values.zstd),
     force: values.force ?? false,
     progress,
     json: values.json ?? false,

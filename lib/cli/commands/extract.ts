@@ -20,7 +20,10 @@ import {
   parseCommandArgs,
   printHelp,
   progressMode,
+  ZSTD_HELP,
+  zstdEngine,
 } from "../command.ts";
+import type { ZstdEngine } from "../../transforms/compression.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
 import { exists } from "../files.ts";
@@ -44,6 +47,7 @@ usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT]
   --force            replace an existing TARGETDIR
   --progress MODE    auto, json or none
   --json             print a JSON result object
+${ZSTD_HELP}
 
 Disk names match with or without the drive- prefix (scsi0 = drive-scsi0).
 Names that would leave TARGETDIR ('/', '..', NUL) are refused.
@@ -111,7 +115,9 @@ export const extractCommand: Command = {
       progress: { type: "string" },
       json: { type: "boolean" },
       format: { type: "string" },
+      zstd: { type: "string" },
     });
+    const zstd = zstdEngine(values.zstd);
     if (values.help) return await printHelp(context, HELP);
     const mode = progressMode(values.progress);
     const format = (values.format ?? "raw") as ImageFormat;
@@ -123,7 +129,7 @@ export const extractCommand: Command = {
       if (values.disk || values.format) {
         throw new UsageError("--stdout cannot be combined with --disk or --format");
       }
-      return await extractToStdout(positionals[0]!, values.stdout, context, mode);
+      return await extractToStdout(positionals[0]!, values.stdout, context, { mode, zstd });
     }
     expectPositionals("extract", positionals, 2);
     const wanted = values.disk?.flatMap((list) => list.split(",")).filter((name) => name !== "");
@@ -135,6 +141,7 @@ export const extractCommand: Command = {
       json: values.json ?? false,
       progress: mode,
       format,
+      zstd,
     }, context);
   },
 };
@@ -143,12 +150,13 @@ async function extractToStdout(
   path: string,
   name: string,
   context: CliContext,
-  mode: "auto" | "json" | "none",
+  { mode, zstd }: { mode: "auto" | "json" | "none"; zstd: ZstdEngine },
 ): Promise<number> {
   let progress: Progress | undefined;
   let found = false;
   const matches = (device: VmaDeviceRecord) => deviceMatches(device.name, name);
   const archive = await openArchive(path, {
+    zstd,
     reader: { requireComplete: matches },
     progress: (total) => (progress = new Progress(context, { mode, command: "extract", total })),
   });
@@ -187,6 +195,7 @@ interface ExtractPlan {
   json: boolean;
   progress: "auto" | "json" | "none";
   format: ImageFormat;
+  zstd: ZstdEngine;
 }
 
 async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promise<number> {
@@ -205,6 +214,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     wanted === undefined || wanted.some((name) => deviceMatches(device.name, name));
   let progress: Progress | undefined;
   const archive = await openArchive(plan.archive, {
+    zstd: plan.zstd,
     reader: { requireComplete: selected },
     progress: (
       total,

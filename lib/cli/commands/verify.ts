@@ -15,6 +15,8 @@ import {
   parseCommandArgs,
   printHelp,
   progressMode,
+  ZSTD_HELP,
+  zstdEngine,
 } from "../command.ts";
 import { formatBytes, formatRate, writeText } from "../context.ts";
 import { ExitCode } from "../errors.ts";
@@ -24,9 +26,10 @@ const HELP = `Verify a VMA archive: header and extent checksums, magic, version,
 extent UUIDs, block counts against the masks, device ids, duplicate clusters, clusters past a
 device's end, and, unlike Proxmox's 'vma verify', missing clusters (a truncated archive).
 
-usage: cli.ts verify ARCHIVE|- [--json] [--progress auto|json|none]
+usage: cli.ts verify ARCHIVE|- [--json] [--progress auto|json|none] [--zstd builtin|program]
 
-  --json    print a JSON report on stdout (also when the archive is bad)
+  --json             print a JSON report on stdout (also when the archive is bad)
+${ZSTD_HELP}
 
 Exit code 0 when the archive is valid and complete, 3 when it is not.
 permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
@@ -39,12 +42,14 @@ export const verifyCommand: Command = {
     const { values, positionals } = parseCommandArgs("verify", args, {
       json: { type: "boolean" },
       progress: { type: "string" },
+      zstd: { type: "string" },
     });
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("verify", positionals, 1);
     const mode = progressMode(values.progress);
     let progress: Progress | undefined;
     const archive = await openArchive(positionals[0]!, {
+      zstd: zstdEngine(values.zstd),
       progress: (total) => (progress = new Progress(context, { mode, command: "verify", total })),
     });
     const started = performance.now();

@@ -4,10 +4,12 @@
  * composable Web Streams.
  *
  * A backup is a chain of stages that pass typed {@linkcode VmaRecord}s:
- * source ({@linkcode rawDiskSource}) → sparse filter ({@linkcode ZeroFilterStream}) →
- * {@linkcode VmaWriterStream} → compressor → any WritableStream. A restore goes back:
- * decompressor → {@linkcode VmaReaderStream} → {@linkcode RestoreSink} or
- * {@linkcode DeviceBytesStream}.
+ * source ({@linkcode rawDiskSource}, {@linkcode imageDiskSource}, {@linkcode nbdDiskSource},
+ * or a running VM with {@linkcode startPushBackup} / {@linkcode startPullBackup}) →
+ * sparse filter ({@linkcode ZeroFilterStream}) → {@linkcode VmaWriterStream} → compressor
+ * ({@linkcode ZstdCompressStream}) → any WritableStream. A restore goes back:
+ * decompressor ({@linkcode decompressInput}) → {@linkcode VmaReaderStream} →
+ * {@linkcode RestoreSink}, {@linkcode ImageRestoreSink} or {@linkcode DeviceBytesStream}.
  *
  * @example Back up a raw image and restore it
  * ```ts
@@ -75,3 +77,58 @@ export {
   type RestoreSinkOptions,
 } from "./lib/sinks/restore_files.ts";
 export { type DeviceBytesOptions, DeviceBytesStream } from "./lib/sinks/device_stream.ts";
+export { fileByteSource, type FileByteSourceOptions } from "./lib/sources/file_bytes.ts";
+export { ByteSink, type ByteWriter } from "./lib/sinks/file_sink.ts";
+export { releaseChunk } from "./lib/_pool.ts";
+export {
+  type Compression,
+  compressionForPath,
+  compressor,
+  decompressInput,
+  decompressor,
+  detectCompression,
+  GzipDecompressStream,
+  type WritableCompression,
+  type ZstdEngine,
+} from "./lib/transforms/compression.ts";
+export {
+  ZstdCompressStream,
+  type ZstdCompressOptions,
+  ZstdDecompressStream,
+  type ZstdDecompressOptions,
+} from "./lib/transforms/zstd.ts";
+export {
+  detectImageFormat,
+  formatFromMagic,
+  IMAGE_FORMATS,
+  type ImageFormat,
+} from "./lib/sources/image_format.ts";
+export { type QemuNbdExport, serveImage, type ServeImageOptions } from "./lib/sources/qemu_nbd.ts";
+export { nbdDiskSource, type NbdDiskSourceOptions } from "./lib/sources/nbd_disk.ts";
+export { imageDiskSource, type ImageDiskSourceOptions } from "./lib/sources/image_disk.ts";
+export { ImageRestoreSink, type ImageRestoreOptions } from "./lib/sinks/nbd_restore.ts";
+export {
+  type NbdAddress,
+  NbdClient,
+  type NbdConnectOptions,
+  NbdError,
+  type NbdExportInfo,
+  type NbdExtent,
+  parseNbdUri,
+} from "./lib/protocols/nbd_client.ts";
+export {
+  type NbdExportHandler,
+  NbdServer,
+  type NbdServerOptions,
+  type NbdServerStats,
+} from "./lib/protocols/nbd_server.ts";
+export {
+  QmpClient,
+  type QmpConnectOptions,
+  QmpError,
+  type QmpEvent,
+} from "./lib/protocols/qmp_client.ts";
+export { findDrives, type LiveDrive } from "./lib/live/drives.ts";
+export type { LiveBackup, LiveBackupOptions } from "./lib/live/session.ts";
+export { type PushBackupOptions, startPushBackup } from "./lib/live/push_backup.ts";
+export { type PullBackupOptions, startPullBackup } from "./lib/live/pull_backup.ts";

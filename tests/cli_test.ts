@@ -395,3 +395,47 @@ Deno.test("cli: the demo backs up, verifies, extracts and compares its sample VM
   assert.match(demo.text, /verify: {2}ok/);
   assert.match(demo.text, /compare: every restored byte equals the original/);
 });
+
+Deno.test("cli: --zstd program uses the system zstd, and says which permission it needs", async () => {
+  await withTempDir(async (dir) => {
+    const vm = await makeVm(dir);
+    const permissions = ["--allow-read", "--allow-write", "--allow-run=zstd"];
+    const backup = await cli(["backup", ...vm.args, "-o", `${dir}/vm.vma.zst`, "--zstd", "program"], {
+      permissions,
+    });
+    assert.equal(backup.code, 0, backup.stderr);
+    const plain = await tool("zstd", ["-d", "-c", `${dir}/vm.vma.zst`]);
+    assert.deepEqual([...plain.subarray(0, 4)], [0x56, 0x4d, 0x41, 0]);
+    const verify = await cli(["verify", `${dir}/vm.vma.zst`, "--zstd", "program"], { permissions });
+    assert.equal(verify.code, 0, verify.stderr);
+    const extract = await cli(["extract", `${dir}/vm.vma.zst`, `${dir}/out`, "--zstd", "program"], {
+      permissions,
+    });
+    assert.equal(extract.code, 0, extract.stderr);
+    await assertExtracted(`${dir}/out`, vm);
+    const denied = await cli(["verify", `${dir}/vm.vma.zst`, "--zstd", "program"]);
+    assert.equal(denied.code, 5);
+    assert.match(denied.stderr, /--allow-run/);
+    const bad = await cli(["verify", `${dir}/vm.vma.zst`, "--zstd", "fast"]);
+    assert.equal(bad.code, 2);
+  });
+});
+
+Deno.test("cli: a sparse raw disk without --allow-ffi gets a hint, and the same archive", async () => {
+  await withTempDir(async (dir) => {
+    using file = await Deno.open(`${dir}/sparse.raw`, { write: true, create: true });
+    await file.truncate(64 * 2 ** 20);
+    await file.write(randomBytes(4096, 3));
+    const plain = await cli(["backup", "--disk", `${dir}/sparse.raw`, "-o", `${dir}/a.vma`]);
+    assert.equal(plain.code, 0, plain.stderr);
+    assert.match(plain.stderr, /note: .*sparse\.raw is sparse; add --allow-ffi/);
+    const ffi = await cli(["backup", "--disk", `${dir}/sparse.raw`, "-o", `${dir}/b.vma`], {
+      permissions: ["--allow-read", "--allow-write", "--allow-ffi"],
+    });
+    assert.equal(ffi.code, 0, ffi.stderr);
+    assert.ok(!ffi.stderr.includes("note:"));
+    const a = await cli(["extract", `${dir}/a.vma`, "--stdout", "scsi0"]);
+    const b = await cli(["extract", `${dir}/b.vma`, "--stdout", "scsi0"]);
+    assert.deepEqual(a.stdout, b.stdout);
+  });
+});

@@ -179,3 +179,25 @@ async function exists(path: string): Promise<boolean> {
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
+
+qemuTest("examples/live_backup.ts backs up a running VM in a few lines", async () => {
+  const vm = await startVm(disks(16 * MiB));
+  await withTempDir(async (dir) => {
+    try {
+      const snapshot = vm.model.get("scsi0")!.slice();
+      const before = await vm.nodes();
+      const example = new URL("../examples/live_backup.ts", import.meta.url).pathname;
+      const run = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "--allow-read", "--allow-write", "--allow-net", example, vm.toolQmp, `${dir}/vm.vma.zst`],
+        env: { NO_COLOR: "1" },
+      }).output();
+      assert.equal(run.code, 0, new TextDecoder().decode(run.stderr));
+      assert.match(new TextDecoder().decode(run.stdout), /vm\.vma\.zst: drive-scsi0/);
+      const out = await cli(["extract", `${dir}/vm.vma.zst`, "--stdout", "scsi0"]);
+      assert.equal(firstDifference(out.stdout, snapshot), -1);
+      await assertVmUntouched(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+});

@@ -288,7 +288,16 @@ export const backupCommand: Command = {
     const { compression, level } = parseCompression(values.output, values.compress, values.level);
     const mode = progressMode(values.progress);
     const configs = await readConfigs(values.config ?? []);
-    for (const { path } of disks) if (!isNbdUri(path)) await checkReadable(path);
+    for (const { path } of disks) {
+      if (isNbdUri(path)) continue;
+      const info = await checkReadable(path);
+      if (isSparse(info) && Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
+        await writeText(
+          context.stderr,
+          `note: ${path} is sparse; add --allow-ffi to skip its holes instead of reading them\n`,
+        );
+      }
+    }
     return await runBackup({
       sources: disks.map(({ name, path }) =>
         isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
@@ -380,9 +389,16 @@ function isNbdUri(path: string): boolean {
 }
 
 /** Fails early, with a clear error, for a disk path that cannot be read. */
-async function checkReadable(path: string): Promise<void> {
+async function checkReadable(path: string): Promise<Deno.FileInfo> {
   using file = await Deno.open(path, { read: true });
-  if ((await file.stat()).isDirectory) {
+  const info = await file.stat();
+  if (info.isDirectory) {
     throw new Deno.errors.IsADirectory(`Cannot back up ${path}: It is a directory`);
   }
+  return info;
+}
+
+/** A regular file with less than half of its size allocated. */
+function isSparse(info: Deno.FileInfo): boolean {
+  return info.isFile && info.blocks !== null && info.blocks * 512 < info.size / 2;
 }

@@ -400,9 +400,12 @@ Deno.test("cli: --zstd program uses the system zstd, and says which permission i
   await withTempDir(async (dir) => {
     const vm = await makeVm(dir);
     const permissions = ["--allow-read", "--allow-write", "--allow-run=zstd"];
-    const backup = await cli(["backup", ...vm.args, "-o", `${dir}/vm.vma.zst`, "--zstd", "program"], {
-      permissions,
-    });
+    const backup = await cli(
+      ["backup", ...vm.args, "-o", `${dir}/vm.vma.zst`, "--zstd", "program"],
+      {
+        permissions,
+      },
+    );
     assert.equal(backup.code, 0, backup.stderr);
     const plain = await tool("zstd", ["-d", "-c", `${dir}/vm.vma.zst`]);
     assert.deepEqual([...plain.subarray(0, 4)], [0x56, 0x4d, 0x41, 0]);

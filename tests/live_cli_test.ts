@@ -188,7 +188,15 @@ qemuTest("examples/live_backup.ts backs up a running VM in a few lines", async (
       const before = await vm.nodes();
       const example = new URL("../examples/live_backup.ts", import.meta.url).pathname;
       const run = await new Deno.Command(Deno.execPath(), {
-        args: ["run", "--allow-read", "--allow-write", "--allow-net", example, vm.toolQmp, `${dir}/vm.vma.zst`],
+        args: [
+          "run",
+          "--allow-read",
+          "--allow-write",
+          "--allow-net",
+          example,
+          vm.toolQmp,
+          `${dir}/vm.vma.zst`,
+        ],
         env: { NO_COLOR: "1" },
       }).output();
       assert.equal(run.code, 0, new TextDecoder().decode(run.stderr));

@@ -120,7 +120,8 @@ export class RestoreSink extends WritableStream<VmaRecord> {
         writes.discard();
         closeAll();
       },
-    });
+      // Up to two extents of records wait while a write is in flight, so decoding goes on.
+    }, { highWaterMark: 2 * 59 });
     this.#restored = restored;
   }
 

@@ -136,8 +136,8 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
     /** Decoded frames in stream order: worker results, awaited when emitted. */
     const inflight: Promise<FrameResult>[] = [];
     /** The current frame: collected whole for a worker, or streamed through a decoder. */
-    let parts: Uint8Array[] | undefined;
-    let partsLength = 0;
+    let frame: Uint8Array<ArrayBuffer> | undefined;
+    let frameLength = 0;
     let decoder: FrameDecoder | undefined;
 
     const emitOldest = async (controller: Output) => {
@@ -154,43 +154,47 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
     const startStreaming = async (controller: Output) => {
       while (inflight.length > 0) await emitOldest(controller); // keep the order
       decoder = new FrameDecoder(controller);
-      for (const part of parts ?? []) await decoder.write(part);
-      parts = undefined;
+      if (frame !== undefined && frameLength > 0) {
+        await decoder.write(frame.subarray(0, frameLength));
+      }
+      frame = undefined;
+    };
+    /** Appends to the frame being collected, growing its buffer by doubling. */
+    const append = (bytes: Uint8Array) => {
+      if (frameLength + bytes.byteLength > frame!.byteLength) {
+        const size = Math.max(2 * frame!.byteLength, frameLength + bytes.byteLength);
+        const grown = new Uint8Array(size);
+        grown.set(frame!.subarray(0, frameLength));
+        frame = grown;
+      }
+      frame!.set(bytes, frameLength);
+      frameLength += bytes.byteLength;
     };
 
     super({
       async transform(chunk, controller) {
         for (const segment of splitter.push(chunk)) {
           if (segment.start) {
-            const parallel = segment.contentSize !== undefined &&
+            // Frames of unknown size go to the workers too, with an output cap and a fallback.
+            const parallel = segment.contentSize === undefined ||
               segment.contentSize <= maxParallel;
-            parts = parallel ? [] : undefined;
-            partsLength = 0;
+            // Our frames compress 4 MiB to 1-2 MiB: start with room for a whole frame.
+            frame = parallel ? new Uint8Array(2 << 20) : undefined;
+            frameLength = 0;
             if (!parallel) await startStreaming(controller);
           }
-          if (parts !== undefined) {
-            parts.push(segment.bytes.slice()); // the chunk goes back to its producer
-            partsLength += segment.bytes.byteLength;
-            if (partsLength > maxParallel) await startStreaming(controller); // a poor ratio
+          if (frame !== undefined) {
+            append(segment.bytes); // a copy: the chunk goes back to its producer
+            if (frameLength > maxParallel) await startStreaming(controller); // a poor ratio
           } else {
             await decoder!.write(segment.bytes);
           }
           if (!segment.end) continue;
-          if (parts !== undefined) {
-            const input = new Uint8Array(partsLength);
-            let at = 0;
-            for (const part of parts) {
-              input.set(part, at);
-              at += part.byteLength;
-            }
-            parts = undefined;
+          if (frame !== undefined) {
+            const input = frame;
+            frame = undefined;
             inflight.push(
-              workers.run({
-                op: "decompress",
-                input,
-                length: input.byteLength,
-                maxOutput: maxParallel,
-              }),
+              workers.run({ op: "decompress", input, length: frameLength, maxOutput: maxParallel }),
             );
             while (inflight.length >= 2 * workers.size) await emitOldest(controller);
           } else {

@@ -33,6 +33,12 @@ export interface VmaReaderOptions {
    * caught by this check, which Proxmox's `vma verify` does not make.
    */
   requireComplete?: boolean | ((device: VmaDeviceRecord) => boolean);
+  /**
+   * Check everything but do not copy cluster data out of the archive (default `false`):
+   * cluster records then carry their mask with `data: null`. For verification, where only the
+   * structure matters.
+   */
+  skipData?: boolean;
 }
 
 /** Per-device counters of {@linkcode VmaReaderStats}. */
@@ -157,6 +163,7 @@ class ArchiveParser {
     devices: [],
   };
   #requireComplete: (device: VmaDeviceRecord) => boolean;
+  #skipData: boolean;
   #phase = Phase.Header;
   /** Header bytes collected so far; grows once the header size is known. */
   #header = new Uint8Array(HEADER_FIXED_SIZE);
@@ -180,6 +187,7 @@ class ArchiveParser {
   constructor(options: VmaReaderOptions) {
     const require = options.requireComplete ?? true;
     this.#requireComplete = typeof require === "function" ? require : () => require;
+    this.#skipData = options.skipData ?? false;
   }
 
   push(chunk: Uint8Array, output: Output): void {
@@ -376,6 +384,11 @@ class ArchiveParser {
   #pushExtentData(chunk: Uint8Array, output: Output): number {
     const total = this.#blockCount * BLOCK_SIZE;
     const used = Math.min(total - this.#dataFill, chunk.byteLength);
+    if (this.#skipData) {
+      this.#dataFill += used;
+      if (this.#dataFill === total) this.#finishExtent(output);
+      return used;
+    }
     this.#layout ??= this.#pool.acquire();
     const layout = this.#layout.bytes;
     // Scatter each stored block to its place in the cluster layout; neighbouring blocks of
@@ -475,9 +488,11 @@ class ArchiveParser {
       this.stats.clusters++;
       this.stats.dataBlocks += blocks;
       device.stats.dataBlocks += blocks;
-      if (mask === 0) {
-        this.stats.zeroClusters++;
-        device.stats.zeroClusters++;
+      if (mask === 0 || layout === null) {
+        if (mask === 0) {
+          this.stats.zeroClusters++;
+          device.stats.zeroClusters++;
+        }
         output.enqueue({ type: "cluster", devId, cluster, mask, data: null });
         continue;
       }

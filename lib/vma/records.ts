@@ -65,7 +65,8 @@ export interface VmaDeviceRecord {
  *
  * `data` is the whole cluster (65536 bytes) or `null` for a cluster known to be all zero.
  * Bit `j` of `mask` (bit 0 = lowest address) is set when 4 KiB block `j` is stored; blocks
- * outside the mask read as zeros. A `null` cluster always has mask 0.
+ * outside the mask read as zeros. A `null` cluster has mask 0, except from a reader told to
+ * skip data (`VmaReaderStream({ skipData: true })`), which keeps the mask.
  *
  * `data` may be a view into a buffer the producer wants back. Final consumers (the VMA
  * writer, the restore sink) call `lease.release()` after they copied or wrote it. A stage

@@ -9,6 +9,7 @@ import { BufferPool } from "../_pool.ts";
 import type { NbdExportHandler } from "../protocols/nbd_server.ts";
 import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
+import { bufferClusters } from "../sources/_clusters.ts";
 import type { RecordQueue } from "./record_queue.ts";
 
 /** A cluster that arrived in pieces: its bytes and which 4 KiB blocks are in. */
@@ -40,34 +41,18 @@ export class PushTarget implements NbdExportHandler {
     this.#clusters = clusterCount(size);
   }
 
-  /** Clusters received so far (complete ones). */
-  get receivedClusters(): number {
-    return this.#seen.count;
-  }
-
   async write(offset: number, length: number, read: (target: Uint8Array) => Promise<void>) {
     this.#checkRange(offset, length);
-    const first = offset / CLUSTER_SIZE;
     const end = offset + length;
     if (offset % CLUSTER_SIZE === 0 && (end % CLUSTER_SIZE === 0 || end === this.size)) {
-      // Whole clusters: read straight into a pooled buffer and hand out views.
-      const count = clusterCount(length);
-      const buffer = count * CLUSTER_SIZE <= this.#pool.size ? this.#pool.acquire() : undefined;
-      const bytes = buffer?.bytes ?? new Uint8Array(count * CLUSTER_SIZE);
-      await read(bytes.subarray(0, length));
-      bytes.fill(0, length, count * CLUSTER_SIZE); // zero past the device end
-      buffer?.hold(count);
-      for (let i = 0; i < count; i++) {
-        const cluster = first + i;
-        this.#claim(cluster);
-        await this.#queue.push({
-          type: "cluster",
-          devId: this.#devId,
-          cluster,
-          mask: validMask(this.size, cluster),
-          data: bytes.subarray(i * CLUSTER_SIZE, (i + 1) * CLUSTER_SIZE),
-          ...(buffer && { lease: buffer }),
-        });
+      // Whole clusters: read straight into a pooled buffer (the server refuses writes larger
+      // than the 4 MiB it advertises) and hand out views.
+      const buffer = this.#pool.acquire();
+      await read(buffer.bytes.subarray(0, length));
+      const where = { devId: this.#devId, deviceSize: this.size, offset, length };
+      for (const record of bufferClusters(buffer, where)) {
+        this.#claim(record.cluster);
+        await this.#queue.push(record);
       }
       return;
     }

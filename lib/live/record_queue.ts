@@ -81,11 +81,6 @@ export class RecordQueue<T> {
     this.#wake();
   }
 
-  /** The reason the reader cancelled, if it did. */
-  get cancelReason(): unknown {
-    return this.#cancelled;
-  }
-
   #wake(): void {
     const wake = this.#dataWaiter;
     this.#dataWaiter = undefined;

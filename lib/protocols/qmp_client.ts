@@ -174,11 +174,6 @@ export class QmpClient implements Disposable {
     }
   }
 
-  /** Events received and not taken yet, oldest first (a copy). */
-  get queuedEvents(): QmpEvent[] {
-    return [...this.#events];
-  }
-
   /** Closes the connection; pending commands fail. */
   close(): void {
     if (!this.#closed) this.#fail(new Error("QMP connection closed"));

@@ -8,6 +8,7 @@ import { BufferPool } from "../_pool.ts";
 import { NbdClient, type NbdExtent, NbdStateFlag } from "../protocols/nbd_client.ts";
 import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
+import { bufferClusters } from "./_clusters.ts";
 
 /** Options of {@linkcode nbdDiskSource}. */
 export interface NbdDiskSourceOptions {
@@ -147,20 +148,8 @@ export function nbdDiskSource(
         const bytes = buffer.bytes;
         await client!.read(offset, bytes.subarray(0, length));
         if (options.trimAfterRead) await client!.trim(offset, length);
-        const clusters = clusterCount(length);
-        bytes.fill(0, length, clusters * CLUSTER_SIZE);
-        buffer.hold(clusters);
-        for (let i = 0; i < clusters; i++) {
-          const cluster = offset / CLUSTER_SIZE + i;
-          controller.enqueue({
-            type: "cluster",
-            devId,
-            cluster,
-            mask: validMask(size, cluster),
-            data: bytes.subarray(i * CLUSTER_SIZE, (i + 1) * CLUSTER_SIZE),
-            lease: buffer,
-          });
-        }
+        const where = { devId, deviceSize: size, offset, length };
+        for (const record of bufferClusters(buffer, where)) controller.enqueue(record);
         offset += length;
       } catch (error) {
         await close();

@@ -7,6 +7,7 @@
 import { BufferPool } from "../_pool.ts";
 import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
+import { bufferClusters } from "./_clusters.ts";
 import { SparseMap } from "./_sparse_map.ts";
 
 /** Options of {@linkcode rawDiskSource}. */
@@ -129,21 +130,8 @@ export function rawDiskSource(
         close();
         throw error;
       }
-      const clusters = clusterCount(length);
-      bytes.fill(0, length, clusters * CLUSTER_SIZE); // pad the last cluster
-      buffer.hold(clusters);
-      const first = offset / CLUSTER_SIZE;
-      for (let i = 0; i < clusters; i++) {
-        const cluster = first + i;
-        controller.enqueue({
-          type: "cluster",
-          devId,
-          cluster,
-          mask: validMask(size, cluster),
-          data: bytes.subarray(i * CLUSTER_SIZE, (i + 1) * CLUSTER_SIZE),
-          lease: buffer,
-        });
-      }
+      const where = { devId, deviceSize: size, offset, length };
+      for (const record of bufferClusters(buffer, where)) controller.enqueue(record);
       offset += length;
     },
     cancel: close,

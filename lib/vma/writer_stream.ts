@@ -128,6 +128,8 @@ class ArchiveWriter {
   #extentHeader = new Uint8Array(EXTENT_HEADER_SIZE);
   #extentView = new DataView(this.#extentHeader.buffer);
   #slots = 0;
+  #small = new Uint8Array(64 * 1024);
+  #smallLength = 0;
   /** Data of the extent being built, acquired at its first data block. */
   #extentData: Uint8Array<ArrayBuffer> | null = null;
   #extentPool: BufferPool;
@@ -196,6 +198,7 @@ class ArchiveWriter {
     if (!this.#headerWritten) this.#writeHeader(output);
     // A diskless archive still gets one (empty) extent, as `vma create` writes it.
     if (this.#slots > 0 || this.stats.extents === 0) this.#flushExtent(output);
+    this.#flushSmall(output);
   }
 
   #beforeData(what: string): void {
@@ -333,24 +336,41 @@ class ArchiveWriter {
     header.fill(0, ExtentOffset.md5, ExtentOffset.md5 + 16);
     header.set(md5(header), ExtentOffset.md5);
 
-    let extent: Uint8Array;
     if (this.#extentData === null) {
-      extent = header.slice();
+      this.#emitSmall(header, output); // an extent of zero clusters: its header alone
     } else {
-      extent = this.#extentData.subarray(0, EXTENT_HEADER_SIZE + this.#dataLength);
+      const extent = this.#extentData.subarray(0, EXTENT_HEADER_SIZE + this.#dataLength);
       extent.set(header);
       this.#extentData = null; // handed downstream until released
+      this.#emit(extent, output);
     }
     header.fill(0);
     this.#slots = 0;
     this.#dataLength = 0;
     this.stats.extents++;
-    this.#emit(extent, output);
   }
 
   #emit(bytes: Uint8Array, output: Output): void {
+    this.#flushSmall(output);
     this.stats.bytes += bytes.byteLength;
     output.enqueue(bytes);
+  }
+
+  /**
+   * Header-only extents (512 bytes each, thousands on a sparse disk) are batched into chunks
+   * of up to 64 KiB, so a sink makes one write for many of them.
+   */
+  #emitSmall(bytes: Uint8Array, output: Output): void {
+    if (this.#smallLength + bytes.byteLength > this.#small.byteLength) this.#flushSmall(output);
+    this.#small.set(bytes, this.#smallLength);
+    this.#smallLength += bytes.byteLength;
+    this.stats.bytes += bytes.byteLength;
+  }
+
+  #flushSmall(output: Output): void {
+    if (this.#smallLength === 0) return;
+    output.enqueue(this.#small.slice(0, this.#smallLength)); // the receiver keeps the copy
+    this.#smallLength = 0;
   }
 }
 

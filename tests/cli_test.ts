@@ -2,7 +2,7 @@
 /** End-to-end tests of cli.ts, run as a subprocess with pipes, as users and scripts run it. */
 import assert from "node:assert/strict";
 import { type VmaRecord, VmaWriterStream } from "../mod.ts";
-import { cli, hasProgram, spawnCli, tool, withTempDir } from "./_cli.ts";
+import { CLI as CLI_PATH, cli, hasProgram, spawnCli, tool, withTempDir } from "./_cli.ts";
 import { diskClusters, loadProxmoxSample, randomBytes } from "./_utils.ts";
 
 const CONFIG = "cores: 2\nmemory: 2048\n#qmdump#map:scsi0:drive-scsi0:local-lvm:raw:\n";
@@ -440,5 +440,37 @@ Deno.test("cli: a sparse raw disk without --allow-ffi gets a hint, and the same 
     const a = await cli(["extract", `${dir}/a.vma`, "--stdout", "scsi0"]);
     const b = await cli(["extract", `${dir}/b.vma`, "--stdout", "scsi0"]);
     assert.deepEqual(a.stdout, b.stdout);
+  });
+});
+
+// util-linux's script gives the CLI a pseudo-terminal; without it the test is reported ignored.
+const hasScript = await new Deno.Command("script", { args: ["--version"], stdout: "null" })
+  .output().then((result) => result.success, () => false);
+
+Deno.test({
+  name: "cli: a progress bar on a terminal (through script's pseudo-terminal)",
+  ignore: !hasScript,
+}, async () => {
+  await withTempDir(async (dir) => {
+    const vm = await makeVm(dir);
+    const command = [
+      Deno.execPath(),
+      "run",
+      "-A",
+      CLI_PATH,
+      "backup",
+      ...vm.args,
+      "-o",
+      `${dir}/t.vma`,
+    ]
+      .map((part) => `'${part}'`).join(" ");
+    const { code, stdout } = await new Deno.Command("script", {
+      args: ["-qfec", command, "/dev/null"],
+      env: { NO_COLOR: "1" },
+    }).output();
+    assert.equal(code, 0);
+    const screen = new TextDecoder().decode(stdout);
+    assert.match(screen, /\r\x1b\[Kbackup 100% \[#{24}\] .* MB\/s/);
+    assert.match(screen, /t\.vma: 2 disk\(s\)/);
   });
 });

@@ -40,6 +40,17 @@ export class PooledBuffer implements Lease {
     if (this.#holds <= 0) return;
     if (--this.#holds === 0) this.#pool.recycle(this);
   }
+
+  /** True when exactly one holder has it: that holder may transfer its memory away. */
+  get exclusive(): boolean {
+    return this.#holds === 1;
+  }
+
+  /** Gives the memory back after it was transferred away (to a Worker) and returned. */
+  giveBack(bytes: Uint8Array<ArrayBuffer>): void {
+    this.#holds = 0;
+    this.#pool.adopt(bytes);
+  }
 }
 
 /** Options of {@linkcode BufferPool}. */
@@ -77,8 +88,9 @@ export class BufferPool {
    * and has now come back.
    */
   adopt(bytes: Uint8Array<ArrayBuffer>): void {
-    if (bytes.byteLength !== this.size || this.#free.length >= this.#maxFree) return;
-    this.#free.push(this.wrap(bytes));
+    const whole = new Uint8Array(bytes.buffer); // the view that came back may be shorter
+    if (whole.byteLength !== this.size || this.#free.length >= this.#maxFree) return;
+    this.#free.push(this.wrap(whole));
   }
 
   /**
@@ -103,4 +115,14 @@ export class BufferPool {
  */
 export function releaseChunk(chunk: Uint8Array): void {
   tracked.get(chunk.buffer)?.release();
+}
+
+/**
+ * The pooled buffer behind `chunk` when the caller, as its final consumer, holds it alone
+ * and it starts at byte 0: its memory may then be transferred (to a Worker) instead of
+ * copied, and handed back with {@linkcode PooledBuffer.giveBack}.
+ */
+export function exclusiveChunk(chunk: Uint8Array): PooledBuffer | undefined {
+  const buffer = tracked.get(chunk.buffer);
+  return buffer?.exclusive && chunk.byteOffset === 0 ? buffer : undefined;
 }

@@ -6,9 +6,12 @@
  * @module
  */
 import { createZstdDecompress } from "node:zlib";
-import { BufferPool, type PooledBuffer, releaseChunk } from "../_pool.ts";
+import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
 import { FrameJobError, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
+
+/** Chunks from this size on may be compressed as frames of their own, without a copy. */
+const DIRECT_FRAME_MIN = 1 << 20;
 
 /** Options of {@linkcode ZstdCompressStream}. */
 export interface ZstdCompressOptions {
@@ -27,7 +30,8 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * parallel by a pool of Workers and emitted in order. Concatenated frames are one valid
  * zstd stream: `zstd -d` and every zstd decoder read it. At most two frames per worker are in
  * flight, so memory stays bounded; input buffers travel to the workers and back without
- * copies and are reused.
+ * copies and are reused. A large recycled chunk that this stage alone holds (the extents of
+ * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
  *
  * @example Compress into several frames and decode them
  * ```ts
@@ -54,23 +58,39 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       throw new RangeError(`Cannot compress with zstd: level ${level} is not within -7..19`);
     }
     const pool = new BufferPool(frameSize, { maxFree: 2 * workers.size + 1 });
-    const inflight: Promise<FrameResult>[] = [];
+    /** Frames being compressed, oldest first, each with where its input buffer goes back. */
+    const inflight: {
+      result: Promise<FrameResult>;
+      giveBack(bytes: Uint8Array<ArrayBuffer>): void;
+    }[] = [];
     let frame: PooledBuffer | undefined;
     let fill = 0;
 
     const send = () => {
-      inflight.push(workers.run({ op: "compress", input: frame!.bytes, length: fill, level }));
+      const result = workers.run({ op: "compress", input: frame!.bytes, length: fill, level });
+      inflight.push({ result, giveBack: (bytes) => pool.adopt(bytes) });
       frame = undefined;
       fill = 0;
     };
     const emitOldest = async (controller: Output) => {
-      const result = await inflight.shift()!;
-      pool.adopt(result.input); // the frame buffer came back with the transfer: reuse it
-      controller.enqueue(result.output);
+      const { result, giveBack } = inflight.shift()!;
+      const { input, output } = await result;
+      giveBack(input); // the input came back with the transfer: reuse it
+      controller.enqueue(output);
     };
 
     super({
       async transform(chunk, controller) {
+        const owned = chunk.byteLength >= DIRECT_FRAME_MIN ? exclusiveChunk(chunk) : undefined;
+        if (owned !== undefined) {
+          // A large chunk we alone hold (a writer's extent) becomes a frame as it is: no copy.
+          if (frame !== undefined && fill > 0) send(); // bytes before it, in order
+          const input = chunk as Uint8Array<ArrayBuffer>;
+          const result = workers.run({ op: "compress", input, length: chunk.byteLength, level });
+          inflight.push({ result, giveBack: (bytes) => owned.giveBack(bytes) });
+          while (inflight.length >= 2 * workers.size) await emitOldest(controller);
+          return;
+        }
         for (let position = 0; position < chunk.byteLength;) {
           frame ??= pool.acquire();
           const count = Math.min(frameSize - fill, chunk.byteLength - position);

@@ -10,7 +10,8 @@ import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { CliError, ExitCode } from "./errors.ts";
 import { openInput } from "./files.ts";
-import { countingStream, type Progress } from "./progress.ts";
+import { tapStream } from "../transforms/tap.ts";
+import type { Progress } from "./progress.ts";
 
 /** An archive being read. */
 export interface ArchiveInput {
@@ -37,12 +38,10 @@ export async function openArchive(
   const input = await openInput(path);
   let read = 0;
   const progress = options.progress?.(input.size);
-  const counted = input.readable.pipeThrough(
-    countingStream<Uint8Array>((chunk) => chunk.byteLength, (bytes) => {
-      read += bytes;
-      progress?.add(bytes);
-    }),
-  );
+  const counted = input.readable.pipeThrough(tapStream<Uint8Array>((chunk) => {
+    read += chunk.byteLength;
+    progress?.add(chunk.byteLength);
+  }));
   let decompressed;
   try {
     decompressed = await decompressInput(counted, options.zstd);

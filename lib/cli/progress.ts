@@ -127,16 +127,3 @@ function formatDuration(seconds: number): string {
   const rest = String(s % 60).padStart(2, "0");
   return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${rest}` : `${m}:${rest}`;
 }
-
-/** A pass-through stage that calls `count` with `measure(chunk)` for every chunk. */
-export function countingStream<T>(
-  measure: (chunk: T) => number,
-  count: (amount: number) => void,
-): TransformStream<T, T> {
-  return new TransformStream<T, T>({
-    transform(chunk, controller) {
-      count(measure(chunk));
-      controller.enqueue(chunk);
-    },
-  });
-}

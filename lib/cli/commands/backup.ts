@@ -33,7 +33,8 @@ import {
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
 import { exists, openOutput } from "../files.ts";
-import { countingStream, Progress } from "../progress.ts";
+import { Progress } from "../progress.ts";
+import { tapStream } from "../../transforms/tap.ts";
 
 const HELP = `Back up disks, or the drives of a running VM, into a VMA archive.
 
@@ -179,16 +180,16 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   context.signal.addEventListener("abort", onAbort);
   try {
     await combineRecordStreams(plan.sources, { configs: plan.configs })
-      .pipeThrough(countingStream<VmaRecord>((record) => {
+      .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
           if (plan.totalBytes === undefined) progress.addTotal(record.size);
         }
-        if (record.type !== "cluster" && record.type !== "zeros") return 0;
+        if (record.type !== "cluster" && record.type !== "zeros") return;
         const count = record.type === "zeros" ? record.count : 1;
         const size = sizes.get(record.devId) ?? 0;
-        return Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE);
-      }, (bytes) => progress.add(bytes)))
+        progress.add(Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE));
+      }))
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)
       .pipeThrough(compressor(plan.compression, plan.level, plan.zstd))

@@ -5,6 +5,7 @@
  * @module
  */
 import { DeviceBytesStream } from "../../sinks/device_stream.ts";
+import { tapStream } from "../../transforms/tap.ts";
 import { ByteSink } from "../../sinks/file_sink.ts";
 import { ImageRestoreSink } from "../../sinks/nbd_restore.ts";
 import { RestoreSink } from "../../sinks/restore_files.ts";
@@ -89,17 +90,13 @@ function writeConfigs(dir: string) {
   });
 }
 
-/** A pass-through that checks every name and records what it saw. */
+/** Checks every name from the archive and collects the configs and devices. */
 function inspect(found: { configs: VmaConfigRecord[]; devices: VmaDeviceRecord[] }) {
-  return new TransformStream<VmaRecord, VmaRecord>({
-    transform(record, controller) {
-      if (record.type === "config") {
-        safeFileName("config", record.name);
-        found.configs.push(record);
-      }
-      if (record.type === "device") found.devices.push(record);
-      controller.enqueue(record);
-    },
+  return tapStream<VmaRecord>((record) => {
+    if (record.type === "config") {
+      found.configs.push({ ...record, name: safeFileName("config", record.name) });
+    }
+    if (record.type === "device") found.devices.push(record);
   });
 }
 
@@ -162,7 +159,9 @@ async function extractToStdout(
   });
   try {
     await archive.records
-      .pipeThrough(inspectDevices((device) => found ||= matches(device)))
+      .pipeThrough(tapStream<VmaRecord>((record) => {
+        if (record.type === "device") found ||= matches(record);
+      }))
       .pipeThrough(new DeviceBytesStream(matches))
       .pipeTo(new ByteSink(context.stdout), { signal: context.signal });
   } catch (error) {
@@ -175,16 +174,6 @@ async function extractToStdout(
   }
   await progress?.finish(true);
   return ExitCode.ok;
-}
-
-/** A pass-through that calls `onDevice` for each device record. */
-function inspectDevices(onDevice: (device: VmaDeviceRecord) => void) {
-  return new TransformStream<VmaRecord, VmaRecord>({
-    transform(record, controller) {
-      if (record.type === "device") onDevice(record);
-      controller.enqueue(record);
-    },
-  });
 }
 
 interface ExtractPlan {

@@ -6,7 +6,8 @@
  * @module
  */
 import { VmaFormatError } from "../../vma/errors.ts";
-import type { VmaConfigRecord, VmaHeaderRecord } from "../../vma/records.ts";
+import { tapStream } from "../../transforms/tap.ts";
+import type { VmaConfigRecord, VmaHeaderRecord, VmaRecord } from "../../vma/records.ts";
 import { discardRecords, openArchive } from "../archive_input.ts";
 import {
   type Command,
@@ -59,15 +60,10 @@ export const verifyCommand: Command = {
     let failure: VmaFormatError | undefined;
     try {
       await archive.records
-        .pipeThrough(
-          new TransformStream({
-            transform(record, controller) {
-              if (record.type === "header") header = record;
-              if (record.type === "config") configs.push(record);
-              controller.enqueue(record);
-            },
-          }),
-        )
+        .pipeThrough(tapStream<VmaRecord>((record) => {
+          if (record.type === "header") header = record;
+          if (record.type === "config") configs.push(record);
+        }))
         .pipeTo(discardRecords(), { signal: context.signal });
     } catch (error) {
       if (!(error instanceof VmaFormatError) || !values.json) {

@@ -68,7 +68,8 @@ export interface TestVm {
   stop(): Promise<Map<string, Uint8Array>>;
 }
 
-async function run(program: string, args: string[]): Promise<Uint8Array> {
+/** Runs a program to completion; its output, or an error with its stderr. */
+export async function run(program: string, args: string[]): Promise<Uint8Array> {
   const { code, stdout, stderr } = await new Deno.Command(program, { args }).output();
   if (code !== 0) throw new Error(`${program} failed: ${new TextDecoder().decode(stderr)}`);
   return stdout;
@@ -112,16 +113,7 @@ export async function startVm(disks: DiskSpec[]): Promise<TestVm> {
     const content = new Uint8Array(disk.size);
     for (const [offset, bytes] of disk.data ?? []) content.set(bytes, offset);
     await Deno.writeFile(`${dir}/${disk.id}.init.raw`, content);
-    await run("qemu-img", [
-      "convert",
-      "-q",
-      "-f",
-      "raw",
-      "-O",
-      format,
-      `${dir}/${disk.id}.init.raw`,
-      image,
-    ]);
+    await convertImage(`${dir}/${disk.id}.init.raw`, format, image);
     await Deno.remove(`${dir}/${disk.id}.init.raw`);
     model.set(disk.id, content);
     args.push(
@@ -195,6 +187,12 @@ export async function startVm(disks: DiskSpec[]): Promise<TestVm> {
       return contents;
     },
   };
+}
+
+/** Converts a raw image to `format` with qemu-img (vpc at the exact size). */
+export async function convertImage(raw: string, format: string, target: string): Promise<void> {
+  const options = format === "vpc" ? ["-o", "force_size=on"] : [];
+  await run("qemu-img", ["convert", "-q", "-f", "raw", "-O", format, ...options, raw, target]);
 }
 
 /** The first offset where two byte arrays differ, or -1. */

@@ -10,7 +10,7 @@ import { nbdDiskSource } from "../lib/sources/nbd_disk.ts";
 import { serveImage } from "../lib/sources/qemu_nbd.ts";
 import { type VmaRecord, VmaWriterStream, ZeroFilterStream } from "../mod.ts";
 import { cli, spawnCli, withTempDir } from "./_cli.ts";
-import { diskContent, firstDifference, qemuTest } from "./_qemu.ts";
+import { convertImage, diskContent, firstDifference, qemuTest } from "./_qemu.ts";
 import { randomBytes, restoreInMemory } from "./_utils.ts";
 
 const MiB = 2 ** 20;
@@ -41,19 +41,7 @@ async function reference(dir: string, size = 40 * MiB + 7 * 4096): Promise<Uint8
 
 async function convert(dir: string, format: string): Promise<string> {
   const path = `${dir}/disk.${format}`;
-  const options = format === "vpc" ? ["-o", "force_size=on"] : [];
-  await run(
-    "qemu-img",
-    "convert",
-    "-q",
-    "-f",
-    "raw",
-    "-O",
-    format,
-    ...options,
-    `${dir}/reference.raw`,
-    path,
-  );
+  await convertImage(`${dir}/reference.raw`, format, path);
   return path;
 }
 
@@ -205,17 +193,7 @@ qemuTest(
     await withTempDir(async (dir) => {
       // Incompressible data at zstd level 19: slow enough to interrupt.
       await Deno.writeFile(`${dir}/big.raw`, randomBytes(256 * MiB, 5));
-      await run(
-        "qemu-img",
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        `${dir}/big.raw`,
-        `${dir}/big.qcow2`,
-      );
+      await convertImage(`${dir}/big.raw`, "qcow2", `${dir}/big.qcow2`);
       const child = spawnCli(
         ["backup", "--disk", `${dir}/big.qcow2`, "-o", `${dir}/big.vma.zst`, "--level", "19"],
         { permissions: PERMISSIONS },

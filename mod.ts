@@ -92,10 +92,10 @@ export {
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
 export {
-  ZstdCompressStream,
   type ZstdCompressOptions,
-  ZstdDecompressStream,
+  ZstdCompressStream,
   type ZstdDecompressOptions,
+  ZstdDecompressStream,
 } from "./lib/transforms/zstd.ts";
 export {
   detectImageFormat,
@@ -106,7 +106,7 @@ export {
 export { type QemuNbdExport, serveImage, type ServeImageOptions } from "./lib/sources/qemu_nbd.ts";
 export { nbdDiskSource, type NbdDiskSourceOptions } from "./lib/sources/nbd_disk.ts";
 export { imageDiskSource, type ImageDiskSourceOptions } from "./lib/sources/image_disk.ts";
-export { ImageRestoreSink, type ImageRestoreOptions } from "./lib/sinks/nbd_restore.ts";
+export { type ImageRestoreOptions, ImageRestoreSink } from "./lib/sinks/nbd_restore.ts";
 export {
   type NbdAddress,
   NbdClient,

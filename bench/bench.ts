@@ -811,7 +811,9 @@ function markdown(
   for (const ratio of ratios) {
     const max = ratio.bound === "max";
     const value = fixed(ratio.value, max ? 1 : 2);
-    const target = ratio.target === null ? "—" : `${max ? "≤" : "≥"} ${Number(ratio.target.toFixed(2))}`;
+    const target = ratio.target === null
+      ? "—"
+      : `${max ? "≤" : "≥"} ${Number(ratio.target.toFixed(2))}`;
     lines.push(`| ${ratio.label} | ${value} | ${target} | ${status(ratio.met)} |`);
   }
   lines.push(

@@ -2,7 +2,13 @@
 // Back up a running QEMU VM, consistently, while it keeps running and writing.
 // Start QEMU with a monitor for this script: -qmp unix:/run/vm-100.backup.qmp,server=on,wait=off
 // deno run --allow-read --allow-write --allow-net examples/live_backup.ts /run/vm-100.backup.qmp vm-100.vma.zst
-import { QmpClient, startPushBackup, VmaWriterStream, ZeroFilterStream, ZstdCompressStream } from "../mod.ts";
+import {
+  QmpClient,
+  startPushBackup,
+  VmaWriterStream,
+  ZeroFilterStream,
+  ZstdCompressStream,
+} from "../mod.ts";
 
 const [socket, output] = Deno.args;
 if (!socket || !output) throw new Error("usage: live_backup.ts QMP_SOCKET OUT.vma.zst");

@@ -6,7 +6,7 @@
  */
 import { BufferPool } from "../_pool.ts";
 import { NbdClient, type NbdExtent, NbdStateFlag } from "../protocols/nbd_client.ts";
-import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
+import { CLUSTER_SIZE, clusterCount } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { bufferClusters } from "./_clusters.ts";
 

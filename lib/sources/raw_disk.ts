@@ -5,7 +5,7 @@
  * @module
  */
 import { BufferPool } from "../_pool.ts";
-import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
+import { CLUSTER_SIZE, clusterCount } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { bufferClusters } from "./_clusters.ts";
 import { SparseMap } from "./_sparse_map.ts";

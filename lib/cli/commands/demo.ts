@@ -20,7 +20,7 @@ usage: cli.ts demo [--dir DIR] [--keep]
   --dir DIR   work in DIR (created; must not exist) instead of a temporary directory
   --keep      keep the work directory
 
-permissions: --allow-read --allow-write`;
+permissions: --allow-read --allow-write (deno task demo adds --allow-ffi, to skip the holes)`;
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;

@@ -62,7 +62,6 @@ export {
   VmaWriterStream,
 } from "./lib/vma/writer_stream.ts";
 export {
-  compressionMagic,
   type VmaReaderDeviceStats,
   type VmaReaderOptions,
   type VmaReaderStats,

@@ -236,3 +236,18 @@ Deno.test("bad input: trailing garbage shorter than an extent header is reported
   assert.equal(result.error.offset, archive.byteLength);
   assert.match(result.error.message, /read short extent \(100 bytes\)/);
 });
+
+Deno.test("bad input: a slot with dev_id 0 is an empty slot, skipped like the reference reader", async () => {
+  const { archive, headerSize, extents, devices } = await smallArchive();
+  const bad = archive.slice();
+  const view = new DataView(bad.buffer);
+  // The last slot of the first extent is unused: give it a cluster number and a reserved byte.
+  const slot = extents[0]! + 40 + 8 * 58;
+  assert.equal(view.getBigUint64(slot), 0n);
+  view.setUint32(slot + 4, 7);
+  bad[slot + 2] = 0x55;
+  rehash(bad, headerSize, extents[0]!);
+  const result = await outcome(bad);
+  assert.ok(result.ok, result.ok ? "" : result.error.message);
+  assert.deepEqual(result.devices, devices);
+});

@@ -13,8 +13,6 @@ const FRAME_MAGIC = 0xfd2fb528;
 
 /** A piece of one frame, in stream order. */
 export interface FrameSegment {
-  /** Index of the frame in the stream (skippable frames are not counted). */
-  frame: number;
   /** Bytes of the frame (a view of the input chunk). */
   bytes: Uint8Array;
   /** True when these are the frame's first bytes. */
@@ -44,7 +42,6 @@ export class ZstdFrameSplitter {
   /** Small fields (magic, header, block header) collected across chunks. */
   #field = new Uint8Array(18);
   #fieldFill = 0;
-  #frame = -1;
   #frameStarted = false;
   #checksum = false;
   #lastBlock = false;
@@ -56,7 +53,6 @@ export class ZstdFrameSplitter {
     const segments: FrameSegment[] = [];
     const emit = (bytes: Uint8Array, end: boolean) => {
       segments.push({
-        frame: this.#frame,
         bytes,
         start: !this.#frameStarted,
         end,
@@ -79,13 +75,12 @@ export class ZstdFrameSplitter {
       this.#offset += take;
       if (this.#need > 0) break;
       const wasMagic = this.#state === State.Magic;
-      const magic = this.#field.slice(0, 4);
+      // A magic that began in an earlier chunk is only in the field: it goes out as a copy.
+      const carriedMagic = wasMagic && magicStart === -1 ? this.#field.slice(0, 4) : undefined;
       const frameEnded = this.#advance();
       if (wasMagic && this.#state === State.Descriptor) {
-        // A new frame starts with its magic; if the magic began in an earlier chunk, its
-        // bytes are only in the field, so they go out as a copy.
-        if (magicStart === -1) {
-          emit(magic, false);
+        if (carriedMagic !== undefined) {
+          emit(carriedMagic, false);
           frameStart = position;
         } else {
           frameStart = magicStart;
@@ -123,10 +118,8 @@ export class ZstdFrameSplitter {
       case State.Magic: {
         const magic = view.getUint32(0, true);
         if (magic === FRAME_MAGIC) {
-          this.#frame++;
           this.#state = State.Descriptor;
           this.#need = 1;
-          // The magic bytes belong to the frame: keep them in the field for the header.
           return false;
         }
         if ((magic & 0xfffffff0) === 0x184d2a50) {
@@ -147,9 +140,9 @@ export class ZstdFrameSplitter {
         const dictionaryBytes = [0, 1, 2, 4][descriptor & 3]!;
         const fcsBytes = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag]!;
         this.#headerRest = { singleSegment: singleSegment === 1, dictionaryBytes, fcsBytes };
+        // Never 0: a single-segment frame has at least one content-size byte.
         this.#need = (singleSegment ? 0 : 1) + dictionaryBytes + fcsBytes;
         this.#state = State.HeaderRest;
-        if (this.#need === 0) return this.#advance();
         return false;
       }
       case State.HeaderRest: {

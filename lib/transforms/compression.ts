@@ -6,42 +6,15 @@
  * @module
  */
 import { constants, createGunzip, createGzip } from "node:zlib";
+import { type Compression, detectCompression } from "../compression_magic.ts";
 import { nodeTransformer } from "./node_transform.ts";
 import { programTransform } from "./program_transform.ts";
 import { ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
 
-/** A compression vzdump uses for VMA archives, or `none`. */
-export type Compression = "none" | "zstd" | "gzip" | "lzop";
+export { type Compression, detectCompression } from "../compression_magic.ts";
 
 /** Compressions this toolkit can write. */
 export type WritableCompression = "none" | "zstd" | "gzip";
-
-/**
- * The compression of a stream from its first bytes (at least 4 are needed): zstd frames
- * (also skippable frames, which `pzstd` writes first), gzip, lzop, or a plain VMA archive.
- * `undefined` when the bytes are none of these.
- *
- * @example Detect a zstd stream
- * ```ts
- * import assert from "node:assert/strict";
- * import { detectCompression } from "./compression.ts";
- *
- * assert.equal(detectCompression(new Uint8Array([0x28, 0xb5, 0x2f, 0xfd])), "zstd");
- * assert.equal(detectCompression(new TextEncoder().encode("VMA\0")), "none");
- * assert.equal(detectCompression(new TextEncoder().encode("PK\x03\x04")), undefined);
- * ```
- */
-export function detectCompression(head: Uint8Array): Compression | undefined {
-  const [a, b, c, d] = head;
-  if (a === 0x28 && b === 0xb5 && c === 0x2f && d === 0xfd) return "zstd";
-  if (d === 0x18 && c === 0x4d && b === 0x2a && a !== undefined && (a & 0xf0) === 0x50) {
-    return "zstd"; // a skippable frame (0x184D2A5?)
-  }
-  if (a === 0x1f && b === 0x8b) return "gzip";
-  if (a === 0x89 && b === 0x4c && c === 0x5a && d === 0x4f) return "lzop";
-  if (a === 0x56 && b === 0x4d && c === 0x41 && d === 0x00) return "none";
-  return undefined;
-}
 
 /** The compression an output file name implies: `.zst`, `.gz`, or none. */
 export function compressionForPath(path: string): WritableCompression {

@@ -85,7 +85,18 @@ export const ExtentOffset = {
   blockInfo: 40,
 } as const;
 
-/** Number of clusters a device of `size` bytes spans. */
+/**
+ * Number of clusters a device of `size` bytes spans.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { clusterCount } from "./format.ts";
+ *
+ * assert.equal(clusterCount(65536), 1);
+ * assert.equal(clusterCount(65537), 2); // a partial last cluster counts
+ * ```
+ */
 export function clusterCount(size: number): number {
   return Math.ceil(size / CLUSTER_SIZE);
 }
@@ -93,10 +104,37 @@ export function clusterCount(size: number): number {
 /**
  * The mask of blocks of `cluster` that lie (at least partly) inside a device of `size` bytes.
  * Blocks wholly past the end must never be stored.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { validMask } from "./format.ts";
+ *
+ * assert.equal(validMask(65536 + 4097, 1), 0b11); // 4097 bytes touch two 4 KiB blocks
+ * assert.equal(validMask(65536, 0), 0xffff);
+ * ```
  */
 export function validMask(size: number, cluster: number): number {
   const remaining = size - cluster * CLUSTER_SIZE;
   if (remaining >= CLUSTER_SIZE) return FULL_MASK;
   if (remaining <= 0) return 0;
   return (1 << Math.ceil(remaining / BLOCK_SIZE)) - 1;
+}
+
+/**
+ * The name a config file is stored under: the last component of its path, as
+ * `g_path_get_basename` gives it to the reference writer.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { configName } from "./format.ts";
+ *
+ * assert.equal(configName("/etc/pve/qemu-server/100.conf"), "100.conf");
+ * assert.equal(configName("qemu-server.conf"), "qemu-server.conf");
+ * ```
+ */
+export function configName(path: string): string {
+  const trimmed = path.replace(/\/+$/, "");
+  return trimmed === "" ? path : trimmed.slice(trimmed.lastIndexOf("/") + 1);
 }

@@ -7,6 +7,7 @@
 import { ClusterBitmap } from "../_bitmap.ts";
 import { md5, popcount16 } from "../_bytes.ts";
 import { BufferPool, type PooledBuffer, releaseChunk } from "../_pool.ts";
+import { detectCompression } from "../compression_magic.ts";
 import { VmaFormatError } from "./errors.ts";
 import {
   BLOCK_SIZE,
@@ -67,18 +68,6 @@ export interface VmaReaderStats {
   zeroClusters: number;
   dataBlocks: number;
   devices: VmaReaderDeviceStats[];
-}
-
-/** Magic numbers of the compressors vzdump uses, to tell users to decompress first. */
-const COMPRESSED_MAGICS: [string, number[]][] = [
-  ["zstd", [0x28, 0xb5, 0x2f, 0xfd]],
-  ["gzip", [0x1f, 0x8b]],
-  ["lzop", [0x89, 0x4c, 0x5a, 0x4f]],
-];
-
-/** The compressor whose magic starts `bytes`, if any. */
-export function compressionMagic(bytes: Uint8Array): string | undefined {
-  return COMPRESSED_MAGICS.find(([, magic]) => magic.every((byte, i) => bytes[i] === byte))?.[0];
 }
 
 /**
@@ -264,8 +253,8 @@ class ArchiveParser {
   }
 
   #rejectCompressed(start: Uint8Array): void {
-    const format = compressionMagic(start);
-    if (format !== undefined) {
+    const format = detectCompression(start);
+    if (format !== undefined && format !== "none") {
       throw new VmaFormatError(
         "compressed-input",
         0,
@@ -368,7 +357,8 @@ class ArchiveParser {
       const entry = ExtentOffset.blockInfo + 8 * index;
       const high = view.getUint32(entry);
       const cluster = view.getUint32(entry + 4);
-      if (high === 0 && cluster === 0) continue; // an empty slot
+      // dev_id 0 marks an empty slot: skipped entirely, its mask claims no data.
+      if ((high & 0xff) === 0) continue;
       const mask = high >>> 16;
       // Byte 2 is reserved and ignored, as the reference reader does.
       this.#slots.push({ index, mask, devId: high & 0xff, cluster });

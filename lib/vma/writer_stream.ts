@@ -11,6 +11,7 @@ import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
   clusterCount,
+  configName,
   EXTENT_HEADER_SIZE,
   EXTENT_MAGIC,
   ExtentOffset,
@@ -169,7 +170,7 @@ class ArchiveWriter {
         return;
       case "config":
         this.#beforeData(`config "${record.name}"`);
-        this.#addConfig(basename(record.name), record.data);
+        this.#addConfig(configName(record.name), record.data);
         return;
       case "device":
         this.#beforeData(`device "${record.name}"`);
@@ -372,10 +373,4 @@ class ArchiveWriter {
     output.enqueue(this.#small.slice(0, this.#smallLength)); // the receiver keeps the copy
     this.#smallLength = 0;
   }
-}
-
-/** The last path component, as `g_path_get_basename` gives it for config file names. */
-function basename(path: string): string {
-  const trimmed = path.replace(/\/+$/, "");
-  return trimmed === "" ? path : trimmed.slice(trimmed.lastIndexOf("/") + 1);
 }

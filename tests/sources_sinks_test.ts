@@ -169,3 +169,31 @@ Deno.test("DeviceBytesStream() orders clusters, and bounds what it holds back", 
   const unknown = ReadableStream.from(records).pipeThrough(new DeviceBytesStream("b"));
   await assert.rejects(new Response(unknown).bytes(), { message: /has no such device/ });
 });
+
+Deno.test("combineRecordStreams() cancels the other disks when one fails", async () => {
+  let cancelled: unknown;
+  const healthy = new ReadableStream<VmaRecord>({
+    start(controller) {
+      controller.enqueue({ type: "device", devId: 1, name: "a", size: 4 * CLUSTER_SIZE });
+      controller.enqueue({ type: "cluster", devId: 1, cluster: 0, mask: 0, data: null });
+    },
+    pull() {}, // never more: only a cancel ends it
+    cancel(reason) {
+      cancelled = reason;
+    },
+  });
+  let pulls = 0;
+  const failing = new ReadableStream<VmaRecord>({
+    start(controller) {
+      controller.enqueue({ type: "device", devId: 1, name: "b", size: CLUSTER_SIZE });
+    },
+    pull() {
+      if (++pulls > 0) throw new Error("disk b: read error");
+    },
+  });
+  await assert.rejects(
+    Array.fromAsync(combineRecordStreams([failing, healthy], { clustersPerTurn: 1 })),
+    /disk b: read error/,
+  );
+  assert.match(String(cancelled), /disk b: read error/);
+});

@@ -80,26 +80,37 @@ export class ImageRestoreSink extends WritableStream<VmaRecord> {
       images.clear();
     };
 
+    const write = async (record: VmaRecord) => {
+      if (record.type === "device") {
+        const path = options.target(record);
+        if (path === undefined) return void images.set(record.devId, null);
+        await createImage(path, options.format, record.size);
+        const served = await serveImage(path, { format: options.format, readOnly: false });
+        try {
+          const client = await NbdClient.connect(served.uri);
+          images.set(record.devId, { served, client, size: record.size });
+        } catch (error) {
+          await served.stop();
+          throw error;
+        }
+        return;
+      }
+      if (record.type !== "cluster") return;
+      const image = images.get(record.devId);
+      if (image) await writes.add(image, record, image.size);
+      else record.lease?.release();
+    };
+
     super({
       async write(record) {
-        if (record.type === "device") {
-          const path = options.target(record);
-          if (path === undefined) return void images.set(record.devId, null);
-          await createImage(path, options.format, record.size);
-          const served = await serveImage(path, { format: options.format, readOnly: false });
-          try {
-            const client = await NbdClient.connect(served.uri);
-            images.set(record.devId, { served, client, size: record.size });
-          } catch (error) {
-            await served.stop();
-            throw error;
-          }
-          return;
+        try {
+          await write(record);
+        } catch (error) {
+          // A sink whose write fails gets neither close() nor abort(): clean up here.
+          writes.discard();
+          await closeAll();
+          throw error;
         }
-        if (record.type !== "cluster") return;
-        const image = images.get(record.devId);
-        if (image) await writes.add(image, record, image.size);
-        else record.lease?.release();
       },
       async close() {
         try {

@@ -78,35 +78,46 @@ export class RestoreSink extends WritableStream<VmaRecord> {
       devices.clear();
     };
 
+    const write = async (record: VmaRecord) => {
+      switch (record.type) {
+        case "config": {
+          const path = options.configTarget?.(record);
+          if (path !== undefined) {
+            await Deno.writeFile(path, record.data, { createNew: !options.overwrite });
+          }
+          return;
+        }
+        case "device": {
+          const path = options.target(record);
+          if (path === undefined) {
+            devices.set(record.devId, null);
+            return;
+          }
+          const file = await Deno.open(path, openOptions);
+          const info = { name: record.name, path, size: record.size, dataBytes: 0 };
+          devices.set(record.devId, { file, info }); // closed with the others, also on failure
+          restored.push(info);
+          await file.truncate(record.size); // exact size, all holes for now
+          return;
+        }
+        case "cluster": {
+          const device = devices.get(record.devId);
+          if (device) await writes.add(device, record, device.info.size);
+          else record.lease?.release();
+          return;
+        }
+      }
+    };
+
     super({
       async write(record) {
-        switch (record.type) {
-          case "config": {
-            const path = options.configTarget?.(record);
-            if (path !== undefined) {
-              await Deno.writeFile(path, record.data, { createNew: !options.overwrite });
-            }
-            return;
-          }
-          case "device": {
-            const path = options.target(record);
-            if (path === undefined) {
-              devices.set(record.devId, null);
-              return;
-            }
-            const file = await Deno.open(path, openOptions);
-            await file.truncate(record.size); // exact size, all holes for now
-            const info = { name: record.name, path, size: record.size, dataBytes: 0 };
-            devices.set(record.devId, { file, info });
-            restored.push(info);
-            return;
-          }
-          case "cluster": {
-            const device = devices.get(record.devId);
-            if (device) await writes.add(device, record, device.info.size);
-            else record.lease?.release();
-            return;
-          }
+        try {
+          await write(record);
+        } catch (error) {
+          // A sink whose write fails gets neither close() nor abort(): clean up here.
+          writes.discard();
+          closeAll();
+          throw error;
         }
       },
       async close() {

@@ -66,6 +66,45 @@ export function combineRecordStreams(
     await Promise.allSettled(sources.map(({ reader }) => reader.cancel(reason)));
   };
 
+  /** Takes up to `clustersPerTurn` clusters from the next source with any left. */
+  const pullTurn = async (controller: ReadableStreamDefaultController<VmaRecord>) => {
+    for (;;) {
+      if (sources.length === 0) {
+        controller.close();
+        return;
+      }
+      const source = sources[turn % sources.length]!;
+      let taken = 0;
+      while (taken < clustersPerTurn) {
+        let record = source.pending;
+        source.pending = undefined;
+        if (record === undefined) {
+          const next = await source.reader.read();
+          if (next.done) {
+            sources = sources.filter((other) => other !== source);
+            break;
+          }
+          record = next.value;
+        }
+        if (record.type !== "cluster" && record.type !== "zeros") {
+          throw new TypeError(
+            `Cannot combine disks: A ${record.type} record came after cluster data`,
+          );
+        }
+        const devId = source.devIds.get(record.devId);
+        if (devId === undefined) {
+          throw new RangeError(
+            `Cannot combine disks: Cluster ${record.cluster} has undeclared device id ${record.devId}`,
+          );
+        }
+        controller.enqueue(devId === record.devId ? record : { ...record, devId });
+        taken++;
+      }
+      turn++;
+      if (taken > 0) return;
+    }
+  };
+
   return new ReadableStream<VmaRecord>({
     async start(controller) {
       const configs: VmaConfigRecord[] = (options.configs ?? []).map(({ name, data }) => ({
@@ -101,44 +140,11 @@ export function combineRecordStreams(
       for (const record of [...configs, ...devices]) controller.enqueue(record);
     },
     async pull(controller) {
-      for (;;) {
-        if (sources.length === 0) {
-          controller.close();
-          return;
-        }
-        const source = sources[turn % sources.length]!;
-        let taken = 0;
-        while (taken < clustersPerTurn) {
-          let record = source.pending;
-          source.pending = undefined;
-          if (record === undefined) {
-            const next = await source.reader.read();
-            if (next.done) {
-              sources = sources.filter((other) => other !== source);
-              break;
-            }
-            record = next.value;
-          }
-          if (record.type !== "cluster" && record.type !== "zeros") {
-            const error = new TypeError(
-              `Cannot combine disks: A ${record.type} record came after cluster data`,
-            );
-            await cancelAll(error);
-            throw error;
-          }
-          const devId = source.devIds.get(record.devId);
-          if (devId === undefined) {
-            const error = new RangeError(
-              `Cannot combine disks: Cluster ${record.cluster} has undeclared device id ${record.devId}`,
-            );
-            await cancelAll(error);
-            throw error;
-          }
-          controller.enqueue(devId === record.devId ? record : { ...record, devId });
-          taken++;
-        }
-        turn++;
-        if (taken > 0) return;
+      try {
+        await pullTurn(controller);
+      } catch (error) {
+        await cancelAll(error); // one disk failed: stop reading the others too
+        throw error;
       }
     },
     async cancel(reason) {

@@ -28,12 +28,15 @@ export interface ServeImageOptions {
   timeoutMs?: number;
 }
 
-/** Children still running, killed synchronously if the process exits first. */
-const running = new Set<Deno.ChildProcess>();
+/** Children still running, and their private directories: cleaned up if the process exits. */
+const running = new Map<Deno.ChildProcess, string | undefined>();
 globalThis.addEventListener("unload", () => {
-  for (const child of running) {
+  for (const [child, dir] of running) {
     try {
       child.kill("SIGTERM");
+    } catch { /* already gone */ }
+    try {
+      if (dir !== undefined) Deno.removeSync(dir, { recursive: true });
     } catch { /* already gone */ }
   }
 });
@@ -87,8 +90,14 @@ export async function serveImage(
     ...(options.readOnly === false ? ["--discard=unmap"] : ["--read-only"]),
     path,
   ];
-  const child = spawnQemuTool("qemu-nbd", args, { stdout: "null", stderr: "piped" });
-  running.add(child);
+  let child: Deno.ChildProcess;
+  try {
+    child = spawnQemuTool("qemu-nbd", args, { stdout: "null", stderr: "piped" });
+  } catch (error) {
+    if (ownDir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+    throw error;
+  }
+  running.set(child, ownDir ? dir : undefined);
   const stderr = new Response(child.stderr).text();
   let stopped = false;
   const stop = async () => {

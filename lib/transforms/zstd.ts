@@ -81,28 +81,12 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
 
     super({
       async transform(chunk, controller) {
-        const owned = chunk.byteLength >= DIRECT_FRAME_MIN ? exclusiveChunk(chunk) : undefined;
-        if (owned !== undefined) {
-          // A large chunk we alone hold (a writer's extent) becomes a frame as it is: no copy.
-          if (frame !== undefined && fill > 0) send(); // bytes before it, in order
-          const input = chunk as Uint8Array<ArrayBuffer>;
-          const result = workers.run({ op: "compress", input, length: chunk.byteLength, level });
-          inflight.push({ result, giveBack: (bytes) => owned.giveBack(bytes) });
-          while (inflight.length >= 2 * workers.size) await emitOldest(controller);
-          return;
+        try {
+          await compress(chunk, controller);
+        } catch (error) {
+          workers.stop(); // a failed stream gets neither flush nor cancel: stop them here
+          throw error;
         }
-        for (let position = 0; position < chunk.byteLength;) {
-          frame ??= pool.acquire();
-          const count = Math.min(frameSize - fill, chunk.byteLength - position);
-          frame.bytes.set(chunk.subarray(position, position + count), fill);
-          fill += count;
-          position += count;
-          if (fill === frameSize) {
-            send();
-            while (inflight.length >= 2 * workers.size) await emitOldest(controller);
-          }
-        }
-        releaseChunk(chunk);
       },
       async flush(controller) {
         try {
@@ -116,6 +100,31 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
         workers.stop();
       },
     });
+
+    async function compress(chunk: Uint8Array, controller: Output) {
+      const owned = chunk.byteLength >= DIRECT_FRAME_MIN ? exclusiveChunk(chunk) : undefined;
+      if (owned !== undefined) {
+        // A large chunk we alone hold (a writer's extent) becomes a frame as it is: no copy.
+        if (frame !== undefined && fill > 0) send(); // bytes before it, in order
+        const input = chunk as Uint8Array<ArrayBuffer>;
+        const result = workers.run({ op: "compress", input, length: chunk.byteLength, level });
+        inflight.push({ result, giveBack: (bytes) => owned.giveBack(bytes) });
+        while (inflight.length >= 2 * workers.size) await emitOldest(controller);
+        return;
+      }
+      for (let position = 0; position < chunk.byteLength;) {
+        frame ??= pool.acquire();
+        const count = Math.min(frameSize - fill, chunk.byteLength - position);
+        frame.bytes.set(chunk.subarray(position, position + count), fill);
+        fill += count;
+        position += count;
+        if (fill === frameSize) {
+          send();
+          while (inflight.length >= 2 * workers.size) await emitOldest(controller);
+        }
+      }
+      releaseChunk(chunk);
+    }
   }
 }
 
@@ -154,20 +163,21 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
     const maxParallel = options.maxParallelFrameSize ?? 16 << 20;
     const splitter = new ZstdFrameSplitter();
     /** Decoded frames in stream order: worker results, awaited when emitted. */
-    const inflight: Promise<FrameResult>[] = [];
+    const inflight: { result: Promise<FrameResult>; length: number }[] = [];
     /** The current frame: collected whole for a worker, or streamed through a decoder. */
     let frame: Uint8Array<ArrayBuffer> | undefined;
     let frameLength = 0;
     let decoder: FrameDecoder | undefined;
 
     const emitOldest = async (controller: Output) => {
+      const { result, length } = inflight.shift()!;
       try {
-        controller.enqueue((await inflight.shift()!).output);
+        controller.enqueue((await result).output);
       } catch (error) {
         if (!(error instanceof FrameJobError && error.tooLarge)) throw error;
         // A frame of unknown size that turned out big: stream it here instead.
         const big = new FrameDecoder(controller);
-        await big.write(error.input);
+        await big.write(error.input.subarray(0, length));
         await big.end();
       }
     };
@@ -193,36 +203,13 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
 
     super({
       async transform(chunk, controller) {
-        for (const segment of splitter.push(chunk)) {
-          if (segment.start) {
-            // Frames of unknown size go to the workers too, with an output cap and a fallback.
-            const parallel = segment.contentSize === undefined ||
-              segment.contentSize <= maxParallel;
-            // Our frames compress 4 MiB to 1-2 MiB: start with room for a whole frame.
-            frame = parallel ? new Uint8Array(2 << 20) : undefined;
-            frameLength = 0;
-            if (!parallel) await startStreaming(controller);
-          }
-          if (frame !== undefined) {
-            append(segment.bytes); // a copy: the chunk goes back to its producer
-            if (frameLength > maxParallel) await startStreaming(controller); // a poor ratio
-          } else {
-            await decoder!.write(segment.bytes);
-          }
-          if (!segment.end) continue;
-          if (frame !== undefined) {
-            const input = frame;
-            frame = undefined;
-            inflight.push(
-              workers.run({ op: "decompress", input, length: frameLength, maxOutput: maxParallel }),
-            );
-            while (inflight.length >= 2 * workers.size) await emitOldest(controller);
-          } else {
-            await decoder!.end();
-            decoder = undefined;
-          }
+        try {
+          await decode(chunk, controller);
+        } catch (error) {
+          workers.stop(); // a failed stream gets neither flush nor cancel: stop them here
+          decoder?.destroy();
+          throw error;
         }
-        releaseChunk(chunk);
       },
       async flush(controller) {
         try {
@@ -239,6 +226,43 @@ export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array
         decoder?.destroy();
       },
     });
+
+    async function decode(chunk: Uint8Array, controller: Output) {
+      for (const segment of splitter.push(chunk)) {
+        if (segment.start) {
+          // Frames of unknown size go to the workers too, with an output cap and a fallback.
+          const parallel = segment.contentSize === undefined ||
+            segment.contentSize <= maxParallel;
+          // Our frames compress 4 MiB to 1-2 MiB: start with room for a whole frame.
+          frame = parallel ? new Uint8Array(2 << 20) : undefined;
+          frameLength = 0;
+          if (!parallel) await startStreaming(controller);
+        }
+        if (frame !== undefined) {
+          append(segment.bytes); // a copy: the chunk goes back to its producer
+          if (frameLength > maxParallel) await startStreaming(controller); // a poor ratio
+        } else {
+          await decoder!.write(segment.bytes);
+        }
+        if (!segment.end) continue;
+        if (frame !== undefined) {
+          const input = frame;
+          frame = undefined;
+          const result = workers.run({
+            op: "decompress",
+            input,
+            length: frameLength,
+            maxOutput: maxParallel,
+          });
+          inflight.push({ result, length: frameLength });
+          while (inflight.length >= 2 * workers.size) await emitOldest(controller);
+        } else {
+          await decoder!.end();
+          decoder = undefined;
+        }
+      }
+      releaseChunk(chunk);
+    }
   }
 }
 

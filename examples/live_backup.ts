@@ -13,13 +13,19 @@ import {
 const [socket, output] = Deno.args;
 if (!socket || !output) throw new Error("usage: live_backup.ts QMP_SOCKET OUT.vma.zst");
 
+const file = await Deno.open(output, { write: true, createNew: true }); // before touching the VM
 using qmp = await QmpClient.connect(socket);
 const backup = await startPushBackup({ qmp }); // every writable drive, as drive-<id>
-const file = await Deno.open(output, { write: true, createNew: true });
-await backup.records // clusters as of the snapshot point, in copy-before-write order
-  .pipeThrough(new ZeroFilterStream())
-  .pipeThrough(new VmaWriterStream())
-  .pipeThrough(new ZstdCompressStream())
-  .pipeTo(file.writable);
-await backup.finished; // QEMU's block graph is back as it was
+try {
+  await backup.records // clusters as of the snapshot point, in copy-before-write order
+    .pipeThrough(new ZeroFilterStream())
+    .pipeThrough(new VmaWriterStream())
+    .pipeThrough(new ZstdCompressStream())
+    .pipeTo(file.writable);
+  await backup.finished; // QEMU's block graph is back as it was
+} catch (error) {
+  await backup.abort(error); // cancel QEMU's jobs and restore the graph before leaving
+  await Deno.remove(output);
+  throw error;
+}
 console.log(`${output}: ${backup.drives.map((drive) => drive.name).join(", ")}`);

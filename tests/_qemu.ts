@@ -129,11 +129,21 @@ export async function startVm(disks: DiskSpec[]): Promise<TestVm> {
     .spawn();
   const output = new Response(process.stdout).text();
   const errors = new Response(process.stderr).text();
-  for (let i = 0; i < 200; i++) {
-    if (await Deno.stat(`${dir}/tool.qmp`).then(() => true, () => false)) break;
-    await new Promise((resolve) => setTimeout(resolve, 25));
+  let qmp: QmpClient;
+  try {
+    for (let i = 0; !(await Deno.stat(`${dir}/tool.qmp`).then(() => true, () => false)); i++) {
+      if (i === 200) throw new Error("QEMU did not open its QMP socket within 5 s");
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+    qmp = await QmpClient.connect(`${dir}/test.qmp`);
+  } catch (error) {
+    try {
+      process.kill();
+    } catch { /* it exited on its own */ }
+    await Promise.all([process.status, output]);
+    await Deno.remove(dir, { recursive: true });
+    throw new Error(`${error instanceof Error ? error.message : error}: ${(await errors).trim()}`);
   }
-  const qmp = await QmpClient.connect(`${dir}/test.qmp`);
   let stopped = false;
   const stop = async () => {
     if (!stopped) {

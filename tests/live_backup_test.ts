@@ -24,10 +24,10 @@ async function start(mode: Mode, vm: TestVm, qmp: QmpClient): Promise<LiveBackup
 function vmDisks() {
   return [
     { id: "vda", size: 48 * MiB, format: "qcow2" as const, data: diskContent(48 * MiB, 1) },
-    // Raw, and not a multiple of 64 KiB: the last cluster is partial.
+    // Raw, and not a multiple of 64 KiB or even 4 KiB: the last cluster is 3.5 sectors of 4 KiB.
     {
       id: "vdb",
-      size: 16 * MiB + 3 * 4096,
+      size: 16 * MiB + 3 * 4096 + 512,
       format: "raw" as const,
       data: diskContent(16 * MiB, 9),
     },

@@ -179,7 +179,12 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       node.added.exported = true;
     }
   } catch (error) {
-    await teardown().catch(() => {});
+    try {
+      await teardown();
+    } catch (teardownError) {
+      // Both matter: why the setup failed, and that the graph could not be restored.
+      throw new Error(`${messageOf(error)}; ${messageOf(teardownError)}`, { cause: error });
+    }
     throw error;
   }
 
@@ -240,6 +245,10 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       await finish(abortReason).catch(() => {});
     },
   };
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 /** Points a guest device at `node`; resolves to the QOM path that took the property. */

@@ -73,9 +73,11 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
     try {
       for (const record of deviceRecords(drives)) await queue.push(record);
       jobs.forEach((entry, index) => {
+        // 512-byte requests, so disks whose size is not a multiple of 4 KiB work too.
         entry.server = NbdServer.listen(
           entry.socket,
           new PushTarget(index + 1, entry.drive.size, queue),
+          { blockSizes: { minimum: 512, preferred: 65536, maximum: 4 << 20 } },
         );
       });
       for (const entry of jobs) {
@@ -126,8 +128,14 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
     } catch (error) {
       snapshot.reject(error);
       const reason = aborted.signal.aborted ? aborted.signal.reason : error;
-      await cancelAndRemove();
-      queue.error(reason);
+      try {
+        await cancelAndRemove();
+      } catch (teardown) {
+        // Both matter: what went wrong, and that the graph could not be restored.
+        throw new Error(`${messageOf(reason)}; ${messageOf(teardown)}`, { cause: reason });
+      } finally {
+        queue.error(reason); // the record stream ends whatever the teardown did
+      }
       throw reason;
     } finally {
       await Promise.all(jobs.map((entry) => entry.server?.close()));
@@ -178,6 +186,10 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
       await finished.catch(() => {});
     },
   };
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 function jobEnded(job: string) {

@@ -7,21 +7,25 @@
 import { ClusterBitmap } from "../_bitmap.ts";
 import { BufferPool } from "../_pool.ts";
 import type { NbdExportHandler } from "../protocols/nbd_server.ts";
-import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
+import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { bufferClusters } from "../sources/_clusters.ts";
 import type { RecordQueue } from "./record_queue.ts";
 
-/** A cluster that arrived in pieces: its bytes and which 4 KiB blocks are in. */
+/** A cluster that arrived in pieces: its bytes and which 512-byte sectors are in. */
 interface PartialCluster {
   data: Uint8Array;
-  blocks: number;
+  sectors: Uint8Array;
+  filled: number;
 }
+
+const SECTOR = 512;
+const SECTORS = CLUSTER_SIZE / SECTOR;
 
 /**
  * Turns what a `blockdev-backup` job sends into records for one device: a WRITE of whole
  * clusters becomes cluster records (views of one pooled buffer, no copy); WRITE_ZEROES and
- * TRIM become zero runs. Smaller pieces (4 KiB aligned) are assembled until a cluster is
+ * TRIM become zero runs. Smaller pieces (512-byte aligned) are assembled until a cluster is
  * complete. A cluster sent twice is an error, since VMA readers reject duplicates. Each
  * request is acknowledged only after its records are queued.
  */
@@ -66,12 +70,9 @@ export class PushTarget implements NbdExportHandler {
     const end = offset + length;
     const firstWhole = Math.ceil(offset / CLUSTER_SIZE);
     const endWhole = end === this.size ? clusterCount(end) : Math.floor(end / CLUSTER_SIZE);
-    if (firstWhole * CLUSTER_SIZE > offset || endWhole <= firstWhole) {
-      // Pieces of clusters at the edges.
-      const headEnd = Math.min(end, firstWhole * CLUSTER_SIZE);
-      if (headEnd > offset) await this.#pieces(offset, headEnd - offset, null);
-      if (endWhole <= firstWhole) return;
-    }
+    if (endWhole <= firstWhole) return await this.#pieces(offset, length, null); // no whole cluster
+    const head = firstWhole * CLUSTER_SIZE;
+    if (head > offset) await this.#pieces(offset, head - offset, null);
     for (let cluster = firstWhole; cluster < endWhole; cluster++) this.#claim(cluster);
     await this.#queue.push({
       type: "zeros",
@@ -92,35 +93,43 @@ export class PushTarget implements NbdExportHandler {
     return Promise.resolve(); // the archive is complete only at the end anyway
   }
 
-  /** Blocks of partly sent clusters: assembled until every block inside the device is in. */
+  /**
+   * Pieces of clusters (512-byte aligned, as the server advertises): assembled until every
+   * sector of the cluster inside the device is in.
+   */
   async #pieces(offset: number, length: number, data: Uint8Array | null): Promise<void> {
-    if (offset % BLOCK_SIZE !== 0 || (length % BLOCK_SIZE !== 0 && offset + length !== this.size)) {
-      throw new RangeError(`Cannot store a write at ${offset}+${length}: Not 4 KiB aligned`);
+    if (offset % SECTOR !== 0 || (length % SECTOR !== 0 && offset + length !== this.size)) {
+      throw new RangeError(`Cannot store a write at ${offset}+${length}: Not 512-byte aligned`);
     }
     for (let at = offset; at < offset + length;) {
       const cluster = Math.floor(at / CLUSTER_SIZE);
-      const clusterEnd = Math.min((cluster + 1) * CLUSTER_SIZE, offset + length);
+      const base = cluster * CLUSTER_SIZE;
+      const clusterEnd = Math.min(base + CLUSTER_SIZE, offset + length);
       let partial = this.#partial.get(cluster);
       if (partial === undefined) {
         if (this.#seen.has(cluster)) throw new RangeError(`Cluster ${cluster} was sent twice`);
-        partial = { data: new Uint8Array(CLUSTER_SIZE), blocks: 0 };
+        partial = {
+          data: new Uint8Array(CLUSTER_SIZE),
+          sectors: new Uint8Array(SECTORS),
+          filled: 0,
+        };
         this.#partial.set(cluster, partial);
       }
-      for (let block = (at % CLUSTER_SIZE) / BLOCK_SIZE; at < clusterEnd; block++) {
-        if (partial.blocks & (1 << block)) {
-          throw new RangeError(`Cluster ${cluster} was sent twice`);
-        }
-        partial.blocks |= 1 << block;
-        const blockEnd = Math.min(at + BLOCK_SIZE, clusterEnd);
-        if (data !== null) {
-          partial.data.set(data.subarray(at - offset, blockEnd - offset), at % CLUSTER_SIZE);
-        }
-        at = blockEnd;
+      for (; at < clusterEnd; at += SECTOR) {
+        const sector = (at - base) / SECTOR;
+        if (partial.sectors[sector]) throw new RangeError(`Cluster ${cluster} was sent twice`);
+        partial.sectors[sector] = 1;
+        partial.filled++;
       }
-      const mask = validMask(this.size, cluster);
-      if ((partial.blocks & mask) === mask) {
+      if (data !== null) {
+        const from = Math.max(offset, base);
+        partial.data.set(data.subarray(from - offset, clusterEnd - offset), from - base);
+      }
+      const inside = Math.ceil(Math.min(CLUSTER_SIZE, this.size - base) / SECTOR);
+      if (partial.filled === inside) {
         this.#partial.delete(cluster);
         this.#claim(cluster);
+        const mask = validMask(this.size, cluster);
         await this.#queue.push({
           type: "cluster",
           devId: this.#devId,

@@ -81,12 +81,21 @@ function debugEnabled(): boolean {
 
 if (import.meta.main) {
   const controller = new AbortController();
-  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-  const onSignal = (signal: Deno.Signal) => () => {
-    if (controller.signal.aborted) Deno.exit(new InterruptedError(signal).exitCode); // a second signal
-    controller.abort(new InterruptedError(signal));
+  const signals: [Deno.Signal, number][] = [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]];
+  let received = 0;
+  const onSignal = (signal: Deno.Signal, code: number) => () => {
+    received++;
+    if (received === 1) return controller.abort(new InterruptedError(signal));
+    // Cleaning up may take a moment (a live backup restores the VM's block graph): a second
+    // signal does not cut it short; a third one does.
+    if (received === 2) {
+      writeText(Deno.stderr, "still cleaning up; send the signal once more to quit at once\n")
+        .catch(() => {});
+      return;
+    }
+    Deno.exit(code);
   };
-  const listeners = signals.map((signal) => [signal, onSignal(signal)] as const);
+  const listeners = signals.map(([signal, code]) => [signal, onSignal(signal, code)] as const);
   for (const [signal, listener] of listeners) Deno.addSignalListener(signal, listener);
   const code = await main(Deno.args, processContext(controller.signal));
   for (const [signal, listener] of listeners) Deno.removeSignalListener(signal, listener);

@@ -191,6 +191,10 @@ Deno.test("cli: extract --stdout streams one disk, --disk selects disks, existin
     assert.ok(!(await exists(`${dir}/two`)) && !(await exists(`${dir}/two.partial`)));
     const noDisk = await cli(["extract", `${dir}/vm.vma`, "--stdout", "sata3"]);
     assert.equal(noDisk.code, 7);
+    const withJson = await cli(["extract", `${dir}/vm.vma`, "--stdout", "scsi0", "--json"]);
+    assert.equal(withJson.code, 2, "--json would mix a report into the disk's bytes");
+    assert.match(withJson.stderr, /--stdout cannot be combined with .*--json/);
+    assert.equal(withJson.stdout.byteLength, 0);
   });
 });
 
@@ -474,5 +478,72 @@ Deno.test({
     // deno-lint-ignore no-control-regex
     assert.match(screen, /\r\x1b\[Kbackup 100% \[#{24}\] .* MB\/s/);
     assert.match(screen, /t\.vma: 2 disk\(s\)/);
+  });
+});
+
+Deno.test("cli: extract targets: a trailing slash works, the current directory is refused, --force replaces", async () => {
+  await withTempDir(async (dir) => {
+    const vm = await makeVm(dir);
+    assert.equal((await cli(["backup", ...vm.args, "-o", `${dir}/vm.vma`])).code, 0);
+    const slash = await cli(["extract", `${dir}/vm.vma`, `${dir}/restored/`]);
+    assert.equal(slash.code, 0, slash.stderr);
+    await assertExtracted(`${dir}/restored`, vm);
+    await Deno.writeTextFile(`${dir}/restored/stale`, "old");
+    const forced = await cli(["extract", `${dir}/vm.vma`, `${dir}/restored/`, "--force"]);
+    assert.equal(forced.code, 0, forced.stderr);
+    await assertExtracted(`${dir}/restored`, vm);
+    assert.ok(!(await exists(`${dir}/restored/stale`)), "the old directory was replaced");
+    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name).sort(), [
+      "efi.raw",
+      "qemu-server.conf",
+      "restored",
+      "system.raw",
+      "vm.vma",
+    ]);
+    // Replacing the current directory (or one holding the archive) is refused, with nothing lost.
+    for (const target of [".", dir, `${dir}/`]) {
+      const refused = await cli(["extract", `${dir}/vm.vma`, target, "--force"], { cwd: dir });
+      assert.equal(refused.code, 2, refused.stderr);
+      assert.match(refused.stderr, /holds the current directory or the archive/);
+      assert.ok(await exists(`${dir}/vm.vma`) && await exists(`${dir}/system.raw`));
+    }
+  });
+});
+
+Deno.test("cli: an existing OUT.partial is not shared without --force", async () => {
+  await withTempDir(async (dir) => {
+    const vm = await makeVm(dir);
+    await Deno.writeTextFile(`${dir}/vm.vma.partial`, "another run is writing this");
+    const refused = await cli(["backup", ...vm.args, "-o", `${dir}/vm.vma`]);
+    assert.equal(refused.code, 6);
+    assert.match(refused.stderr, /vm\.vma\.partial already exists/);
+    assert.equal(await Deno.readTextFile(`${dir}/vm.vma.partial`), "another run is writing this");
+    const forced = await cli(["backup", ...vm.args, "-o", `${dir}/vm.vma`, "--force"]);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.ok(!(await exists(`${dir}/vm.vma.partial`)));
+  });
+});
+
+Deno.test("cli: truncated zstd and gzip archives are corrupt archives (exit 3), also with --json", async () => {
+  await withTempDir(async (dir) => {
+    const vm = await makeVm(dir);
+    for (
+      const [name, pattern] of [["vm.vma.zst", /zstd data: .*truncated/], [
+        "vm.vma.gz",
+        /gzip data: /,
+      ]] as const
+    ) {
+      assert.equal((await cli(["backup", ...vm.args, "-o", `${dir}/${name}`])).code, 0);
+      const bytes = await Deno.readFile(`${dir}/${name}`);
+      await Deno.writeFile(`${dir}/cut-${name}`, bytes.subarray(0, bytes.byteLength - 100));
+      const verify = await cli(["verify", `${dir}/cut-${name}`]);
+      assert.equal(verify.code, 3, verify.stderr);
+      assert.match(verify.stderr, pattern);
+      const json = await cli(["verify", `${dir}/cut-${name}`, "--json"]);
+      assert.equal(json.code, 3);
+      const report = JSON.parse(json.text);
+      assert.equal(report.ok, false);
+      assert.equal(report.error.reason, "bad-compression");
+    }
   });
 });

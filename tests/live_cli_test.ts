@@ -172,6 +172,26 @@ for (const mode of ["push", "pull"] as const) {
   );
 }
 
+qemuTest("cli backup --qmp with a bad flag fails before it touches the VM", async () => {
+  const vm = await startVm(disks(16 * MiB));
+  await withTempDir(async (dir) => {
+    try {
+      const before = await vm.nodes();
+      const out = `${dir}/vm.vma.zst`;
+      const result = await cli(
+        ["backup", "--qmp", vm.toolQmp, "-o", out, "--zstd", "bogus"],
+        { permissions: PERMISSIONS },
+      );
+      assert.equal(result.code, 2, result.stderr);
+      assert.match(result.stderr, /--zstd/);
+      assert.ok(!(await exists(out)) && !(await exists(`${out}.partial`)));
+      await assertVmUntouched(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+});
+
 async function exists(path: string): Promise<boolean> {
   return await Deno.lstat(path).then(() => true, () => false);
 }

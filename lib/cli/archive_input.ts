@@ -8,6 +8,7 @@
 import { type Compression, decompressInput, type ZstdEngine } from "../transforms/compression.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
+import { VmaFormatError } from "../vma/errors.ts";
 import { CliError, ExitCode } from "./errors.ts";
 import { openInput } from "./files.ts";
 import { tapStream } from "../transforms/tap.ts";
@@ -53,13 +54,42 @@ export async function openArchive(
   }
   const reader = new VmaReaderStream(options.reader);
   return {
-    records: decompressed.readable.pipeThrough(reader),
+    records: asArchiveErrors(decompressed.readable, decompressed.compression, () => read)
+      .pipeThrough(reader),
     reader,
     compression: decompressed.compression,
     name: input.name,
     size: input.size,
     bytesRead: () => read,
   };
+}
+
+/**
+ * Decompressed bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
+ * become {@linkcode VmaFormatError}s: the archive is bad, and the error says how and where.
+ */
+function asArchiveErrors(
+  input: ReadableStream<Uint8Array>,
+  compression: Compression,
+  bytesRead: () => number,
+): ReadableStream<Uint8Array> {
+  const reader = input.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let next;
+      try {
+        next = await reader.read();
+      } catch (error) {
+        if (compression === "none" || error instanceof Deno.errors.NotCapable) throw error;
+        const detail = (error instanceof Error ? error.message : String(error))
+          .replace(/^Cannot decode [^:]*: /, "");
+        throw new VmaFormatError("bad-compression", bytesRead(), `${compression} data: ${detail}`);
+      }
+      if (next.done) controller.close();
+      else controller.enqueue(next.value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
 }
 
 /** A sink that drops records, giving their buffers back to the reader. */

@@ -30,6 +30,8 @@ export const ExitCode = {
   interrupted: 130,
   /** Stopped by SIGTERM (128 + 15). */
   terminated: 143,
+  /** Stopped by SIGHUP (128 + 1), for example a closed terminal or ssh session. */
+  hangup: 129,
 } as const;
 
 /** An error the CLI reports as is, with its own exit code. */

@@ -31,6 +31,29 @@ export async function openInput(path: string): Promise<Input> {
   return { readable: fileByteSource(file), size: info.isFile ? info.size : undefined, name: path };
 }
 
+/** The one-line error for an output that exists, with its exit code. */
+export function existsError(path: string): CliError {
+  return new CliError(ExitCode.exists, `${path} already exists (use --force to replace it)`);
+}
+
+/**
+ * Moves a finished `partial` to `target`. An existing `target` (allowed with --force) is
+ * first renamed aside and removed only once the new one is in place; if the rename fails,
+ * the old one is put back, so a failure never loses both.
+ */
+export async function replaceWith(partial: string, target: string): Promise<void> {
+  if (!await exists(target)) return await Deno.rename(partial, target);
+  const aside = `${target}.old-${Deno.pid}`;
+  await Deno.rename(target, aside);
+  try {
+    await Deno.rename(partial, target);
+  } catch (error) {
+    await Deno.rename(aside, target).catch(() => {});
+    throw error;
+  }
+  await Deno.remove(aside, { recursive: true });
+}
+
 /** True when something exists at `path` (a dangling symlink counts). */
 export async function exists(path: string): Promise<boolean> {
   try {
@@ -74,11 +97,17 @@ export async function openOutput(
       discardSync: () => {},
     };
   }
-  if (!options.force && await exists(path)) {
-    throw new CliError(ExitCode.exists, `${path} already exists (use --force to replace it)`);
-  }
+  if (!options.force && await exists(path)) throw existsError(path);
   const partial = `${path}.partial`;
-  const file = await Deno.open(partial, { write: true, create: true, truncate: true });
+  // Another run may be writing the same partial file: never share it without --force.
+  const file = await Deno.open(
+    partial,
+    options.force
+      ? { write: true, create: true, truncate: true }
+      : { write: true, createNew: true },
+  ).catch((error) => {
+    throw error instanceof Deno.errors.AlreadyExists ? existsError(partial) : error;
+  });
   let state: "open" | "committed" | "discarded" = "open";
   const close = () => {
     try {
@@ -90,7 +119,7 @@ export async function openOutput(
     path,
     async commit() {
       close();
-      await Deno.rename(partial, path);
+      await replaceWith(partial, path);
       state = "committed";
     },
     async discard() {

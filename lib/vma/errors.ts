@@ -8,6 +8,7 @@
 /** Why an archive was rejected; stable strings for scripts and tests. */
 export type VmaFormatReason =
   | "compressed-input"
+  | "bad-compression"
   | "truncated-header"
   | "bad-magic"
   | "bad-header-size"

@@ -18,7 +18,7 @@ import {
   type ZstdEngine,
 } from "../../transforms/compression.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
-import { CLUSTER_SIZE } from "../../vma/format.ts";
+import { CLUSTER_SIZE, configName } from "../../vma/format.ts";
 import type { VmaRecord } from "../../vma/records.ts";
 import { VmaWriterStream } from "../../vma/writer_stream.ts";
 import {
@@ -31,8 +31,8 @@ import {
   zstdEngine,
 } from "../command.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
-import { CliError, ExitCode, UsageError } from "../errors.ts";
-import { exists, openOutput } from "../files.ts";
+import { UsageError } from "../errors.ts";
+import { openOutput } from "../files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
 
@@ -135,12 +135,21 @@ export async function readConfigs(paths: string[]): Promise<{ name: string; data
   );
 }
 
-/** Everything a backup needs besides its disk sources. */
-export interface BackupPlan {
+/** What a backup reads: started only once the output is open and every flag was checked. */
+export interface BackupSources {
   sources: ReadableStream<VmaRecord>[];
-  configs: { name: string; data: Uint8Array }[];
-  /** Sum of the disk sizes, for progress (undefined when unknown). */
+  /** Shown in the summary and JSON result. */
+  disks: { name: string; path: string }[];
+  /** Sum of the disk sizes, for progress (undefined: learnt from the device records). */
   totalBytes?: number | undefined;
+  /** A live backup feeding `sources`: aborted when the pipeline fails, awaited at the end. */
+  live?: LiveBackup | undefined;
+}
+
+export interface BackupPlan {
+  /** Starts the sources (qemu-nbd children, a live backup): only after the output is open. */
+  start(): Promise<BackupSources>;
+  configs: { name: string; data: Uint8Array }[];
   output: string;
   compression: WritableCompression;
   level?: number | undefined;
@@ -148,10 +157,6 @@ export interface BackupPlan {
   force: boolean;
   progress: "auto" | "json" | "none";
   json: boolean;
-  /** Shown in the summary and JSON result. */
-  disks: { name: string; path: string }[];
-  /** A live backup feeding `sources`: aborted when the pipeline fails, awaited at the end. */
-  live?: LiveBackup | undefined;
 }
 
 /**
@@ -159,31 +164,33 @@ export interface BackupPlan {
  * with progress, and the partial output removed on any failure or signal.
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
-  let output;
+  const output = await openOutput(plan.output, context, { force: plan.force });
+  let started: BackupSources;
   try {
-    output = await openOutput(plan.output, context, { force: plan.force });
+    started = await plan.start();
   } catch (error) {
-    await plan.live?.abort(error);
+    await output.discard();
     throw error;
   }
+  const { live, disks, totalBytes } = started;
   const progress = new Progress(context, {
     mode: plan.progress,
     command: "backup",
-    total: plan.totalBytes,
+    total: totalBytes,
   });
   const sizes = new Map<number, number>();
   const uuid = crypto.randomUUID();
   const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
-  const started = performance.now();
-  plan.live?.snapshot.then(() => progress.note("snapshot"), () => {});
+  const startTime = performance.now();
+  live?.snapshot.then(() => progress.note("snapshot"), () => {});
   const onAbort = () => output.discardSync();
   context.signal.addEventListener("abort", onAbort);
   try {
-    await combineRecordStreams(plan.sources, { configs: plan.configs })
+    await combineRecordStreams(started.sources, { configs: plan.configs })
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
-          if (plan.totalBytes === undefined) progress.addTotal(record.size);
+          if (totalBytes === undefined) progress.addTotal(record.size);
         }
         if (record.type !== "cluster" && record.type !== "zeros") return;
         const count = record.type === "zeros" ? record.count : 1;
@@ -194,20 +201,20 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       .pipeThrough(writer)
       .pipeThrough(compressor(plan.compression, plan.level, plan.zstd))
       .pipeTo(output.writable, { signal: context.signal });
-    await plan.live?.finished;
+    await live?.finished;
     await output.commit();
     await progress.finish(true);
   } catch (error) {
     await output.discard();
     // Whatever failed, QEMU's graph is put back before the command ends.
-    await plan.live?.abort(error);
+    await live?.abort(error);
     await progress.finish(false);
     throw context.signal.aborted ? context.signal.reason : error;
   } finally {
     context.signal.removeEventListener("abort", onAbort);
   }
 
-  const seconds = (performance.now() - started) / 1000;
+  const seconds = (performance.now() - startTime) / 1000;
   const stats = writer.stats;
   const diskBytes = [...sizes.values()].reduce((a, b) => a + b, 0);
   const written = output.writable.bytesWritten;
@@ -217,8 +224,8 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     output: plan.output,
     uuid,
     compression: plan.compression,
-    disks: plan.disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
-    configs: plan.configs.map((config) => config.name.replace(/.*\//, "")),
+    disks: disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
+    configs: plan.configs.map((config) => configName(config.name)),
     diskBytes,
     archiveBytes: stats.bytes,
     outputBytes: written,
@@ -237,7 +244,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     const name = plan.output === "-" ? "stdout" : plan.output;
     await writeText(
       context.stderr,
-      `${name}: ${plan.disks.length} disk(s), ${formatBytes(diskBytes)} (${sparse}% sparse) → ${
+      `${name}: ${disks.length} disk(s), ${formatBytes(diskBytes)} (${sparse}% sparse) → ${
         formatBytes(written)
       } ${plan.compression === "none" ? "" : `${plan.compression} `}in ${seconds.toFixed(1)} s, ${
         formatRate(diskBytes, seconds)
@@ -299,19 +306,23 @@ export const backupCommand: Command = {
         );
       }
     }
+    const zstd = zstdEngine(values.zstd);
     return await runBackup({
-      sources: disks.map(({ name, path }) =>
-        isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
-      ),
+      start: () =>
+        Promise.resolve({
+          sources: disks.map(({ name, path }) =>
+            isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
+          ),
+          disks,
+        }),
       configs,
       output: values.output,
       compression,
       level,
-      zstd: zstdEngine(values.zstd),
+      zstd,
       force: values.force ?? false,
       progress: mode,
       json: values.json ?? false,
-      disks,
     }, context);
   },
 };
@@ -352,36 +363,35 @@ async function runLiveBackup(values: LiveValues, context: CliContext): Promise<n
   }
   const { compression, level } = parseCompression(values.output, values.compress, values.level);
   const progress = progressMode(values.progress);
+  const zstd = zstdEngine(values.zstd);
   const configs = await readConfigs(values.config ?? []);
-  // Refuse an existing output before touching the VM.
-  if (values.output !== "-" && !values.force && await exists(values.output)) {
-    throw new CliError(
-      ExitCode.exists,
-      `${values.output} already exists (use --force to replace it)`,
-    );
-  }
+  // Every flag is checked and the output opened before the VM is touched.
   using qmp = await QmpClient.connect(values.qmp!);
   const options = { qmp, ...(values.drive && { drives: values.drive }) };
-  const live = mode === "push"
-    ? await startPushBackup({ ...options, ...(speed && { speed }) })
-    : await startPullBackup({
-      ...options,
-      ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
-      discardRead: values["discard-read"] ?? false,
-    });
   return await runBackup({
-    sources: [live.records],
+    async start() {
+      const live = mode === "push"
+        ? await startPushBackup({ ...options, ...(speed && { speed }) })
+        : await startPullBackup({
+          ...options,
+          ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
+          discardRead: values["discard-read"] ?? false,
+        });
+      return {
+        sources: [live.records],
+        totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
+        disks: live.drives.map((drive) => ({ name: drive.name, path: `qmp:${drive.node}` })),
+        live,
+      };
+    },
     configs,
-    totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
     output: values.output,
     compression,
     level,
-    zstd: zstdEngine(values.zstd),
+    zstd,
     force: values.force ?? false,
     progress,
     json: values.json ?? false,
-    disks: live.drives.map((drive) => ({ name: drive.name, path: `qmp:${drive.node}` })),
-    live,
   }, context);
 }
 

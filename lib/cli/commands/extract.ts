@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { resolve } from "node:path";
 import { DeviceBytesStream } from "../../sinks/device_stream.ts";
 import { tapStream } from "../../transforms/tap.ts";
 import { ByteSink } from "../../sinks/file_sink.ts";
@@ -27,7 +28,7 @@ import {
 import type { ZstdEngine } from "../../transforms/compression.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
-import { exists } from "../files.ts";
+import { exists, existsError, replaceWith } from "../files.ts";
 import { Progress } from "../progress.ts";
 
 const HELP = `Extract a VMA archive: configs and one sparse raw image per disk.
@@ -114,8 +115,8 @@ export const extractCommand: Command = {
       format: { type: "string" },
       zstd: { type: "string" },
     });
-    const zstd = zstdEngine(values.zstd);
     if (values.help) return await printHelp(context, HELP);
+    const zstd = zstdEngine(values.zstd);
     const mode = progressMode(values.progress);
     const format = (values.format ?? "raw") as ImageFormat;
     if (!IMAGE_FORMATS.includes(format)) {
@@ -123,8 +124,11 @@ export const extractCommand: Command = {
     }
     if (values.stdout !== undefined) {
       expectPositionals("extract", positionals, 1);
-      if (values.disk || values.format) {
-        throw new UsageError("--stdout cannot be combined with --disk or --format");
+      if (values.disk || values.format || values.json || values.force) {
+        // stdout carries the disk, and nothing is written that --force could replace.
+        throw new UsageError(
+          "--stdout cannot be combined with --disk, --format, --json or --force",
+        );
       }
       return await extractToStdout(positionals[0]!, values.stdout, context, { mode, zstd });
     }
@@ -187,16 +191,29 @@ interface ExtractPlan {
   zstd: ZstdEngine;
 }
 
-async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promise<number> {
-  const { target, wanted } = plan;
-  if (!plan.force && await exists(target)) {
-    throw new CliError(ExitCode.exists, `${target} already exists (use --force to replace it)`);
+/**
+ * TARGETDIR without trailing slashes, refused when replacing it would remove the current
+ * directory or the archive being read.
+ */
+function checkedTarget(target: string, archive: string): string {
+  const trimmed = target.replace(/\/+$/, "") || "/";
+  const full = resolve(trimmed);
+  const inside = (path: string) => path === full || path.startsWith(`${full}/`);
+  if (full === "/" || inside(resolve(".")) || (archive !== "-" && inside(resolve(archive)))) {
+    throw new UsageError(
+      `TARGETDIR ${target} holds the current directory or the archive; extract into a new directory`,
+    );
   }
+  return trimmed;
+}
+
+async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promise<number> {
+  const { wanted } = plan;
+  const target = checkedTarget(plan.target, plan.archive);
+  if (!plan.force && await exists(target)) throw existsError(target);
   const partial = `${target}.partial`;
   if (await exists(partial)) {
-    if (!plan.force) {
-      throw new CliError(ExitCode.exists, `${partial} already exists (use --force to replace it)`);
-    }
+    if (!plan.force) throw existsError(partial);
     await Deno.remove(partial, { recursive: true });
   }
   const selected = (device: VmaDeviceRecord) =>
@@ -220,7 +237,11 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   const imageSink = plan.format === "raw"
     ? undefined
     : new ImageRestoreSink({ format: plan.format, target: pathOf });
-  const onAbort = () => Deno.removeSync(partial, { recursive: true });
+  const onAbort = () => {
+    try {
+      Deno.removeSync(partial, { recursive: true });
+    } catch { /* already gone */ }
+  };
   await Deno.mkdir(partial);
   context.signal.addEventListener("abort", onAbort);
   try {
@@ -237,8 +258,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
         throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
       }
     }
-    if (plan.force) await Deno.remove(target, { recursive: true }).catch(() => {});
-    await Deno.rename(partial, target);
+    await replaceWith(partial, target);
     await progress?.finish(true);
   } catch (error) {
     await Deno.remove(partial, { recursive: true }).catch(() => {});
@@ -250,7 +270,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   const seconds = (performance.now() - started) / 1000;
   const restored = found.devices.filter(selected).map((device) => ({
     name: device.name,
-    path: `${plan.target}/${deviceFileName(device, plan.format)}`,
+    path: `${target}/${deviceFileName(device, plan.format)}`,
     size: device.size,
     dataBytes: sink.restored.find((done) => done.name === device.name)?.dataBytes ?? null,
   }));

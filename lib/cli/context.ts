@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { writeAll } from "../_io.ts";
 import type { ByteWriter } from "../sinks/file_sink.ts";
 
 /** The I/O of one command run. */
@@ -21,8 +22,7 @@ const encoder = new TextEncoder();
 
 /** Writes all of `text` to `writer`. */
 export async function writeText(writer: ByteWriter, text: string): Promise<void> {
-  const bytes = encoder.encode(text);
-  for (let done = 0; done < bytes.byteLength;) done += await writer.write(bytes.subarray(done));
+  await writeAll(writer, encoder.encode(text));
 }
 
 /** The context of the real process. */

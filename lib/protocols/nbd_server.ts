@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { writeAll } from "../_io.ts";
 import {
   decodeExportInfoRequest,
   decodeOptionHeader,
@@ -327,8 +328,4 @@ class SocketReader {
       await this.readInto(scratch.subarray(0, Math.min(left, scratch.byteLength)));
     }
   }
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let done = 0; done < bytes.byteLength;) done += await conn.write(bytes.subarray(done));
 }

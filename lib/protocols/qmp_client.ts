@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { writeAll } from "../_io.ts";
 
 /** An asynchronous event QEMU sent, such as `BLOCK_JOB_COMPLETED`. */
 export interface QmpEvent {
@@ -192,10 +193,7 @@ export class QmpClient implements Disposable {
   }
 
   async #write(text: string): Promise<void> {
-    const bytes = new TextEncoder().encode(text);
-    for (let done = 0; done < bytes.byteLength;) {
-      done += await this.#conn.write(bytes.subarray(done));
-    }
+    await writeAll(this.#conn, new TextEncoder().encode(text));
   }
 
   async #readLoop(lines: AsyncIterator<string>): Promise<void> {

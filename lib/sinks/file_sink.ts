@@ -4,12 +4,10 @@
  *
  * @module
  */
+import { type ByteWriter, writeAll } from "../_io.ts";
 import { releaseChunk } from "../_pool.ts";
 
-/** Something bytes can be written to: an `FsFile`, `Deno.stdout`, a socket. */
-export interface ByteWriter {
-  write(bytes: Uint8Array): Promise<number>;
-}
+export type { ByteWriter } from "../_io.ts";
 
 /**
  * Writes every chunk completely to `target` and then releases it (see `releaseChunk`),
@@ -34,9 +32,7 @@ export class ByteSink extends WritableStream<Uint8Array> {
   constructor(target: ByteWriter, options: { queuedChunks?: number } = {}) {
     super({
       write: async (chunk) => {
-        for (let done = 0; done < chunk.byteLength;) {
-          done += await target.write(chunk.subarray(done));
-        }
+        await writeAll(target, chunk);
         this.#written += chunk.byteLength;
         releaseChunk(chunk);
       },

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { writeAll } from "../_io.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
 import { WriteCoalescer } from "./_write_runs.ts";
 
@@ -68,9 +69,7 @@ export class RestoreSink extends WritableStream<VmaRecord> {
       : { write: true, createNew: true };
     const writes = new WriteCoalescer<OpenDevice>(async (device, position, bytes) => {
       await device.file.seek(position, Deno.SeekMode.Start);
-      for (let written = 0; written < bytes.byteLength;) {
-        written += await device.file.write(bytes.subarray(written));
-      }
+      await writeAll(device.file, bytes);
       device.info.dataBytes += bytes.byteLength;
     });
     const closeAll = () => {

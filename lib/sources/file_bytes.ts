@@ -4,11 +4,11 @@
  *
  * @module
  */
+import { type ByteReader, readUpTo } from "../_io.ts";
 import { BufferPool } from "../_pool.ts";
 
-/** Something bytes can be read from: an `FsFile`, `Deno.stdin`, a socket. */
-export interface ByteReader {
-  read(target: Uint8Array): Promise<number | null>;
+/** A reader the source closes when the input ends or fails: an `FsFile`, `Deno.stdin`. */
+export interface ClosableByteReader extends ByteReader {
   close(): void;
 }
 
@@ -37,7 +37,7 @@ export interface FileByteSourceOptions {
  * ```
  */
 export function fileByteSource(
-  file: ByteReader,
+  file: ClosableByteReader,
   options: FileByteSourceOptions = {},
 ): ReadableStream<Uint8Array> {
   const pool = new BufferPool(options.chunkSize ?? 1 << 20, { trackChunks: true });
@@ -49,13 +49,9 @@ export function fileByteSource(
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
       const buffer = pool.acquire();
-      let filled = 0;
+      let filled: number;
       try {
-        while (filled < buffer.bytes.byteLength) {
-          const count = await file.read(buffer.bytes.subarray(filled));
-          if (count === null) break;
-          filled += count;
-        }
+        filled = await readUpTo(file, buffer.bytes);
       } catch (error) {
         close();
         throw error;

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { readUpTo } from "../_io.ts";
 
 /** Image formats QEMU reads that this toolkit backs up and restores. */
 export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vdi" | "vhdx" | "vpc" | "qed";
@@ -55,11 +56,5 @@ export function formatFromMagic(head: Uint8Array): ImageFormat {
 export async function detectImageFormat(path: string | URL): Promise<ImageFormat> {
   using file = await Deno.open(path, { read: true });
   const head = new Uint8Array(512);
-  let filled = 0;
-  while (filled < head.byteLength) {
-    const count = await file.read(head.subarray(filled));
-    if (count === null) break;
-    filled += count;
-  }
-  return formatFromMagic(head.subarray(0, filled));
+  return formatFromMagic(head.subarray(0, await readUpTo(file, head)));
 }

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { readUpTo } from "../_io.ts";
 import { BufferPool } from "../_pool.ts";
 import { CLUSTER_SIZE, clusterCount } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
@@ -148,14 +149,10 @@ async function diskSize(file: Deno.FsFile): Promise<number> {
 
 /** Fills `target` from the file, or throws if the file ends first. */
 async function readFully(file: Deno.FsFile, target: Uint8Array, offset: number): Promise<void> {
-  let filled = 0;
-  while (filled < target.byteLength) {
-    const count = await file.read(target.subarray(filled));
-    if (count === null) {
-      throw new Deno.errors.UnexpectedEof(
-        `Cannot read disk: It ended at byte ${offset + filled}, before its size was reached`,
-      );
-    }
-    filled += count;
+  const filled = await readUpTo(file, target);
+  if (filled < target.byteLength) {
+    throw new Deno.errors.UnexpectedEof(
+      `Cannot read disk: It ended at byte ${offset + filled}, before its size was reached`,
+    );
   }
 }

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { readUpTo, writeAll } from "../../_io.ts";
 import { type Command, parseCommandArgs, printHelp } from "../command.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode } from "../errors.ts";
@@ -43,7 +44,7 @@ export async function createSampleVm(dir: string): Promise<{ disks: string[]; co
     ];
     for (const [offset, bytes] of pieces) {
       await file.seek(offset, Deno.SeekMode.Start);
-      for (let done = 0; done < bytes.byteLength;) done += await file.write(bytes.subarray(done));
+      await writeAll(file, bytes);
     }
   }
   const vars = new Uint8Array(540672); // not a multiple of 64 KiB, like OVMF's vars store
@@ -110,22 +111,12 @@ export async function firstDifference(a: string, b: string): Promise<number | un
   const bufferA = new Uint8Array(MiB);
   const bufferB = new Uint8Array(MiB);
   for (let offset = 0;;) {
-    const [countA, countB] = [await readFull(fileA, bufferA), await readFull(fileB, bufferB)];
+    const [countA, countB] = [await readUpTo(fileA, bufferA), await readUpTo(fileB, bufferB)];
     if (countA !== countB) return offset + Math.min(countA, countB);
     for (let i = 0; i < countA; i++) if (bufferA[i] !== bufferB[i]) return offset + i;
     if (countA < MiB) return undefined;
     offset += countA;
   }
-}
-
-async function readFull(file: Deno.FsFile, buffer: Uint8Array): Promise<number> {
-  let filled = 0;
-  while (filled < buffer.byteLength) {
-    const count = await file.read(buffer.subarray(filled));
-    if (count === null) break;
-    filled += count;
-  }
-  return filled;
 }
 
 /** Runs a command with `--json` in-process and returns its JSON result. */

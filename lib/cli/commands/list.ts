@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { writeAll } from "../../_io.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaHeaderRecord } from "../../vma/records.ts";
 import { VMSTATE_NAME } from "../../vma/format.ts";
 import { openArchive } from "../archive_input.ts";
@@ -146,9 +147,7 @@ export const configCommand: Command = {
     if (config === undefined) {
       throw new CliError(ExitCode.notFound, `unable to find configuration data '${wanted}'`);
     }
-    for (let done = 0; done < config.data.byteLength;) {
-      done += await context.stdout.write(config.data.subarray(done));
-    }
+    await writeAll(context.stdout, config.data);
     return ExitCode.ok;
   },
 };

@@ -63,6 +63,31 @@ export function popcount16(mask: number): number {
   return (mask + (mask >>> 8)) & 0x1f;
 }
 
+/**
+ * Calls `visit(first, end)` for each run of consecutive set bits of a 16-bit block mask,
+ * lowest first: blocks `first` to `end - 1` are stored.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { forEachBlockRun } from "./_bytes.ts";
+ *
+ * const runs: number[][] = [];
+ * forEachBlockRun(0b1110_0000_0000_0011, (first, end) => runs.push([first, end]));
+ * assert.deepEqual(runs, [[0, 2], [13, 16]]);
+ * ```
+ */
+export function forEachBlockRun(mask: number, visit: (first: number, end: number) => void): void {
+  let remaining = mask & 0xffff;
+  while (remaining !== 0) {
+    const first = 31 - Math.clz32(remaining & -remaining);
+    let end = first + 1;
+    while (end < 16 && (remaining & (1 << end))) end++;
+    remaining &= ~(((1 << (end - first)) - 1) << first);
+    visit(first, end);
+  }
+}
+
 /** MD5 digest of `bytes`. */
 export function md5(bytes: Uint8Array): Uint8Array {
   return new Uint8Array(createHash("md5").update(bytes).digest());

@@ -6,28 +6,26 @@
  *
  * @module
  */
+import { forEachBlockRun } from "../_bytes.ts";
 import { BLOCK_SIZE, CLUSTER_SIZE } from "../vma/format.ts";
 import type { Lease, VmaClusterRecord } from "../vma/records.ts";
 
 /** Byte ranges of a cluster's stored blocks: runs of consecutive mask bits, cut at `size`. */
-export function* storedRanges(
+export function storedRanges(
   record: VmaClusterRecord,
   deviceSize: number,
-): Generator<{ position: number; bytes: Uint8Array }> {
-  if (record.data === null) return;
+): { position: number; bytes: Uint8Array }[] {
+  const ranges: { position: number; bytes: Uint8Array }[] = [];
+  const data = record.data;
+  if (data === null) return ranges;
   const base = record.cluster * CLUSTER_SIZE;
   const end = Math.min(CLUSTER_SIZE, deviceSize - base);
-  let mask = record.mask;
-  while (mask !== 0) {
-    const first = 31 - Math.clz32(mask & -mask);
-    let last = first;
-    while (last < 15 && (mask & (1 << (last + 1)))) last++;
-    mask &= ~(((1 << (last - first + 1)) - 1) << first);
+  forEachBlockRun(record.mask, (first, last) => {
     const start = first * BLOCK_SIZE;
-    const stop = Math.min((last + 1) * BLOCK_SIZE, end);
-    if (stop <= start) return;
-    yield { position: base + start, bytes: record.data.subarray(start, stop) };
-  }
+    const stop = Math.min(last * BLOCK_SIZE, end);
+    if (stop > start) ranges.push({ position: base + start, bytes: data.subarray(start, stop) });
+  });
+  return ranges;
 }
 
 /**

@@ -5,7 +5,7 @@
  * @module
  */
 import { ClusterBitmap } from "../_bitmap.ts";
-import { md5, popcount16, uuidToBytes } from "../_bytes.ts";
+import { forEachBlockRun, md5, popcount16, uuidToBytes } from "../_bytes.ts";
 import { BufferPool } from "../_pool.ts";
 import {
   BLOCK_SIZE,
@@ -308,13 +308,9 @@ class ArchiveWriter {
       this.#extentData = buffer.bytes;
     }
     const target = this.#extentData;
-    let remaining = mask;
-    while (remaining !== 0) {
-      const first = 31 - Math.clz32(remaining & -remaining);
-      let last = first;
-      while (last < 15 && (remaining & (1 << (last + 1)))) last++;
+    forEachBlockRun(mask, (first, last) => {
       const start = first * BLOCK_SIZE;
-      const end = (last + 1) * BLOCK_SIZE;
+      const end = last * BLOCK_SIZE;
       const at = EXTENT_HEADER_SIZE + this.#dataLength;
       target.set(data.subarray(start, end), at);
       if (end > bytesLeftInDevice) {
@@ -322,8 +318,7 @@ class ArchiveWriter {
         target.fill(0, at + bytesLeftInDevice - start, at + end - start);
       }
       this.#dataLength += end - start;
-      remaining &= ~(((1 << (last - first + 1)) - 1) << first);
-    }
+    });
     this.stats.dataBlocks += popcount16(mask);
   }
 

@@ -6,9 +6,9 @@
  */
 import { BufferPool } from "../_pool.ts";
 import { NbdClient, type NbdExtent, NbdStateFlag } from "../protocols/nbd_client.ts";
-import { CLUSTER_SIZE, clusterCount } from "../vma/format.ts";
+import { CLUSTER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
-import { bufferClusters } from "./_clusters.ts";
+import { bufferClusters, zeroRun } from "./_clusters.ts";
 
 /** Options of {@linkcode nbdDiskSource}. */
 export interface NbdDiskSourceOptions {
@@ -27,7 +27,6 @@ export interface NbdDiskSourceOptions {
 }
 
 const BASE_ALLOCATION = "base:allocation";
-const MAX_ZEROS_PER_RECORD = 1 << 20;
 
 /**
  * Connects to an NBD export (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`) and
@@ -127,13 +126,10 @@ export function nbdDiskSource(
         if (extents !== undefined) {
           const extent = await extentAt(offset);
           if (extent.zero) {
-            const clusters = extent.end >= size
-              ? clusterCount(size - offset)
-              : Math.floor((extent.end - offset) / CLUSTER_SIZE);
-            if (clusters > 0) {
-              const count = Math.min(clusters, MAX_ZEROS_PER_RECORD);
-              controller.enqueue({ type: "zeros", devId, cluster: offset / CLUSTER_SIZE, count });
-              offset = Math.min(size, offset + count * CLUSTER_SIZE);
+            const zeros = zeroRun({ devId, deviceSize: size, offset, zeroEnd: extent.end });
+            if (zeros !== undefined) {
+              controller.enqueue(zeros);
+              offset = Math.min(size, offset + zeros.count * CLUSTER_SIZE);
               return;
             }
             // A zero range shorter than this cluster: read the cluster.

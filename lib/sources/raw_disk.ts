@@ -6,9 +6,9 @@
  */
 import { readUpTo } from "../_io.ts";
 import { BufferPool } from "../_pool.ts";
-import { CLUSTER_SIZE, clusterCount } from "../vma/format.ts";
+import { CLUSTER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
-import { bufferClusters } from "./_clusters.ts";
+import { bufferClusters, zeroRun } from "./_clusters.ts";
 import { SparseMap } from "./_sparse_map.ts";
 
 /** Options of {@linkcode rawDiskSource}. */
@@ -27,8 +27,6 @@ export interface RawDiskSourceOptions {
 }
 
 const DEFAULT_READ_SIZE = 1 << 20;
-/** Largest zero run in one record: 64 GiB, so progress keeps moving on huge holes. */
-const MAX_ZEROS_PER_RECORD = 1 << 20;
 
 /**
  * Reads a raw image file or block device and emits a `device` record, then one `cluster`
@@ -107,13 +105,10 @@ export function rawDiskSource(
       if (map !== undefined) {
         // Whole clusters before the next data are a hole: no read, one record per run.
         const data = map.nextData(offset) ?? size;
-        const holeClusters = data >= size
-          ? clusterCount(size - offset)
-          : Math.floor((data - offset) / CLUSTER_SIZE);
-        if (holeClusters > 0) {
-          const count = Math.min(holeClusters, MAX_ZEROS_PER_RECORD);
-          controller.enqueue({ type: "zeros", devId, cluster: offset / CLUSTER_SIZE, count });
-          offset = Math.min(size, offset + count * CLUSTER_SIZE);
+        const zeros = zeroRun({ devId, deviceSize: size, offset, zeroEnd: data });
+        if (zeros !== undefined) {
+          controller.enqueue(zeros);
+          offset = Math.min(size, offset + zeros.count * CLUSTER_SIZE);
           return;
         }
         // Read up to the cluster that holds the hole after this data (the data may start

@@ -88,7 +88,7 @@ export async function printHelp(context: CliContext, text: string): Promise<numb
   return 0;
 }
 
-/** Prints a JSON result object on stdout (or stderr when stdout carries data). */
+/** A JSON result object as one line; the caller writes it to stdout, or stderr when stdout carries data. */
 export function jsonLine(value: unknown): string {
   return `${JSON.stringify(value)}\n`;
 }

@@ -78,18 +78,27 @@ export interface NbdServerStats {
  * the client down instead of filling memory.
  *
  * @example Serve an export that counts written bytes
- * ```ts ignore
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { NbdServer } from "./nbd_server.ts";
  *
+ * const dir = await Deno.makeTempDir();
  * let total = 0;
- * const server = NbdServer.listen("/tmp/target.sock", {
+ * const server = NbdServer.listen(`${dir}/target.sock`, {
  *   size: 1 << 30,
- *   async write(_offset, length, read) { await read(new Uint8Array(length)); total += length; },
+ *   async write(_offset, length, read) {
+ *     await read(new Uint8Array(length));
+ *     total += length;
+ *   },
  *   async writeZeroes() {},
  *   async trim() {},
  *   async flush() {},
  * });
- * await server.finished; // after the client disconnected and close() was called
+ * // A client such as `qemu-img convert -n -O raw disk.qcow2 "nbd+unix:///?socket=…"` writes
+ * // into it now; close() stops listening and waits for the connection to end.
+ * await server.close();
+ * assert.equal(total, server.stats.bytesWritten);
+ * await Deno.remove(dir, { recursive: true });
  * ```
  */
 export class NbdServer {

@@ -22,7 +22,7 @@ export const IMAGE_FORMATS: readonly ImageFormat[] = [
 
 const ascii = (text: string) => [...text].map((char) => char.charCodeAt(0));
 const MAGICS: [ImageFormat, number, number[]][] = [
-  ["qcow2", 0, [0x51, 0x46, 0x49, 0xfb]], // "QFI\xfb" (qcow version 1 is refused below)
+  ["qcow2", 0, [0x51, 0x46, 0x49, 0xfb]], // "QFI\xfb"; qcow version 1 too, which qemu-nbd refuses
   ["vmdk", 0, ascii("KDMV")], // hosted sparse extent
   ["vmdk", 0, ascii("# Disk DescriptorFile")], // a descriptor file
   ["vdi", 64, [0x7f, 0x10, 0xda, 0xbe]], // signature 0xbeda107f, little-endian
@@ -32,9 +32,8 @@ const MAGICS: [ImageFormat, number, number[]][] = [
 ];
 
 /**
- * The format of an image from its first 512 bytes: a known magic, or `raw`. Images of the
- * qcow version 1 and other formats QEMU can read are reported with `qemu-img info` in mind:
- * anything unknown is raw, as QEMU treats it.
+ * The format of an image from its first 512 bytes: a known magic, or `raw` for anything
+ * else, as QEMU's own probing treats it.
  *
  * @example Recognise a qcow2 header
  * ```ts
@@ -52,7 +51,20 @@ export function formatFromMagic(head: Uint8Array): ImageFormat {
   return "raw";
 }
 
-/** Reads the first 512 bytes of `path` and recognises its format. */
+/**
+ * Reads the first 512 bytes of `path` and recognises its format.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { detectImageFormat } from "./image_format.ts";
+ *
+ * const path = await Deno.makeTempFile();
+ * await Deno.writeFile(path, new TextEncoder().encode("conectix"));
+ * assert.equal(await detectImageFormat(path), "vpc");
+ * await Deno.remove(path);
+ * ```
+ */
 export async function detectImageFormat(path: string | URL): Promise<ImageFormat> {
   using file = await Deno.open(path, { read: true });
   const head = new Uint8Array(512);

@@ -2,6 +2,7 @@
 /** zstd frames from this toolkit and from the zstd CLI, in any chunking. */
 import assert from "node:assert/strict";
 import fc from "fast-check";
+import { ZstdFrameSplitter } from "../lib/transforms/_zstd_frames.ts";
 import { ZstdCompressStream, ZstdDecompressStream } from "../lib/transforms/zstd.ts";
 import { tool } from "./_cli.ts";
 import { randomBytes } from "./_utils.ts";
@@ -95,4 +96,28 @@ Deno.test("ZstdCompressStream() output is what the zstd CLI decodes", async () =
   ).bytes();
   assert.deepEqual(await tool("zstd", ["-d", "-c"], compressed), input);
   assert.throws(() => new ZstdCompressStream({ level: 20 }), RangeError);
+});
+
+Deno.test("ZstdFrameSplitter never gives a frame the previous frame's content size", () => {
+  // Single-segment frames with a 1-byte content size and one raw block: "hello", then "abc".
+  const hello = Uint8Array.fromHex("28b52ffd" + "20" + "05" + "290000" + "68656c6c6f");
+  const abc = Uint8Array.fromHex("28b52ffd" + "20" + "03" + "190000" + "616263");
+  const input = concat([hello, abc]);
+  for (let cut = 1; cut < input.byteLength; cut++) {
+    const splitter = new ZstdFrameSplitter();
+    const segments = [input.subarray(0, cut), input.subarray(cut)].flatMap((chunk) =>
+      splitter.push(chunk)
+    );
+    const starts = segments.filter((segment) => segment.start);
+    assert.equal(starts.length, 2, `cut at ${cut}`);
+    for (const [start, size] of [[starts[0]!, 5], [starts[1]!, 3]] as const) {
+      // Unknown is allowed (the header may not be read yet); another frame's size is not.
+      assert.ok(
+        start.contentSize === undefined || start.contentSize === size,
+        `cut at ${cut}: ${start.contentSize}`,
+      );
+    }
+    const ends = segments.filter((segment) => segment.end).map((segment) => segment.contentSize);
+    assert.deepEqual(ends, [5, 3], `cut at ${cut}`);
+  }
 });

@@ -19,7 +19,10 @@ export interface FrameSegment {
   start: boolean;
   /** True when the frame ends with these bytes. */
   end: boolean;
-  /** The frame's decompressed size from its header, when the header has it. */
+  /**
+   * The frame's decompressed size from its header, when the header has it and was read by
+   * the time this segment was cut (a start segment may end before the header does).
+   */
   contentSize?: number | undefined;
 }
 
@@ -34,7 +37,27 @@ const enum State {
   SkippableBody,
 }
 
-/** Incremental splitter: feed chunks, get frame segments; throws on malformed input. */
+/**
+ * Incremental splitter: feed chunks, get frame segments; throws on malformed input.
+ *
+ * @example Two frames, fed in chunks that cut through the second frame's magic
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ZstdFrameSplitter } from "./_zstd_frames.ts";
+ *
+ * // magic, single-segment descriptor, content size 5, last raw block of 5 bytes, "hello"
+ * const frame = Uint8Array.fromHex("28b52ffd" + "20" + "05" + "290000" + "68656c6c6f");
+ * const input = new Uint8Array([...frame, ...frame]);
+ * const cut = frame.byteLength + 2;
+ * const splitter = new ZstdFrameSplitter();
+ * const segments = [input.subarray(0, cut), input.subarray(cut)].flatMap((c) => splitter.push(c));
+ * const flags = segments.map((segment) => [segment.start, segment.end]);
+ * assert.deepEqual(flags, [[true, true], [true, false], [false, true]]);
+ * assert.equal(segments[0]?.contentSize, 5);
+ * assert.ok(splitter.atFrameBoundary);
+ * assert.throws(() => new ZstdFrameSplitter().push(new Uint8Array(4)), /Bad frame magic/);
+ * ```
+ */
 export class ZstdFrameSplitter {
   #state = State.Magic;
   /** Bytes still needed for the current field or body. */
@@ -120,6 +143,7 @@ export class ZstdFrameSplitter {
         if (magic === FRAME_MAGIC) {
           this.#state = State.Descriptor;
           this.#need = 1;
+          this.#contentSize = undefined; // not the previous frame's
           return false;
         }
         if ((magic & 0xfffffff0) === 0x184d2a50) {

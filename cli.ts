@@ -45,7 +45,27 @@ function usage(): string {
   ].join("\n");
 }
 
-/** Runs the CLI with `args`; resolves to the process exit code. Errors become one line. */
+/**
+ * Runs the CLI with `args`; resolves to the process exit code. Errors become one line.
+ *
+ * @example Run the CLI in-process
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { main } from "./cli.ts";
+ *
+ * let out = "";
+ * const write = (bytes: Uint8Array) => {
+ *   out += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * assert.equal(await main(["--version"], context), 0);
+ * assert.match(out, /^vmabackup \d+\.\d+\.\d+\n$/);
+ * assert.equal(await main(["list", "--nope"], context), 2); // a usage error, reported on stderr
+ * assert.match(out, /^error: Unknown option '--nope'.*\(see 'cli\.ts list --help'\)\n$/m);
+ * ```
+ */
 export async function main(args: string[], context: CliContext): Promise<number> {
   const [name, ...rest] = args;
   if (name === "--version" || name === "-V") {

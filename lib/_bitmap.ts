@@ -8,7 +8,22 @@
 
 const PAGE_BITS = 1 << 16; // 8 KiB per page, 4 GiB of disk
 
-/** One bit per cluster, 0 to 2^32 - 1. */
+/**
+ * One bit per cluster, 0 to 2^32 - 1.
+ *
+ * @example Track which clusters arrived
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ClusterBitmap } from "./_bitmap.ts";
+ *
+ * const seen = new ClusterBitmap();
+ * assert.ok(seen.add(0) && seen.add(1) && seen.add(70_000));
+ * assert.equal(seen.add(1), false); // already set
+ * assert.ok(seen.has(70_000) && !seen.has(2));
+ * assert.equal(seen.firstMissing(100), 2);
+ * assert.equal(seen.count, 3);
+ * ```
+ */
 export class ClusterBitmap {
   #pages = new Map<number, Uint8Array>();
   /** Number of bits set. */

@@ -7,7 +7,20 @@
 import { createHash } from "node:crypto";
 import { BLOCK_SIZE } from "./vma/format.ts";
 
-/** True when `length` bytes from `start` are all zero. Scans 32-bit words when aligned. */
+/**
+ * True when `length` bytes from `start` are all zero. Scans 32-bit words when aligned.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { isZeroRange } from "./_bytes.ts";
+ *
+ * const bytes = new Uint8Array(64);
+ * bytes[40] = 1;
+ * assert.ok(isZeroRange(bytes, 0, 32));
+ * assert.ok(!isZeroRange(bytes, 32, 32));
+ * ```
+ */
 export function isZeroRange(bytes: Uint8Array, start: number, length: number): boolean {
   const offset = bytes.byteOffset + start;
   if ((offset & 3) === 0 && (length & 15) === 0) {
@@ -27,6 +40,17 @@ export function isZeroRange(bytes: Uint8Array, start: number, length: number): b
 /**
  * Clears the bits of `mask` whose 4 KiB block of `cluster` (a 64 KiB view) is all zero.
  * Uses one word view for the whole cluster instead of one per block.
+ *
+ * @example Drop the all-zero blocks of a cluster from its mask
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { zeroBlockMask } from "./_bytes.ts";
+ *
+ * const cluster = new Uint8Array(65536);
+ * cluster[4096 * 3 + 10] = 7; // only block 3 holds data
+ * assert.equal(zeroBlockMask(cluster, 0xffff), 1 << 3);
+ * assert.equal(zeroBlockMask(cluster, 0b0111), 0);
+ * ```
  */
 export function zeroBlockMask(cluster: Uint8Array, mask: number): number {
   if (mask === 0) return 0;
@@ -55,7 +79,18 @@ export function zeroBlockMask(cluster: Uint8Array, mask: number): number {
   return mask;
 }
 
-/** Number of set bits of a 16-bit mask. */
+/**
+ * Number of set bits of a 16-bit mask.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { popcount16 } from "./_bytes.ts";
+ *
+ * assert.equal(popcount16(0b1010_0000_0000_0111), 5);
+ * assert.equal(popcount16(0xffff), 16);
+ * ```
+ */
 export function popcount16(mask: number): number {
   mask = mask - ((mask >>> 1) & 0x5555);
   mask = (mask & 0x3333) + ((mask >>> 2) & 0x3333);
@@ -88,12 +123,34 @@ export function forEachBlockRun(mask: number, visit: (first: number, end: number
   }
 }
 
-/** MD5 digest of `bytes`. */
+/**
+ * MD5 digest of `bytes`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { md5 } from "./_bytes.ts";
+ *
+ * assert.equal(md5(new TextEncoder().encode("abc")).toHex(), "900150983cd24fb0d6963f7d28e17f72");
+ * ```
+ */
 export function md5(bytes: Uint8Array): Uint8Array {
   return new Uint8Array(createHash("md5").update(bytes).digest());
 }
 
-/** Parses a canonical UUID string into 16 bytes, or throws a `TypeError`. */
+/**
+ * Parses a canonical UUID string into 16 bytes, or throws a `TypeError`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { uuidToBytes } from "./_bytes.ts";
+ *
+ * const bytes = uuidToBytes("04FC12EB-0FED-4322-9AAA-F4E412F68096");
+ * assert.deepEqual([...bytes.subarray(0, 3)], [0x04, 0xfc, 0x12]);
+ * assert.throws(() => uuidToBytes("04fc12eb0fed43229aaaf4e412f68096"), TypeError);
+ * ```
+ */
 export function uuidToBytes(uuid: string): Uint8Array {
   const hex = uuid.replaceAll("-", "");
   if (!/^[0-9a-fA-F]{32}$/.test(hex) || !/^[0-9a-fA-F-]{36}$/.test(uuid)) {
@@ -102,7 +159,18 @@ export function uuidToBytes(uuid: string): Uint8Array {
   return Uint8Array.fromHex(hex.toLowerCase());
 }
 
-/** Formats 16 bytes as a canonical lower-case UUID string. */
+/**
+ * Formats 16 bytes as a canonical lower-case UUID string.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { bytesToUuid } from "./_bytes.ts";
+ *
+ * const bytes = Uint8Array.fromHex("04fc12eb0fed43229aaaf4e412f68096");
+ * assert.equal(bytesToUuid(bytes), "04fc12eb-0fed-4322-9aaa-f4e412f68096");
+ * ```
+ */
 export function bytesToUuid(bytes: Uint8Array): string {
   const hex = bytes.toHex();
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${
@@ -110,7 +178,18 @@ export function bytesToUuid(bytes: Uint8Array): string {
   }`;
 }
 
-/** Shared UTF-8 coders. The decoder is fatal, so invalid names are rejected, not mangled. */
+/**
+ * Shared UTF-8 coders. The decoder is fatal, so invalid names are rejected, not mangled.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { utf8 } from "./_bytes.ts";
+ *
+ * assert.equal(utf8.decoder.decode(utf8.encoder.encode("drive-scsi0")), "drive-scsi0");
+ * assert.throws(() => utf8.decoder.decode(new Uint8Array([0xff])), TypeError);
+ * ```
+ */
 export const utf8 = {
   encoder: new TextEncoder(),
   decoder: new TextDecoder("utf-8", { fatal: true }),

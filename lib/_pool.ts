@@ -19,7 +19,23 @@ import type { Lease } from "./vma/records.ts";
 /** Buffers whose chunks consumers give back with {@linkcode releaseChunk}. */
 const tracked = new WeakMap<ArrayBufferLike, PooledBuffer>();
 
-/** A buffer with a reference count; it returns to its pool when the count reaches zero. */
+/**
+ * A buffer with a reference count; it returns to its pool when the count reaches zero.
+ *
+ * @example Two holders share one buffer
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BufferPool } from "./_pool.ts";
+ *
+ * const pool = new BufferPool(1024);
+ * const buffer = pool.acquire();
+ * buffer.hold(2);
+ * buffer.release();
+ * assert.notEqual(pool.acquire(), buffer); // one holder left: not back yet
+ * buffer.release();
+ * assert.equal(pool.acquire(), buffer);
+ * ```
+ */
 export class PooledBuffer implements Lease {
   readonly bytes: Uint8Array<ArrayBuffer>;
   #pool: BufferPool;
@@ -61,7 +77,22 @@ export interface BufferPoolOptions {
   trackChunks?: boolean;
 }
 
-/** A small free list of equally sized buffers. */
+/**
+ * A small free list of equally sized buffers.
+ *
+ * @example Reuse a buffer once it was released
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BufferPool } from "./_pool.ts";
+ *
+ * const pool = new BufferPool(4096, { maxFree: 1 });
+ * const first = pool.acquire();
+ * assert.equal(first.bytes.byteLength, 4096);
+ * first.hold(1);
+ * first.release();
+ * assert.equal(pool.acquire(), first);
+ * ```
+ */
 export class BufferPool {
   readonly size: number;
   #free: PooledBuffer[] = [];
@@ -112,6 +143,18 @@ export class BufferPool {
 /**
  * Gives a byte chunk back to the pool it came from, if it came from a tracking pool;
  * otherwise does nothing. Call it only as the chunk's final consumer, once done with it.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BufferPool, releaseChunk } from "./_pool.ts";
+ *
+ * const pool = new BufferPool(1024, { trackChunks: true });
+ * const buffer = pool.acquire();
+ * buffer.hold(1);
+ * releaseChunk(buffer.bytes.subarray(100, 200)); // found again by its ArrayBuffer
+ * assert.equal(pool.acquire(), buffer);
+ * ```
  */
 export function releaseChunk(chunk: Uint8Array): void {
   tracked.get(chunk.buffer)?.release();
@@ -121,6 +164,19 @@ export function releaseChunk(chunk: Uint8Array): void {
  * The pooled buffer behind `chunk` when the caller, as its final consumer, holds it alone
  * and it starts at byte 0: its memory may then be transferred (to a Worker) instead of
  * copied, and handed back with {@linkcode PooledBuffer.giveBack}.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BufferPool, exclusiveChunk } from "./_pool.ts";
+ *
+ * const buffer = new BufferPool(1024, { trackChunks: true }).acquire();
+ * buffer.hold(1);
+ * assert.equal(exclusiveChunk(buffer.bytes.subarray(0, 512)), buffer);
+ * assert.equal(exclusiveChunk(buffer.bytes.subarray(512)), undefined); // not at byte 0
+ * buffer.hold(2);
+ * assert.equal(exclusiveChunk(buffer.bytes), undefined); // shared
+ * ```
  */
 export function exclusiveChunk(chunk: Uint8Array): PooledBuffer | undefined {
   const buffer = tracked.get(chunk.buffer);

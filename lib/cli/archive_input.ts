@@ -27,7 +27,27 @@ export interface ArchiveInput {
   bytesRead(): number;
 }
 
-/** Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes. */
+/**
+ * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes.
+ *
+ * @example Read a small archive from a file
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../mod.ts";
+ * import { openArchive } from "./archive_input.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * await Deno.writeFile(path, ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 0, data: null },
+ * ]).pipeThrough(new VmaWriterStream()));
+ * const archive = await openArchive(path, {});
+ * const types = (await Array.fromAsync(archive.records)).map((record) => record.type);
+ * assert.deepEqual([archive.compression, archive.bytesRead()], ["none", archive.size]);
+ * assert.deepEqual(types, ["header", "device", "cluster"]);
+ * await Deno.remove(path);
+ * ```
+ */
 export async function openArchive(
   path: string,
   options: {
@@ -92,7 +112,24 @@ function asArchiveErrors(
   }, { highWaterMark: 0 });
 }
 
-/** A sink that drops records, giving their buffers back to the reader. */
+/**
+ * A sink that drops records, giving their buffers back to the reader.
+ *
+ * @example Drop records, releasing their buffers
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { discardRecords } from "./archive_input.ts";
+ *
+ * let released = 0;
+ * const lease = { release: () => void released++ };
+ * const data = new Uint8Array(65536);
+ * await ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 0xffff, data, lease },
+ * ]).pipeTo(discardRecords());
+ * assert.equal(released, 1);
+ * ```
+ */
 export function discardRecords(): WritableStream<VmaRecord> {
   return new WritableStream({
     write(record) {

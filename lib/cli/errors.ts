@@ -6,7 +6,19 @@
  */
 import { VmaFormatError } from "../vma/errors.ts";
 
-/** Stable exit codes, documented in the README. */
+/**
+ * Stable exit codes, documented in the README.
+ *
+ * @example Exit codes are plain numbers
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ExitCode } from "./errors.ts";
+ *
+ * assert.equal(ExitCode.ok, 0);
+ * assert.equal(ExitCode.corrupt, 3);
+ * assert.equal(ExitCode.interrupted, 128 + 2);
+ * ```
+ */
 export const ExitCode = {
   ok: 0,
   /** Anything else that failed: a QEMU error, a bad disk size, an internal error. */
@@ -34,7 +46,22 @@ export const ExitCode = {
   hangup: 129,
 } as const;
 
-/** An error the CLI reports as is, with its own exit code. */
+/**
+ * An error the CLI reports as is, with its own exit code.
+ *
+ * @example An error with its own exit code
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { CliError, describeError, ExitCode } from "./errors.ts";
+ *
+ * const error = new CliError(ExitCode.notFound, "the archive has no disk named 'scsi9'");
+ * assert.equal(error.exitCode, 7);
+ * assert.deepEqual(describeError(error), {
+ *   exitCode: 7,
+ *   message: "the archive has no disk named 'scsi9'",
+ * });
+ * ```
+ */
 export class CliError extends Error {
   readonly exitCode: number;
   constructor(exitCode: number, message: string, options?: ErrorOptions) {
@@ -44,7 +71,20 @@ export class CliError extends Error {
   }
 }
 
-/** A bad command line. */
+/**
+ * A bad command line.
+ *
+ * @example Usage errors exit with code 2
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { CliError, ExitCode, UsageError } from "./errors.ts";
+ *
+ * const error = new UsageError("--progress must be auto, json or none, not 'bar'");
+ * assert.ok(error instanceof CliError);
+ * assert.equal(error.exitCode, ExitCode.usage);
+ * assert.equal(error.name, "UsageError");
+ * ```
+ */
 export class UsageError extends CliError {
   constructor(message: string) {
     super(ExitCode.usage, message);
@@ -52,7 +92,19 @@ export class UsageError extends CliError {
   }
 }
 
-/** The run was stopped by a signal. */
+/**
+ * The run was stopped by a signal.
+ *
+ * @example The exit code follows the signal
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ExitCode, InterruptedError } from "./errors.ts";
+ *
+ * assert.equal(new InterruptedError("SIGINT").exitCode, ExitCode.interrupted);
+ * assert.equal(new InterruptedError("SIGTERM").exitCode, ExitCode.terminated);
+ * assert.equal(new InterruptedError("SIGTERM").message, "interrupted by SIGTERM");
+ * ```
+ */
 export class InterruptedError extends CliError {
   constructor(signal: Deno.Signal) {
     super(
@@ -78,7 +130,23 @@ const IO_ERRORS = [
   Deno.errors.InvalidData,
 ];
 
-/** The exit code and one-line message for any error, without a stack trace. */
+/**
+ * The exit code and one-line message for any error, without a stack trace.
+ *
+ * @example Exit codes and messages of a few errors
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { describeError, ExitCode } from "./errors.ts";
+ *
+ * const missing = new Deno.errors.NotFound("No such file or directory (os error 2)");
+ * assert.deepEqual(describeError(missing), {
+ *   exitCode: ExitCode.io,
+ *   message: "No such file or directory (os error 2)",
+ * });
+ * assert.equal(describeError(new Error("first line\nsecond line")).message, "first line");
+ * assert.equal(describeError("not an Error").exitCode, ExitCode.failure);
+ * ```
+ */
 export function describeError(error: unknown): { exitCode: number; message: string } {
   if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
   if (error instanceof VmaFormatError) {

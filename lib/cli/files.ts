@@ -19,7 +19,22 @@ export interface Input {
   name: string;
 }
 
-/** Opens `path` for reading, or stdin for `-`. */
+/**
+ * Opens `path` for reading, or stdin for `-`.
+ *
+ * @example Read a file
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { openInput } from "./files.ts";
+ *
+ * const path = await Deno.makeTempFile();
+ * await Deno.writeTextFile(path, "VMA\0");
+ * const input = await openInput(path);
+ * assert.deepEqual([input.name, input.size], [path, 4]);
+ * assert.equal(await new Response(input.readable).text(), "VMA\0");
+ * await Deno.remove(path);
+ * ```
+ */
 export async function openInput(path: string): Promise<Input> {
   if (path === "-") return { readable: fileByteSource(Deno.stdin), name: "stdin" };
   const file = await Deno.open(path, { read: true });
@@ -31,7 +46,19 @@ export async function openInput(path: string): Promise<Input> {
   return { readable: fileByteSource(file), size: info.isFile ? info.size : undefined, name: path };
 }
 
-/** The one-line error for an output that exists, with its exit code. */
+/**
+ * The one-line error for an output that exists, with its exit code.
+ *
+ * @example Exit code 6 and a hint
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { existsError } from "./files.ts";
+ *
+ * const error = existsError("vm.vma.zst");
+ * assert.equal(error.exitCode, 6);
+ * assert.equal(error.message, "vm.vma.zst already exists (use --force to replace it)");
+ * ```
+ */
 export function existsError(path: string): CliError {
   return new CliError(ExitCode.exists, `${path} already exists (use --force to replace it)`);
 }
@@ -40,6 +67,22 @@ export function existsError(path: string): CliError {
  * Moves a finished `partial` to `target`. An existing `target` (allowed with --force) is
  * first renamed aside and removed only once the new one is in place; if the rename fails,
  * the old one is put back, so a failure never loses both.
+ *
+ * @example Replace an existing directory
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { replaceWith } from "./files.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.mkdir(`${dir}/restore/old`, { recursive: true });
+ * await Deno.mkdir(`${dir}/restore.partial`);
+ * await Deno.writeTextFile(`${dir}/restore.partial/new.txt`, "new");
+ * await replaceWith(`${dir}/restore.partial`, `${dir}/restore`);
+ * const names = await Array.fromAsync(Deno.readDir(dir), (entry) => entry.name);
+ * assert.deepEqual(names, ["restore"]);
+ * assert.equal(await Deno.readTextFile(`${dir}/restore/new.txt`), "new");
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export async function replaceWith(partial: string, target: string): Promise<void> {
   if (!await exists(target)) return await Deno.rename(partial, target);
@@ -54,7 +97,21 @@ export async function replaceWith(partial: string, target: string): Promise<void
   await Deno.remove(aside, { recursive: true });
 }
 
-/** True when something exists at `path` (a dangling symlink counts). */
+/**
+ * True when something exists at `path` (a dangling symlink counts).
+ *
+ * @example Files, and dangling symlinks
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { exists } from "./files.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.symlink(`${dir}/missing`, `${dir}/link`);
+ * assert.equal(await exists(`${dir}/link`), true);
+ * assert.equal(await exists(`${dir}/missing`), false);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
 export async function exists(path: string): Promise<boolean> {
   try {
     await Deno.lstat(path);
@@ -81,6 +138,23 @@ export interface Output {
 /**
  * Opens an output: stdout for `-`, otherwise `PATH.partial`, which {@linkcode Output.commit}
  * renames to `PATH`. An existing `PATH` is refused unless `force`.
+ *
+ * @example The file appears only on commit
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { processContext } from "./context.ts";
+ * import { exists, openOutput } from "./files.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const context = processContext(new AbortController().signal);
+ * const output = await openOutput(`${dir}/out.vma`, context, { force: false });
+ * await ReadableStream.from([new Uint8Array([1, 2, 3])]).pipeTo(output.writable);
+ * assert.equal(await exists(`${dir}/out.vma`), false); // only out.vma.partial so far
+ * await output.commit();
+ * assert.deepEqual(await Deno.readFile(`${dir}/out.vma`), new Uint8Array([1, 2, 3]));
+ * await assert.rejects(openOutput(`${dir}/out.vma`, context, { force: false }), /already exists/);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export async function openOutput(
   path: string,

@@ -9,7 +9,29 @@ import { type CliContext, formatBytes, writeText } from "./context.ts";
 /** How progress is shown: `auto` draws a bar when stderr is a terminal. */
 export type ProgressMode = "auto" | "json" | "none";
 
-/** Counts processed bytes and reports them at most a few times per second. */
+/**
+ * Counts processed bytes and reports them at most a few times per second.
+ *
+ * @example JSON lines on stderr
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Progress } from "./progress.ts";
+ *
+ * let err = "";
+ * const write = (bytes: Uint8Array) => {
+ *   err += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * const progress = new Progress(context, { mode: "json", command: "verify", total: 1000 });
+ * progress.add(1000);
+ * await progress.finish(true);
+ * const events = err.trim().split("\n").map((line) => JSON.parse(line));
+ * assert.deepEqual(events[0], { event: "start", total: 1000, command: "verify" });
+ * assert.deepEqual([events.at(-1).event, events.at(-1).done], ["done", 1000]);
+ * ```
+ */
 export class Progress {
   #context: CliContext;
   #command: string;

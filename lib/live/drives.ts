@@ -36,6 +36,25 @@ function qdevId(qdev: string | undefined): string | undefined {
  * Lists the drives to back up: all drives with a medium that is not read-only (so not CD-ROMs)
  * when `selection` is empty, otherwise the ones named by BlockBackend name, device id, node
  * name or archive name. Throws for a selected drive that does not exist.
+ *
+ * @example With canned `query-block` answers instead of a VM
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { QmpClient } from "../protocols/qmp_client.ts";
+ * import { findDrives } from "./drives.ts";
+ *
+ * const image = { "virtual-size": 1 << 30 };
+ * const blocks = [
+ *   { device: "", qdev: "/machine/peripheral/vda/virtio-backend",
+ *     inserted: { "node-name": "disk0", image } },
+ *   { device: "ide2-cd0", inserted: { "node-name": "cd0", ro: true, image } },
+ * ];
+ * const qmp = { execute: () => Promise.resolve(blocks) } as unknown as QmpClient;
+ * const names = (await findDrives(qmp)).map((drive) => drive.name);
+ * assert.deepEqual(names, ["drive-vda"]); // not the read-only CD-ROM
+ * assert.equal((await findDrives(qmp, ["cd0"]))[0]?.name, "drive-ide2-cd0");
+ * await assert.rejects(findDrives(qmp, ["vdb"]), /no such drive/);
+ * ```
  */
 export async function findDrives(qmp: QmpClient, selection: string[] = []): Promise<LiveDrive[]> {
   const blocks = await qmp.execute("query-block") as BlockInfo[];

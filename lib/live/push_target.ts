@@ -28,6 +28,23 @@ const SECTORS = CLUSTER_SIZE / SECTOR;
  * TRIM become zero runs. Smaller pieces (512-byte aligned) are assembled until a cluster is
  * complete. A cluster sent twice is an error, since VMA readers reject duplicates. Each
  * request is acknowledged only after its records are queued.
+ *
+ * @example One written cluster, two zeroed ones
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { VmaRecord } from "../vma/records.ts";
+ * import { PushTarget } from "./push_target.ts";
+ * import { RecordQueue } from "./record_queue.ts";
+ *
+ * const queue = new RecordQueue<VmaRecord>(16);
+ * const target = new PushTarget(1, 3 * 65536, queue);
+ * await target.write(0, 65536, (into) => Promise.resolve(void into.fill(7)));
+ * await target.writeZeroes(65536, 2 * 65536);
+ * await assert.rejects(target.writeZeroes(0, 65536), /sent twice/);
+ * queue.close();
+ * const records = await Array.fromAsync(queue.readable);
+ * assert.deepEqual(records.map((record) => record.type), ["cluster", "zeros"]);
+ * ```
  */
 export class PushTarget implements NbdExportHandler {
   readonly size: number;

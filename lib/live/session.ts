@@ -37,7 +37,18 @@ export interface LiveBackup {
   abort(reason?: unknown): Promise<void>;
 }
 
-/** The device records that start a live backup's record stream. */
+/**
+ * The device records that start a live backup's record stream.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { deviceRecords } from "./session.ts";
+ *
+ * const records = deviceRecords([{ name: "drive-vda", node: "disk0", size: 65536, device: "" }]);
+ * assert.deepEqual(records, [{ type: "device", devId: 1, name: "drive-vda", size: 65536 }]);
+ * ```
+ */
 export function deviceRecords(drives: LiveDrive[]): VmaRecord[] {
   return drives.map((drive, index) => ({
     type: "device",
@@ -47,7 +58,23 @@ export function deviceRecords(drives: LiveDrive[]): VmaRecord[] {
   }));
 }
 
-/** Runs QMP commands of a teardown one by one; failures are collected, never thrown early. */
+/**
+ * Runs QMP commands of a teardown one by one; failures are collected, never thrown early.
+ *
+ * @example A failing step does not stop the next one
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { tearDown } from "./session.ts";
+ *
+ * const done: string[] = [];
+ * const failures = await tearDown([
+ *   () => Promise.reject(new Error("Job 'backup' not found")),
+ *   () => Promise.resolve(done.push("blockdev-del")),
+ * ]);
+ * assert.deepEqual(done, ["blockdev-del"]);
+ * assert.deepEqual(failures.map((error) => error.message), ["Job 'backup' not found"]);
+ * ```
+ */
 export async function tearDown(steps: (() => Promise<unknown>)[]): Promise<Error[]> {
   const failures: Error[] = [];
   for (const step of steps) {

@@ -21,6 +21,25 @@
  * });
  * ```
  *
+ * @example The magic numbers and sizes on the wire
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import {
+ *   decodeRequest, NBD_HANDSHAKE_SIZE, NBD_IHAVEOPT, NBD_MAGIC, NBD_REQUEST_MAGIC,
+ *   NBD_REQUEST_SIZE, NbdCmd,
+ * } from "./nbd_protocol.ts";
+ *
+ * const greeting = new DataView(new ArrayBuffer(NBD_HANDSHAKE_SIZE));
+ * greeting.setBigUint64(0, NBD_MAGIC);
+ * greeting.setBigUint64(8, NBD_IHAVEOPT);
+ * assert.equal(new TextDecoder().decode(greeting.buffer.slice(0, 16)), "NBDMAGICIHAVEOPT");
+ *
+ * const request = new DataView(new ArrayBuffer(NBD_REQUEST_SIZE));
+ * request.setUint32(0, NBD_REQUEST_MAGIC);
+ * request.setUint16(6, NbdCmd.FLUSH);
+ * assert.equal(decodeRequest(new Uint8Array(request.buffer)).type, NbdCmd.FLUSH);
+ * ```
+ *
  * @module
  */
 

@@ -13,7 +13,19 @@ export interface QmpEvent {
   timestamp?: { seconds: number; microseconds: number };
 }
 
-/** QEMU answered a command with an error. */
+/**
+ * QEMU answered a command with an error.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { QmpError } from "./qmp_client.ts";
+ *
+ * const error = new QmpError("blockdev-del", "GenericError", "Node 'fleece0' is busy");
+ * assert.equal(error.errorClass, "GenericError");
+ * assert.match(error.message, /^QMP command blockdev-del failed: Node 'fleece0' is busy/);
+ * ```
+ */
 export class QmpError extends Error {
   /** QMP error class, such as `GenericError` or `DeviceNotFound`. */
   readonly errorClass: string;

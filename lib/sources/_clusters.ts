@@ -13,6 +13,20 @@ import type { VmaClusterRecord, VmaZerosRecord } from "../vma/records.ts";
  * The cluster records for `length` bytes of a device read into `buffer` from `offset` (a
  * multiple of 64 KiB). The last cluster is zero-padded past the data, its mask covers only
  * blocks inside the device, and every record holds the buffer's lease once.
+ *
+ * @example The whole device of 65536 + 4096 bytes in one buffer
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BufferPool } from "../_pool.ts";
+ * import { bufferClusters } from "./_clusters.ts";
+ *
+ * const buffer = new BufferPool(2 * 65536).acquire();
+ * buffer.bytes.fill(1);
+ * const where = { devId: 1, deviceSize: 65536 + 4096, offset: 0, length: 65536 + 4096 };
+ * const records = bufferClusters(buffer, where);
+ * assert.deepEqual(records.map((record) => [record.cluster, record.mask]), [[0, 0xffff], [1, 1]]);
+ * assert.equal(records[1]?.data?.[5000], 0); // zero-padded past the data
+ * ```
  */
 export function bufferClusters(
   buffer: PooledBuffer,
@@ -42,6 +56,16 @@ const MAX_ZEROS_PER_RECORD = 1 << 20;
  * its whole clusters, or also the partial last cluster when the range reaches the device's
  * end, at most 64 GiB. `undefined` when the range holds no whole cluster, so the cluster
  * at `offset` must be read.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { zeroRun } from "./_clusters.ts";
+ *
+ * const run = zeroRun({ devId: 1, deviceSize: 1 << 20, offset: 65536, zeroEnd: 300_000 });
+ * assert.deepEqual(run, { type: "zeros", devId: 1, cluster: 1, count: 3 });
+ * assert.equal(zeroRun({ devId: 1, deviceSize: 1 << 20, offset: 0, zeroEnd: 4096 }), undefined);
+ * ```
  */
 export function zeroRun(
   where: { devId: number; deviceSize: number; offset: number; zeroEnd: number },

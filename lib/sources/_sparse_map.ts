@@ -36,7 +36,27 @@ function loadLibc(): Deno.DynamicLibrary<typeof symbols> | null {
   return libc;
 }
 
-/** The data and hole boundaries of one file. */
+/**
+ * The data and hole boundaries of one file.
+ *
+ * @example Skip the hole before the data (Linux, with `--allow-ffi`)
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { SparseMap } from "./_sparse_map.ts";
+ *
+ * const path = await Deno.makeTempFile();
+ * using file = await Deno.open(path, { write: true });
+ * await file.truncate(1 << 20);
+ * await file.seek(1 << 19, Deno.SeekMode.Start);
+ * await file.write(new Uint8Array(4096).fill(1));
+ * const map = SparseMap.open(path);
+ * assert.ok(map !== undefined);
+ * assert.equal(map.nextData(0), 1 << 19);
+ * assert.ok(map.nextHole(1 << 19) > 1 << 19);
+ * map.close();
+ * await Deno.remove(path);
+ * ```
+ */
 export class SparseMap {
   #fd: number;
   #libc: Deno.DynamicLibrary<typeof symbols>;

@@ -9,7 +9,18 @@ import { readUpTo } from "../_io.ts";
 /** Image formats QEMU reads that this toolkit backs up and restores. */
 export type ImageFormat = "raw" | "qcow2" | "vmdk" | "vdi" | "vhdx" | "vpc" | "qed";
 
-/** Formats `extract --format` can write (all of them). */
+/**
+ * Formats `extract --format` can write (all of them).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { formatFromMagic, IMAGE_FORMATS } from "./image_format.ts";
+ *
+ * assert.ok(IMAGE_FORMATS.includes("qcow2"));
+ * assert.ok(IMAGE_FORMATS.includes(formatFromMagic(new TextEncoder().encode("vhdxfile"))));
+ * ```
+ */
 export const IMAGE_FORMATS: readonly ImageFormat[] = [
   "raw",
   "qcow2",

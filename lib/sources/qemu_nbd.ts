@@ -41,7 +41,20 @@ globalThis.addEventListener("unload", () => {
   }
 });
 
-/** Runs a qemu tool, turning "not installed" into a line that names the Debian package. */
+/**
+ * Runs a qemu tool, turning "not installed" into a line that names the Debian package.
+ *
+ * @example A missing tool names its package
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { spawnQemuTool } from "./qemu_nbd.ts";
+ *
+ * assert.throws(
+ *   () => spawnQemuTool("qemu-no-such-tool", ["--version"]),
+ *   { name: "NotFound", message: /not installed \(Debian package qemu-utils\)/ },
+ * );
+ * ```
+ */
 export function spawnQemuTool(program: string, args: string[], options: Deno.CommandOptions = {}) {
   try {
     return new Deno.Command(program, { ...options, args }).spawn();

@@ -20,7 +20,20 @@ export interface FrameJob {
   maxOutput?: number;
 }
 
-/** A job failed; its input buffer came back with the error. */
+/**
+ * A job failed; its input buffer came back with the error.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { FrameJobError } from "./_zstd_workers.ts";
+ *
+ * const input = new Uint8Array(16);
+ * const error = new FrameJobError("frame larger than 1024", input, true);
+ * assert.ok(error instanceof Error && error.tooLarge);
+ * assert.equal(error.input, input); // the caller gets its buffer back
+ * ```
+ */
 export class FrameJobError extends Error {
   readonly input: Uint8Array<ArrayBuffer>;
   /** The decompressed frame would exceed `maxOutput`. */
@@ -94,7 +107,28 @@ interface Reply {
   tooLarge?: boolean;
 }
 
-/** Up to `size` workers; jobs go round-robin. */
+/**
+ * Up to `size` workers; jobs go round-robin.
+ *
+ * @example Compress a frame and decompress it again
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { FrameJobError, ZstdWorkerPool } from "./_zstd_workers.ts";
+ *
+ * const pool = new ZstdWorkerPool(1);
+ * try {
+ *   const text = new TextEncoder().encode("hello, zstd");
+ *   const input = text.slice(); // its buffer travels to the worker
+ *   const { output } = await pool.run({ op: "compress", input, length: 11, level: 3 });
+ *   const job = { op: "decompress", input: output, length: output.byteLength } as const;
+ *   assert.deepEqual((await pool.run({ ...job, maxOutput: 64 })).output, text);
+ *   const garbage = { ...job, input: new Uint8Array(8), maxOutput: 64 };
+ *   await assert.rejects(pool.run(garbage), FrameJobError);
+ * } finally {
+ *   pool.stop();
+ * }
+ * ```
+ */
 export class ZstdWorkerPool {
   readonly size: number;
   #workers: Worker[] = [];

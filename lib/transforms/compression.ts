@@ -16,7 +16,19 @@ export { type Compression, detectCompression } from "../compression_magic.ts";
 /** Compressions this toolkit can write. */
 export type WritableCompression = "none" | "zstd" | "gzip";
 
-/** The compression an output file name implies: `.zst`, `.gz`, or none. */
+/**
+ * The compression an output file name implies: `.zst`, `.gz`, or none.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { compressionForPath } from "./compression.ts";
+ *
+ * assert.equal(compressionForPath("vzdump-qemu-100.vma.zst"), "zstd");
+ * assert.equal(compressionForPath("backup.vma.gz"), "gzip");
+ * assert.equal(compressionForPath("backup.vma"), "none");
+ * ```
+ */
 export function compressionForPath(path: string): WritableCompression {
   if (/\.(zst|zstd)$/.test(path)) return "zstd";
   if (/\.(gz|gzip)$/.test(path)) return "gzip";
@@ -26,6 +38,18 @@ export function compressionForPath(path: string): WritableCompression {
 /**
  * A compressor for `compression`. zstd runs on every core (see `ZstdCompressStream`);
  * gzip uses `CompressionStream` at its default level, or `node:zlib` when a level is given.
+ *
+ * @example gzip at level 9
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { compressor, GzipDecompressStream } from "./compression.ts";
+ *
+ * const packed = ReadableStream.from([new TextEncoder().encode("VMA")])
+ *   .pipeThrough(compressor("gzip", 9));
+ * const unpacked = packed.pipeThrough(new GzipDecompressStream());
+ * assert.equal(await new Response(unpacked).text(), "VMA");
+ * assert.throws(() => compressor("gzip", 10), RangeError);
+ * ```
  */
 export function compressor(
   compression: WritableCompression,
@@ -55,6 +79,17 @@ export function compressor(
 /**
  * Decompresses gzip, including files of several gzip members (as `pigz` and concatenation
  * produce them), which `DecompressionStream("gzip")` rejects.
+ *
+ * @example Two gzip members, one after the other
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { gzipSync } from "node:zlib";
+ * import { GzipDecompressStream } from "./compression.ts";
+ *
+ * const members = new Uint8Array([...gzipSync("VMA "), ...gzipSync("archive")]);
+ * const readable = ReadableStream.from([members]).pipeThrough(new GzipDecompressStream());
+ * assert.equal(await new Response(readable).text(), "VMA archive");
+ * ```
  */
 export class GzipDecompressStream extends TransformStream<Uint8Array, Uint8Array> {
   constructor() {
@@ -65,6 +100,18 @@ export class GzipDecompressStream extends TransformStream<Uint8Array, Uint8Array
 /**
  * Decompresses lzop through the `lzop` program (Debian package `lzop`), which needs
  * `--allow-run=lzop`. No TypeScript lzop decoder is known to be reliable.
+ *
+ * @example Decode what `lzop -c` wrote (needs the lzop program)
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { lzopDecompress } from "./compression.ts";
+ * import { programTransform } from "./program_transform.ts";
+ *
+ * const options = { purpose: "encode lzop", debianPackage: "lzop" };
+ * const lzop = programTransform("lzop", ["-c"], options);
+ * const packed = ReadableStream.from([new TextEncoder().encode("VMA")]).pipeThrough(lzop);
+ * assert.equal(await new Response(packed.pipeThrough(lzopDecompress())).text(), "VMA");
+ * ```
  */
 export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
   return programTransform("lzop", ["-d", "-c", "-q"], {
@@ -84,7 +131,21 @@ function zstdProgram(args: string[], purpose: string) {
   return programTransform("zstd", ["-q", "-c", ...args], { purpose, debianPackage: "zstd" });
 }
 
-/** A decompressor for `compression`. */
+/**
+ * A decompressor for `compression`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { gzipSync } from "node:zlib";
+ * import { decompressor } from "./compression.ts";
+ *
+ * const readable = ReadableStream.from([gzipSync("VMA")]).pipeThrough(decompressor("gzip"));
+ * assert.equal(await new Response(readable).text(), "VMA");
+ * const plain = ReadableStream.from([gzipSync("VMA")]).pipeThrough(decompressor("none"));
+ * assert.equal((await new Response(plain).bytes())[0], 0x1f); // passed through as is
+ * ```
+ */
 export function decompressor(
   compression: Compression,
   engine: ZstdEngine = "builtin",

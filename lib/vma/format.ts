@@ -4,12 +4,24 @@
  *
  * Offsets and sizes follow `vma.h` of pve-qemu; see the project's `vma-format.md` notes.
  *
- * @example Cluster arithmetic
+ * @example Cluster arithmetic and the header layout
  * ```ts
  * import assert from "node:assert/strict";
- * import { CLUSTER_SIZE, BLOCKS_PER_CLUSTER, BLOCK_SIZE } from "./format.ts";
+ * import {
+ *   BLOCK_SIZE, BLOCKS_PER_CLUSTER, CLUSTER_SIZE, EXTENT_HEADER_SIZE, ExtentOffset, FULL_MASK,
+ *   HEADER_FIXED_SIZE, HeaderOffset, SLOTS_PER_EXTENT, VMA_MAGIC, VMA_VERSION,
+ * } from "./format.ts";
+ * import { encodeHeader } from "./header.ts";
  *
- * assert.equal(CLUSTER_SIZE, BLOCKS_PER_CLUSTER * BLOCK_SIZE);
+ * assert.equal(CLUSTER_SIZE / BLOCK_SIZE, BLOCKS_PER_CLUSTER);
+ * assert.equal(FULL_MASK, 2 ** BLOCKS_PER_CLUSTER - 1);
+ * assert.equal(ExtentOffset.blockInfo + SLOTS_PER_EXTENT * 8, EXTENT_HEADER_SIZE); // u64 slots
+ * const devices = [{ devId: 1, name: "drive-scsi0", size: CLUSTER_SIZE }];
+ * const header = encodeHeader({ uuid: crypto.randomUUID(), ctime: 0, configs: [], devices });
+ * const view = new DataView(header.buffer);
+ * assert.equal(view.getUint32(HeaderOffset.magic), VMA_MAGIC);
+ * assert.equal(view.getUint32(HeaderOffset.version), VMA_VERSION);
+ * assert.equal(view.getUint32(HeaderOffset.blobBufferOffset), HEADER_FIXED_SIZE);
  * ```
  *
  * @module

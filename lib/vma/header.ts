@@ -85,7 +85,20 @@ class BlobArea {
   }
 }
 
-/** Throws a `RangeError` or `TypeError` unless `header` can be stored as a VMA header. */
+/**
+ * Throws a `RangeError` or `TypeError` unless `header` can be stored as a VMA header.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { validateHeader } from "./header.ts";
+ *
+ * const uuid = "04fc12eb-0fed-4322-9aaa-f4e412f68096";
+ * const devices = [{ devId: 1, name: "drive-scsi0", size: 512 }];
+ * validateHeader({ uuid, ctime: 0, configs: [], devices }); // does not throw
+ * assert.throws(() => validateHeader({ uuid, ctime: 0, configs: [], devices: [] }), TypeError);
+ * ```
+ */
 export function validateHeader(header: VmaHeader): void {
   if (header.configs.length > MAX_CONFIGS) {
     throw new RangeError(
@@ -109,7 +122,22 @@ export function validateHeader(header: VmaHeader): void {
   }
 }
 
-/** Throws unless `config` can be stored next to configs named `taken`. */
+/**
+ * Throws unless `config` can be stored next to configs named `taken`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { validateConfig } from "./header.ts";
+ *
+ * const taken = new Set(["qemu-server.conf"]);
+ * const data = new TextEncoder().encode("enable: 1\n");
+ * validateConfig({ name: "qemu-server.fw", data }, taken);
+ * assert.throws(() => validateConfig({ name: "qemu-server.conf", data }, taken), TypeError);
+ * const empty = { name: "empty.conf", data: new Uint8Array() };
+ * assert.throws(() => validateConfig(empty, taken), RangeError);
+ * ```
+ */
 export function validateConfig(config: VmaHeader["configs"][number], taken: Set<string>): void {
   const { name, data } = config;
   checkName("config", name);
@@ -123,7 +151,23 @@ export function validateConfig(config: VmaHeader["configs"][number], taken: Set<
   }
 }
 
-/** Throws unless `device` can be stored next to the devices with ids and names taken. */
+/**
+ * Throws unless `device` can be stored next to the devices with ids and names taken.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { validateDevice } from "./header.ts";
+ *
+ * const ids = new Set([1]);
+ * const names = new Set(["drive-scsi0"]);
+ * const device = { devId: 2, name: "drive-scsi1", size: 65536 };
+ * validateDevice(device, ids, names); // does not throw
+ * assert.throws(() => validateDevice({ ...device, devId: 1 }, ids, names), /already in use/);
+ * assert.throws(() => validateDevice({ ...device, devId: 255 }, ids, names), RangeError);
+ * assert.throws(() => validateDevice({ ...device, size: 0 }, ids, names), RangeError);
+ * ```
+ */
 export function validateDevice(
   device: VmaHeader["devices"][number],
   takenIds: Set<number>,
@@ -162,6 +206,21 @@ function checkName(kind: string, name: string): void {
  * Encodes an archive header exactly as the Proxmox writer does: configs in order (name
  * blob, then data blob), then the device names in device-id order, blob area grown in
  * 512-byte steps, and the MD5 computed with its own field zeroed.
+ *
+ * @example One device: the fixed part and one 512-byte step of blobs
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { encodeHeader } from "./header.ts";
+ *
+ * const bytes = encodeHeader({
+ *   uuid: "04fc12eb-0fed-4322-9aaa-f4e412f68096",
+ *   ctime: 1635680622,
+ *   configs: [],
+ *   devices: [{ devId: 1, name: "drive-scsi0", size: 65536 }],
+ * });
+ * assert.equal(bytes.byteLength, 12288 + 512);
+ * assert.equal(new TextDecoder().decode(bytes.subarray(0, 4)), "VMA\0");
+ * ```
  */
 export function encodeHeader(header: VmaHeader): Uint8Array<ArrayBuffer> {
   validateHeader(header);
@@ -205,6 +264,18 @@ export function encodeHeader(header: VmaHeader): Uint8Array<ArrayBuffer> {
 /**
  * Reads the header size from the first 12288 bytes, after checking the magic.
  * Throws a {@linkcode VmaFormatError} for anything that is not the start of a VMA header.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { encodeHeader, headerSizeOf } from "./header.ts";
+ *
+ * const devices = [{ devId: 1, name: "drive-scsi0", size: 65536 }];
+ * const bytes = encodeHeader({ uuid: crypto.randomUUID(), ctime: 0, configs: [], devices });
+ * assert.equal(headerSizeOf(bytes.subarray(0, 12288), 1 << 20), bytes.byteLength);
+ * assert.throws(() => headerSizeOf(new Uint8Array(12288), 1 << 20), { reason: "bad-magic" });
+ * assert.throws(() => headerSizeOf(bytes, 12288), { reason: "bad-header-size" });
+ * ```
  */
 export function headerSizeOf(fixed: Uint8Array, maxHeaderSize: number): number {
   const view = new DataView(fixed.buffer, fixed.byteOffset, HEADER_FIXED_SIZE);
@@ -225,6 +296,18 @@ export function headerSizeOf(fixed: Uint8Array, maxHeaderSize: number): number {
 /**
  * Decodes and checks a complete header (`header_size` bytes). Follows the reference
  * reader's order of checks, and adds stricter ones where it would crash or silently skip.
+ *
+ * @example A flipped bit fails the checksum
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { decodeHeader, encodeHeader } from "./header.ts";
+ *
+ * const devices = [{ devId: 1, name: "drive-scsi0", size: 65536 }];
+ * const bytes = encodeHeader({ uuid: crypto.randomUUID(), ctime: 0, configs: [], devices });
+ * assert.deepEqual(decodeHeader(bytes).devices, devices);
+ * bytes[12288 + 5] ^= 1; // inside the device name
+ * assert.throws(() => decodeHeader(bytes), { reason: "bad-header-checksum" });
+ * ```
  */
 export function decodeHeader(bytes: Uint8Array): DecodedVmaHeader {
   if (bytes.byteLength < HEADER_FIXED_SIZE) {

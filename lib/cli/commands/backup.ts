@@ -88,7 +88,21 @@ export interface DiskSpec {
   path: string;
 }
 
-/** Parses the `--disk` values, naming unnamed disks drive-scsi0, drive-scsi1, ... */
+/**
+ * Parses the `--disk` values, naming unnamed disks drive-scsi0, drive-scsi1, ...
+ *
+ * @example Named and unnamed disks
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseDiskSpecs } from "./backup.ts";
+ *
+ * assert.deepEqual(parseDiskSpecs(["vm-100-disk-0.raw", "efidisk0=/dev/vg/efi"]), [
+ *   { name: "drive-scsi0", path: "vm-100-disk-0.raw" },
+ *   { name: "drive-efidisk0", path: "/dev/vg/efi" },
+ * ]);
+ * assert.throws(() => parseDiskSpecs(["a.raw", "scsi0=b.raw"]), /drive-scsi0 is used twice/);
+ * ```
+ */
 export function parseDiskSpecs(values: string[]): DiskSpec[] {
   const specs = values.map((value, index) => {
     const equals = value.indexOf("=");
@@ -106,7 +120,20 @@ export function parseDiskSpecs(values: string[]): DiskSpec[] {
   return specs;
 }
 
-/** Reads the `--compress` and `--level` values for an output path. */
+/**
+ * Reads the `--compress` and `--level` values for an output path.
+ *
+ * @example From the file name, or given
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseCompression } from "./backup.ts";
+ *
+ * const zstd = parseCompression("vm.vma.zst", undefined, "5");
+ * assert.deepEqual(zstd, { compression: "zstd", level: 5 });
+ * assert.equal(parseCompression("-", "gzip", undefined).compression, "gzip");
+ * assert.throws(() => parseCompression("vm.vma.gz", undefined, "12"), /within 1\.\.9 for gzip/);
+ * ```
+ */
 export function parseCompression(
   output: string,
   compress: string | undefined,
@@ -128,7 +155,22 @@ export function parseCompression(
   return { compression, level: parsed };
 }
 
-/** Reads config files (each at most 65535 bytes; the writer checks the rest). */
+/**
+ * Reads config files (each at most 65535 bytes; the writer checks the rest).
+ *
+ * @example Names are the paths as given
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { readConfigs } from "./backup.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".conf" });
+ * await Deno.writeTextFile(path, "cores: 2\n");
+ * const [config] = await readConfigs([path]);
+ * assert.equal(config!.name, path); // the writer keeps only the file name
+ * assert.equal(new TextDecoder().decode(config!.data), "cores: 2\n");
+ * await Deno.remove(path);
+ * ```
+ */
 export async function readConfigs(paths: string[]): Promise<{ name: string; data: Uint8Array }[]> {
   return await Promise.all(
     paths.map(async (path) => ({ name: path, data: await Deno.readFile(path) })),
@@ -162,6 +204,28 @@ export interface BackupPlan {
 /**
  * Runs the backup pipeline of a plan: sources → zero filter → writer → compressor → output,
  * with progress, and the partial output removed on any failure or signal.
+ *
+ * @example Back up a record stream into a file
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { runBackup } from "./backup.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const write = (bytes: Uint8Array) => Promise.resolve(bytes.length); // drops the summary line
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * const disk = ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "zeros" as const, devId: 1, cluster: 0, count: 1 },
+ * ]);
+ * const disks = [{ name: "drive-scsi0", path: "(in memory)" }]; // for the summary line
+ * const start = () => Promise.resolve({ sources: [disk], disks });
+ * const options = { progress: "none", compression: "gzip", force: false, json: false } as const;
+ * const output = `${dir}/vm.vma.gz`;
+ * assert.equal(await runBackup({ ...options, start, configs: [], output }, context), 0);
+ * assert.deepEqual((await Deno.readFile(output)).subarray(0, 2), new Uint8Array([0x1f, 0x8b]));
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
   const output = await openOutput(plan.output, context, { force: plan.force });
@@ -254,6 +318,30 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   return 0;
 }
 
+/**
+ * `cli.ts backup`: backs up disk images, NBD exports or a running VM into a VMA archive.
+ *
+ * @example Back up a raw image
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { backupCommand } from "./backup.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/disk.raw`, new Uint8Array(100_000).fill(7, 70_000));
+ * let out = "";
+ * const write = (bytes: Uint8Array) => {
+ *   out += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * const args = ["--disk", `scsi0=${dir}/disk.raw`, "-o", `${dir}/vm.vma.zst`, "--json"];
+ * assert.equal(await backupCommand.run(args, context), 0);
+ * const result = JSON.parse(out);
+ * assert.deepEqual([result.diskBytes, result.dataBytes], [100_000, 8 * 4096]); // 8 blocks hold 7s
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
 export const backupCommand: Command = {
   name: "backup",
   summary: "back up disks (and configs) into a VMA archive",

@@ -26,7 +26,25 @@ permissions: --allow-read --allow-write (deno task demo adds --allow-ffi, to ski
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 
-/** Writes the sample VM's files into `dir`. */
+/**
+ * Writes the sample VM's files into `dir`.
+ *
+ * @example A 1 GiB disk that takes a few MiB
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { createSampleVm } from "./demo.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const vm = await createSampleVm(dir);
+ * assert.deepEqual(vm.disks, [
+ *   `drive-scsi0=${dir}/vm-100-disk-0.raw`,
+ *   `drive-efidisk0=${dir}/vm-100-disk-1.raw`,
+ * ]);
+ * assert.equal((await Deno.stat(`${dir}/vm-100-disk-0.raw`)).size, 2 ** 30);
+ * assert.match(await Deno.readTextFile(vm.config), /^scsi0: local-lvm:vm-100-disk-0,size=1G$/m);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
 export async function createSampleVm(dir: string): Promise<{ disks: string[]; config: string }> {
   const system = `${dir}/vm-100-disk-0.raw`;
   const efi = `${dir}/vm-100-disk-1.raw`;
@@ -104,7 +122,25 @@ function pattern(length: number): Uint8Array {
   return new Uint8Array(length).map((_, i) => (i % 251) & 0xff);
 }
 
-/** Compares two files byte for byte in 1 MiB steps; returns the first differing offset. */
+/**
+ * Compares two files byte for byte in 1 MiB steps; returns the first differing offset.
+ *
+ * @example Equal files, and a changed byte
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { firstDifference } from "./demo.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const bytes = new Uint8Array(3_000_000);
+ * await Deno.writeFile(`${dir}/a`, bytes);
+ * await Deno.writeFile(`${dir}/b`, bytes);
+ * assert.equal(await firstDifference(`${dir}/a`, `${dir}/b`), undefined);
+ * bytes[2_500_000] = 1;
+ * await Deno.writeFile(`${dir}/b`, bytes);
+ * assert.equal(await firstDifference(`${dir}/a`, `${dir}/b`), 2_500_000);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
 export async function firstDifference(a: string, b: string): Promise<number | undefined> {
   using fileA = await Deno.open(a);
   using fileB = await Deno.open(b);
@@ -139,6 +175,25 @@ async function runJson(command: Command, args: string[], context: CliContext) {
   return result;
 }
 
+/**
+ * `cli.ts demo`: backs up, verifies, extracts and compares a built-in sample VM.
+ *
+ * @example Its help (a full run backs up and compares a 1 GiB disk, which takes seconds)
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { demoCommand } from "./demo.ts";
+ *
+ * let out = "";
+ * const write = (bytes: Uint8Array) => {
+ *   out += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * assert.equal(await demoCommand.run(["--help"], context), 0);
+ * assert.match(out, /^usage: cli\.ts demo \[--dir DIR\] \[--keep\]$/m);
+ * ```
+ */
 export const demoCommand: Command = {
   name: "demo",
   summary: "back up, verify, extract and compare a built-in sample VM",

@@ -56,12 +56,36 @@ Names that would leave TARGETDIR ('/', '..', NUL) are refused.
 permissions: --allow-read (ARCHIVE) --allow-write (TARGETDIR); --format other than raw also
 needs --allow-run=qemu-img,qemu-nbd and --allow-net`;
 
-/** True when `name` names a device given as `wanted` (with or without `drive-`). */
+/**
+ * True when `name` names a device given as `wanted` (with or without `drive-`).
+ *
+ * @example With or without the prefix
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { deviceMatches } from "./extract.ts";
+ *
+ * assert.ok(deviceMatches("drive-scsi0", "scsi0"));
+ * assert.ok(deviceMatches("drive-scsi0", "drive-scsi0"));
+ * assert.ok(!deviceMatches("drive-scsi0", "scsi"));
+ * ```
+ */
 export function deviceMatches(name: string, wanted: string): boolean {
   return name === wanted || name === `drive-${wanted}`;
 }
 
-/** Refuses a name from the archive that is not a plain file name. */
+/**
+ * Refuses a name from the archive that is not a plain file name.
+ *
+ * @example Names that would leave the directory
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { safeFileName } from "./extract.ts";
+ *
+ * assert.equal(safeFileName("config", "qemu-server.conf"), "qemu-server.conf");
+ * assert.throws(() => safeFileName("config", "../../etc/passwd"), { exitCode: 3 });
+ * assert.throws(() => safeFileName("device", ".."), /a device named '\.\.'/);
+ * ```
+ */
 export function safeFileName(kind: string, name: string): string {
   if (name === "" || name === "." || name === ".." || name.includes("/") || name.includes("\0")) {
     throw new CliError(
@@ -72,7 +96,20 @@ export function safeFileName(kind: string, name: string): string {
   return name;
 }
 
-/** The file name of a device inside TARGETDIR, as `vma extract` names it. */
+/**
+ * The file name of a device inside TARGETDIR, as `vma extract` names it.
+ *
+ * @example Disk images and the VM state
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { deviceFileName } from "./extract.ts";
+ *
+ * const disk = { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 };
+ * assert.equal(deviceFileName(disk), "disk-drive-scsi0.raw");
+ * assert.equal(deviceFileName(disk, "qcow2"), "disk-drive-scsi0.qcow2");
+ * assert.equal(deviceFileName({ ...disk, name: "vmstate" }), "vmstate.bin");
+ * ```
+ */
 export function deviceFileName(device: VmaDeviceRecord, format: ImageFormat = "raw"): string {
   return device.name === VMSTATE_NAME
     ? "vmstate.bin"
@@ -101,6 +138,29 @@ function inspect(found: { configs: VmaConfigRecord[]; devices: VmaDeviceRecord[]
   });
 }
 
+/**
+ * `cli.ts extract`: restores configs and disks into a new directory, or one disk to stdout.
+ *
+ * @example Extract a small archive into a new directory
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../../mod.ts";
+ * import { extractCommand } from "./extract.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/vm.vma`, ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 5000 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 0, data: null },
+ * ]).pipeThrough(new VmaWriterStream()));
+ * const write = (bytes: Uint8Array) => Promise.resolve(bytes.length); // drops the summary line
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * assert.equal(await extractCommand.run([`${dir}/vm.vma`, `${dir}/restore`], context), 0);
+ * const disk = await Deno.readFile(`${dir}/restore/disk-drive-scsi0.raw`);
+ * assert.deepEqual(disk, new Uint8Array(5000)); // a sparse raw image of the exact size
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
 export const extractCommand: Command = {
   name: "extract",
   summary: "restore configs and sparse raw disks into a new directory (or one disk to stdout)",

@@ -50,7 +50,28 @@ export interface ArchiveHeader {
   devices: VmaDeviceRecord[];
 }
 
-/** Reads only the header records of an archive, then stops reading. */
+/**
+ * Reads only the header records of an archive, then stops reading.
+ *
+ * @example The header of a small archive
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../../mod.ts";
+ * import { readArchiveHeader } from "./list.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * const uuid = "00000000-0000-4000-8000-000000000000";
+ * await Deno.writeFile(path, ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 0, data: null },
+ * ]).pipeThrough(new VmaWriterStream({ uuid, ctime: 1700000000 })));
+ * const { header, configs, devices, name } = await readArchiveHeader(path);
+ * assert.deepEqual(header, { type: "header", uuid, ctime: 1700000000 });
+ * assert.deepEqual(devices, [{ type: "device", devId: 1, name: "drive-scsi0", size: 65536 }]);
+ * assert.deepEqual([configs, name], [[], path]);
+ * await Deno.remove(path);
+ * ```
+ */
 export async function readArchiveHeader(path: string): Promise<ArchiveHeader & { name: string }> {
   const archive = await openArchive(path, {});
   const reader = archive.records.getReader();
@@ -74,7 +95,18 @@ export async function readArchiveHeader(path: string): Promise<ArchiveHeader & {
   return { ...result, name: archive.name };
 }
 
-/** C's `ctime()` text (without the newline), in the process's local time zone. */
+/**
+ * C's `ctime()` text (without the newline), in the process's local time zone.
+ *
+ * @example In the local time zone
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ctimeText } from "./list.ts";
+ *
+ * const seconds = new Date(2024, 0, 5, 9, 3, 7).getTime() / 1000; // local time
+ * assert.equal(ctimeText(seconds), "Fri Jan  5 09:03:07 2024");
+ * ```
+ */
 export function ctimeText(seconds: number): string {
   const date = new Date(seconds * 1000);
   const day = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"][date.getDay()];
@@ -87,7 +119,24 @@ export function ctimeText(seconds: number): string {
   return `${day} ${month}${String(date.getDate()).padStart(3)} ${time} ${date.getFullYear()}`;
 }
 
-/** The `vma list` lines of a header. */
+/**
+ * The `vma list` lines of a header.
+ *
+ * @example The lines qemu-server parses
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { vmaListLines } from "./list.ts";
+ *
+ * const lines = vmaListLines({
+ *   header: { type: "header", uuid: "00000000-0000-4000-8000-000000000000", ctime: 0 },
+ *   configs: [{ type: "config", name: "qemu-server.conf", data: new Uint8Array(42) }],
+ *   devices: [{ type: "device", devId: 1, name: "drive-scsi0", size: 1073741824 }],
+ * }).split("\n");
+ * assert.equal(lines[0], "CFG: size: 42 name: qemu-server.conf");
+ * assert.equal(lines[1], "DEV: dev_id=1 size: 1073741824 devname: drive-scsi0");
+ * assert.match(lines[2]!, /^CTIME: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d 19(69|70)$/);
+ * ```
+ */
 export function vmaListLines({ header, configs, devices }: ArchiveHeader): string {
   const lines = configs.map((config) =>
     `CFG: size: ${config.data.byteLength} name: ${config.name}`
@@ -103,6 +152,32 @@ export function vmaListLines({ header, configs, devices }: ArchiveHeader): strin
   return lines.map((line) => `${line}\n`).join("");
 }
 
+/**
+ * `cli.ts list`: prints an archive's configs and devices as `vma list` does, or as JSON.
+ *
+ * @example List a small archive
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../../mod.ts";
+ * import { listCommand } from "./list.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * await Deno.writeFile(path, ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 0, data: null },
+ * ]).pipeThrough(new VmaWriterStream()));
+ * let out = "";
+ * const write = (bytes: Uint8Array) => {
+ *   out += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * assert.equal(await listCommand.run([path], context), 0);
+ * assert.match(out, /^DEV: dev_id=1 size: 65536 devname: drive-scsi0\nCTIME: /);
+ * await Deno.remove(path);
+ * ```
+ */
 export const listCommand: Command = {
   name: "list",
   summary: "list configs and devices (the exact 'vma list' output, or --json)",
@@ -131,6 +206,33 @@ export const listCommand: Command = {
   },
 };
 
+/**
+ * `cli.ts config`: prints the raw bytes of one config stored in an archive.
+ *
+ * @example Print a stored config
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../../mod.ts";
+ * import { configCommand } from "./list.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * const data = new TextEncoder().encode("cores: 2\nmemory: 2048\n");
+ * const config = { type: "config" as const, name: "qemu-server.conf", data };
+ * await Deno.writeFile(path, ReadableStream.from([config]).pipeThrough(new VmaWriterStream()));
+ * let out = "";
+ * const write = (bytes: Uint8Array) => {
+ *   out += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * assert.equal(await configCommand.run([path], context), 0);
+ * assert.equal(out, "cores: 2\nmemory: 2048\n");
+ * const missing = configCommand.run([path, "-c", "qemu-server.fw"], context);
+ * await assert.rejects(missing, { exitCode: 7, message: /unable to find .*'qemu-server\.fw'/ });
+ * await Deno.remove(path);
+ * ```
+ */
 export const configCommand: Command = {
   name: "config",
   summary: "print the raw bytes of a stored config (default qemu-server.conf)",

@@ -35,6 +35,33 @@ ${ZSTD_HELP}
 Exit code 0 when the archive is valid and complete, 3 when it is not.
 permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
 
+/**
+ * `cli.ts verify`: checks every rule of the format, and that no cluster is missing.
+ *
+ * @example An archive without its last extent is incomplete
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../../mod.ts";
+ * import { verifyCommand } from "./verify.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * const archive = await new Response(ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 0, data: null },
+ * ]).pipeThrough(new VmaWriterStream())).bytes();
+ * await Deno.writeFile(path, archive.subarray(0, archive.length - 512)); // cut off the extent
+ * let out = "";
+ * const write = (bytes: Uint8Array) => {
+ *   out += new TextDecoder().decode(bytes);
+ *   return Promise.resolve(bytes.length);
+ * };
+ * const signal = new AbortController().signal;
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false, signal };
+ * assert.equal(await verifyCommand.run([path, "--json"], context), 3);
+ * assert.equal(JSON.parse(out).error.reason, "missing-cluster");
+ * await Deno.remove(path);
+ * ```
+ */
 export const verifyCommand: Command = {
   name: "verify",
   summary: "check every rule of the format, missing clusters included",

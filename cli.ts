@@ -21,7 +21,7 @@ import { extractCommand } from "./lib/cli/commands/extract.ts";
 import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
 import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
-import { describeError, ExitCode, InterruptedError } from "./lib/cli/errors.ts";
+import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
 
 const commands: Command[] = [
   backupCommand,
@@ -101,9 +101,9 @@ function debugEnabled(): boolean {
 
 if (import.meta.main) {
   const controller = new AbortController();
-  const signals: [Deno.Signal, number][] = [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]];
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM", "SIGHUP"];
   let received = 0;
-  const onSignal = (signal: Deno.Signal, code: number) => () => {
+  const onSignal = (signal: Deno.Signal) => () => {
     received++;
     if (received === 1) return controller.abort(new InterruptedError(signal));
     // Cleaning up may take a moment (a live backup restores the VM's block graph): a second
@@ -113,9 +113,9 @@ if (import.meta.main) {
         .catch(() => {});
       return;
     }
-    Deno.exit(code);
+    Deno.exit(signalExitCode(signal));
   };
-  const listeners = signals.map(([signal, code]) => [signal, onSignal(signal, code)] as const);
+  const listeners = signals.map((signal) => [signal, onSignal(signal)] as const);
   for (const [signal, listener] of listeners) Deno.addSignalListener(signal, listener);
   const code = await main(Deno.args, processContext(controller.signal));
   for (const [signal, listener] of listeners) Deno.removeSignalListener(signal, listener);

@@ -298,7 +298,7 @@ Deno.test("cli: every bad input gets one error line and its documented exit code
       [
         ["verify", `${dir}/noise.bin`],
         3,
-        /Unknown compression or not a VMA archive \(first bytes: [0-9a-f ]+\)/,
+        /unknown compression or not a VMA archive \(first bytes: [0-9a-f ]+\) \(at byte 0\)/,
       ],
       [["extract", `${dir}/cut.vma`, `${dir}/cut`], 3, /short vma extent/],
       [["backup", "--disk", `${dir}/system.raw`, "-o", `${dir}/x.vma`], 5, /--allow-write/, [
@@ -341,11 +341,12 @@ Deno.test("cli: extract refuses names that would leave the target directory", as
   });
 });
 
-Deno.test("cli: SIGINT and SIGTERM during a backup leave no partial file", async () => {
+Deno.test("cli: SIGINT, SIGTERM and SIGHUP during a backup leave no partial file", async () => {
   await withTempDir(async (dir) => {
     using file = await Deno.open(`${dir}/huge.raw`, { write: true, create: true });
     await file.truncate(64 * 2 ** 30); // sparse 64 GiB: takes long enough to interrupt
-    for (const [signal, code] of [["SIGINT", 130], ["SIGTERM", 143]] as const) {
+    const signals = [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]] as const;
+    for (const [signal, code] of signals) {
       const out = `${dir}/huge-${signal}.vma.zst`;
       const child = spawnCli(["backup", "--disk", `${dir}/huge.raw`, "-o", out]);
       await child.stdin.close();
@@ -544,6 +545,25 @@ Deno.test("cli: truncated zstd and gzip archives are corrupt archives (exit 3), 
       const report = JSON.parse(json.text);
       assert.equal(report.ok, false);
       assert.equal(report.error.reason, "bad-compression");
+    }
+  });
+});
+
+Deno.test("cli: verify --json reports inputs that are not archives at all", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/noise.bin`, randomBytes(5000, 3));
+    await Deno.writeFile(`${dir}/empty.vma`, new Uint8Array(0));
+    for (
+      const [name, reason] of [["noise.bin", "bad-magic"], ["empty.vma", "truncated-header"]]
+    ) {
+      const result = await cli(["verify", `${dir}/${name}`, "--json"]);
+      assert.equal(result.code, 3, result.stderr);
+      const report = JSON.parse(result.text);
+      assert.deepEqual(
+        [report.ok, report.error.reason, report.error.offset, report.compression],
+        [false, reason, 0, null],
+      );
+      assert.deepEqual(report.devices, []);
     }
   });
 });

@@ -102,17 +102,36 @@ export class UsageError extends CliError {
  *
  * assert.equal(new InterruptedError("SIGINT").exitCode, ExitCode.interrupted);
  * assert.equal(new InterruptedError("SIGTERM").exitCode, ExitCode.terminated);
+ * assert.equal(new InterruptedError("SIGHUP").exitCode, ExitCode.hangup);
  * assert.equal(new InterruptedError("SIGTERM").message, "interrupted by SIGTERM");
  * ```
  */
 export class InterruptedError extends CliError {
   constructor(signal: Deno.Signal) {
-    super(
-      signal === "SIGTERM" ? ExitCode.terminated : ExitCode.interrupted,
-      `interrupted by ${signal}`,
-    );
+    super(signalExitCode(signal), `interrupted by ${signal}`);
     this.name = "InterruptedError";
   }
+}
+
+/**
+ * The exit code for a signal: 128 plus its number, as shells report it.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { signalExitCode } from "./errors.ts";
+ *
+ * assert.deepEqual(["SIGHUP", "SIGINT", "SIGTERM"].map((s) => signalExitCode(s as Deno.Signal)), [
+ *   129,
+ *   130,
+ *   143,
+ * ]);
+ * ```
+ */
+export function signalExitCode(signal: Deno.Signal): number {
+  if (signal === "SIGHUP") return ExitCode.hangup;
+  if (signal === "SIGTERM") return ExitCode.terminated;
+  return ExitCode.interrupted;
 }
 
 const IO_ERRORS = [

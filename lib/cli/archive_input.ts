@@ -9,7 +9,6 @@ import { type Compression, decompressInput, type ZstdEngine } from "../transform
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { CliError, ExitCode } from "./errors.ts";
 import { openInput } from "./files.ts";
 import { tapStream } from "../transforms/tap.ts";
 import type { Progress } from "./progress.ts";
@@ -63,15 +62,7 @@ export async function openArchive(
     read += chunk.byteLength;
     progress?.add(chunk.byteLength);
   }));
-  let decompressed;
-  try {
-    decompressed = await decompressInput(counted, options.zstd);
-  } catch (error) {
-    if (error instanceof TypeError) {
-      throw new CliError(ExitCode.corrupt, `${input.name}: ${error.message}`);
-    }
-    throw error;
-  }
+  const decompressed = await decompressInput(counted, options.zstd);
   const reader = new VmaReaderStream(options.reader);
   return {
     records: asArchiveErrors(decompressed.readable, decompressed.compression, () => read)

@@ -9,6 +9,7 @@ import { constants, createGunzip, createGzip } from "node:zlib";
 import { type Compression, detectCompression } from "../compression_magic.ts";
 import { nodeTransformer } from "./node_transform.ts";
 import { programTransform } from "./program_transform.ts";
+import { VmaFormatError } from "../vma/errors.ts";
 import { ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
 
 export { type Compression, detectCompression } from "../compression_magic.ts";
@@ -171,8 +172,9 @@ export interface DecompressedInput {
 
 /**
  * Looks at the first bytes of `input` and decompresses it accordingly, so plain, zstd,
- * gzip and lzop archives all come out as plain VMA bytes. Throws a `TypeError` naming the
- * first bytes when the input is none of these.
+ * gzip and lzop archives all come out as plain VMA bytes. Throws a `VmaFormatError`
+ * (`bad-magic`, naming the first bytes, or `truncated-header` for an empty input) when the
+ * input is none of these.
  *
  * @example Read a gzip-compressed archive
  * ```ts
@@ -210,10 +212,11 @@ export async function decompressInput(
   if (compression === undefined) {
     await reader.cancel();
     const shown = [...first].map((byte) => byte.toString(16).padStart(2, "0")).join(" ");
-    throw new TypeError(
-      length === 0
-        ? "Cannot read the archive: The input is empty"
-        : `Cannot read the archive: Unknown compression or not a VMA archive (first bytes: ${shown})`,
+    if (length === 0) throw new VmaFormatError("truncated-header", 0, "the input is empty");
+    throw new VmaFormatError(
+      "bad-magic",
+      0,
+      `unknown compression or not a VMA archive (first bytes: ${shown})`,
     );
   }
   // Put the bytes that were looked at back in front of the rest.

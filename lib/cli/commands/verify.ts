@@ -6,9 +6,10 @@
  * @module
  */
 import { VmaFormatError } from "../../vma/errors.ts";
+import { VmaReaderStream } from "../../vma/reader_stream.ts";
 import { tapStream } from "../../transforms/tap.ts";
 import type { VmaConfigRecord, VmaHeaderRecord, VmaRecord } from "../../vma/records.ts";
-import { discardRecords, openArchive } from "../archive_input.ts";
+import { type ArchiveInput, discardRecords, openArchive } from "../archive_input.ts";
 import {
   type Command,
   expectPositionals,
@@ -75,17 +76,19 @@ export const verifyCommand: Command = {
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("verify", positionals, 1);
     const mode = progressMode(values.progress);
+    const zstd = zstdEngine(values.zstd);
     let progress: Progress | undefined;
-    const archive = await openArchive(positionals[0]!, {
-      zstd: zstdEngine(values.zstd),
-      reader: { skipData: true }, // every check, without copying the data out
-      progress: (total) => (progress = new Progress(context, { mode, command: "verify", total })),
-    });
     const started = performance.now();
+    let archive: ArchiveInput | undefined;
     let header: VmaHeaderRecord | undefined;
     const configs: VmaConfigRecord[] = [];
     let failure: VmaFormatError | undefined;
     try {
+      archive = await openArchive(positionals[0]!, {
+        zstd,
+        reader: { skipData: true }, // every check, without copying the data out
+        progress: (total) => (progress = new Progress(context, { mode, command: "verify", total })),
+      });
       await archive.records
         .pipeThrough(tapStream<VmaRecord>((record) => {
           if (record.type === "header") header = record;
@@ -101,7 +104,8 @@ export const verifyCommand: Command = {
     }
     await progress?.finish(failure === undefined);
     const seconds = (performance.now() - started) / 1000;
-    const stats = archive.reader.stats;
+    // An input that is not an archive at all fails before a reader exists: report no counts.
+    const stats = (archive?.reader ?? new VmaReaderStream()).stats;
     const diskBytes = stats.devices.reduce((sum, device) => sum + device.size, 0);
     if (values.json) {
       await writeText(
@@ -109,8 +113,8 @@ export const verifyCommand: Command = {
         jsonLine({
           ok: failure === undefined,
           command: "verify",
-          archive: archive.name,
-          compression: archive.compression,
+          archive: archive?.name ?? positionals[0],
+          compression: archive?.compression ?? null,
           ...(failure && {
             error: { reason: failure.reason, offset: failure.offset, message: failure.message },
           }),
@@ -133,7 +137,7 @@ export const verifyCommand: Command = {
           dataBytes: stats.dataBlocks * 4096,
           diskBytes,
           archiveBytes: stats.bytes,
-          inputBytes: archive.bytesRead(),
+          inputBytes: archive?.bytesRead() ?? null,
           seconds: Number(seconds.toFixed(3)),
         }),
       );
@@ -143,8 +147,8 @@ export const verifyCommand: Command = {
       ? ((100 * stats.zeroClusters) / stats.clusters).toFixed(1)
       : "0";
     const lines = [
-      `${archive.name}: ok (${
-        archive.compression === "none" ? "uncompressed" : archive.compression
+      `${archive!.name}: ok (${
+        archive!.compression === "none" ? "uncompressed" : archive!.compression
       })`,
       `  ${stats.devices.length} device(s), ${
         formatBytes(diskBytes)
@@ -158,7 +162,7 @@ export const verifyCommand: Command = {
           formatBytes(device.dataBlocks * 4096)
         } data`
       ),
-      `  ${formatBytes(archive.bytesRead())} read in ${seconds.toFixed(1)} s, ${
+      `  ${formatBytes(archive!.bytesRead())} read in ${seconds.toFixed(1)} s, ${
         formatRate(stats.bytes, seconds)
       } of archive`,
     ];

@@ -58,7 +58,8 @@ export function parseCommandArgs<T extends ParseArgsOptionsConfig>(
 }
 
 /**
- * Throws a usage error unless exactly `count` positionals (or between min and max) were given.
+ * Throws a usage error unless between `min` and `max` (default: exactly `min`) positionals
+ * were given.
  *
  * @example One or two arguments
  * ```ts

@@ -14,7 +14,7 @@ export interface CliContext {
   stderr: ByteWriter;
   /** Whether stderr is a terminal (progress bars only go to terminals). */
   stderrIsTerminal: boolean;
-  /** Aborted on SIGINT or SIGTERM. */
+  /** Aborted on SIGINT, SIGTERM or SIGHUP. */
   signal: AbortSignal;
 }
 
@@ -68,7 +68,7 @@ export function processContext(signal: AbortSignal): CliContext {
 }
 
 /**
- * Formats a byte count for people: 1.5 GiB, 512 KiB, 17 B.
+ * Formats a byte count for people: 1.50 GiB, 512.0 KiB, 17 B.
  *
  * @example Binary units
  * ```ts

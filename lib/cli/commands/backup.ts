@@ -48,8 +48,8 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        vdi, vhdx, vpc, qed; recognised by its magic bytes), a block device,
                        or an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT).
                        NAME is the Proxmox device name (drive-scsi0, drive-efidisk0, ...); a
-                       bare name such as scsi0 gets the drive- prefix. Without NAME:
-                       drive-scsi0, drive-scsi1, ...
+                       bare name such as scsi0 gets the drive- prefix. Without NAME: the
+                       first free of drive-scsi0, drive-scsi1, ...
   --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
   -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
@@ -89,35 +89,45 @@ export interface DiskSpec {
 }
 
 /**
- * Parses the `--disk` values, naming unnamed disks drive-scsi0, drive-scsi1, ...
+ * Parses the `--disk` values. Unnamed disks get the first free names of drive-scsi0,
+ * drive-scsi1, ..., skipping names given to other disks.
  *
  * @example Named and unnamed disks
  * ```ts
  * import assert from "node:assert/strict";
  * import { parseDiskSpecs } from "./backup.ts";
  *
- * assert.deepEqual(parseDiskSpecs(["vm-100-disk-0.raw", "efidisk0=/dev/vg/efi"]), [
- *   { name: "drive-scsi0", path: "vm-100-disk-0.raw" },
+ * assert.deepEqual(parseDiskSpecs(["efidisk0=/dev/vg/efi", "vm-100-disk-0.raw", "scsi0=b.raw"]), [
  *   { name: "drive-efidisk0", path: "/dev/vg/efi" },
+ *   { name: "drive-scsi1", path: "vm-100-disk-0.raw" },
+ *   { name: "drive-scsi0", path: "b.raw" },
  * ]);
- * assert.throws(() => parseDiskSpecs(["a.raw", "scsi0=b.raw"]), /drive-scsi0 is used twice/);
+ * assert.throws(() => parseDiskSpecs(["scsi0=a.raw", "scsi0=b.raw"]), /drive-scsi0 is used twice/);
  * ```
  */
 export function parseDiskSpecs(values: string[]): DiskSpec[] {
-  const specs = values.map((value, index) => {
+  const parsed = values.map((value) => {
     const equals = value.indexOf("=");
     const looksNamed = equals > 0 && !value.slice(0, equals).includes("/");
-    const name = looksNamed ? value.slice(0, equals) : `scsi${index}`;
     const path = looksNamed ? value.slice(equals + 1) : value;
     if (path === "") throw new UsageError(`--disk ${value}: the path is missing`);
+    if (!looksNamed) return { name: undefined, path };
+    const name = value.slice(0, equals);
     return { name: name.startsWith("drive-") ? name : `drive-${name}`, path };
   });
   const names = new Set<string>();
-  for (const { name } of specs) {
+  for (const { name } of parsed) {
+    if (name === undefined) continue;
     if (names.has(name)) throw new UsageError(`--disk: the name ${name} is used twice`);
     names.add(name);
   }
-  return specs;
+  let next = 0;
+  return parsed.map(({ name, path }) => {
+    if (name !== undefined) return { name, path };
+    while (names.has(`drive-scsi${next}`)) next++;
+    names.add(`drive-scsi${next}`);
+    return { name: `drive-scsi${next}`, path };
+  });
 }
 
 /**
@@ -132,6 +142,7 @@ export function parseDiskSpecs(values: string[]): DiskSpec[] {
  * assert.deepEqual(zstd, { compression: "zstd", level: 5 });
  * assert.equal(parseCompression("-", "gzip", undefined).compression, "gzip");
  * assert.throws(() => parseCompression("vm.vma.gz", undefined, "12"), /within 1\.\.9 for gzip/);
+ * assert.throws(() => parseCompression("vm.vma", undefined, "50"), /--level needs --compress/);
  * ```
  */
 export function parseCompression(
@@ -144,6 +155,7 @@ export function parseCompression(
     throw new UsageError(`--compress must be zstd, gzip or none, not '${compression}'`);
   }
   if (level === undefined) return { compression, level: undefined };
+  if (compression === "none") throw new UsageError("--level needs --compress zstd or gzip");
   const parsed = Number(level);
   const range = compression === "gzip" ? [1, 9] : [-7, 19];
   if (!Number.isInteger(parsed) || parsed < range[0]! || parsed > range[1]!) {
@@ -151,12 +163,11 @@ export function parseCompression(
       `--level must be an integer within ${range[0]}..${range[1]} for ${compression}`,
     );
   }
-  if (compression === "none") throw new UsageError("--level needs --compress zstd or gzip");
   return { compression, level: parsed };
 }
 
 /**
- * Reads config files (each at most 65535 bytes; the writer checks the rest).
+ * Reads config files whole; the writer rejects one that is too big for the archive header.
  *
  * @example Names are the paths as given
  * ```ts

@@ -23,7 +23,7 @@ import { BLOCK_SIZE } from "./vma/format.ts";
  */
 export function isZeroRange(bytes: Uint8Array, start: number, length: number): boolean {
   const offset = bytes.byteOffset + start;
-  if ((offset & 3) === 0 && (length & 15) === 0) {
+  if ((offset & 3) === 0 && (length & 15) === 0 && length > 0) {
     const words = new Uint32Array(bytes.buffer, offset, length >>> 2);
     if (words[0] !== 0) return false; // cheap exit for data blocks
     let acc = 0;

@@ -97,9 +97,11 @@ class BlobArea {
  * const devices = [{ devId: 1, name: "drive-scsi0", size: 512 }];
  * validateHeader({ uuid, ctime: 0, configs: [], devices }); // does not throw
  * assert.throws(() => validateHeader({ uuid, ctime: 0, configs: [], devices: [] }), TypeError);
+ * assert.throws(() => validateHeader({ uuid: "nope", ctime: 0, configs: [], devices }), /UUID/);
  * ```
  */
 export function validateHeader(header: VmaHeader): void {
+  uuidToBytes(header.uuid); // throws a TypeError naming a malformed UUID
   if (header.configs.length > MAX_CONFIGS) {
     throw new RangeError(
       `Cannot write the VMA header: ${header.configs.length} configs exceed the limit of ${MAX_CONFIGS}`,
@@ -275,9 +277,17 @@ export function encodeHeader(header: VmaHeader): Uint8Array<ArrayBuffer> {
  * assert.equal(headerSizeOf(bytes.subarray(0, 12288), 1 << 20), bytes.byteLength);
  * assert.throws(() => headerSizeOf(new Uint8Array(12288), 1 << 20), { reason: "bad-magic" });
  * assert.throws(() => headerSizeOf(bytes, 12288), { reason: "bad-header-size" });
+ * assert.throws(() => headerSizeOf(bytes.subarray(0, 100), 1 << 20), { reason: "truncated-header" });
  * ```
  */
 export function headerSizeOf(fixed: Uint8Array, maxHeaderSize: number): number {
+  if (fixed.byteLength < HEADER_FIXED_SIZE) {
+    throw new VmaFormatError(
+      "truncated-header",
+      fixed.byteLength,
+      "can't read vma header - got EOF",
+    );
+  }
   const view = new DataView(fixed.buffer, fixed.byteOffset, HEADER_FIXED_SIZE);
   if (view.getUint32(HeaderOffset.magic) !== VMA_MAGIC) {
     throw new VmaFormatError("bad-magic", 0, "not a vma file - wrong magic number");
@@ -310,13 +320,6 @@ export function headerSizeOf(fixed: Uint8Array, maxHeaderSize: number): number {
  * ```
  */
 export function decodeHeader(bytes: Uint8Array): DecodedVmaHeader {
-  if (bytes.byteLength < HEADER_FIXED_SIZE) {
-    throw new VmaFormatError(
-      "truncated-header",
-      bytes.byteLength,
-      "can't read vma header - got EOF",
-    );
-  }
   const headerSize = headerSizeOf(bytes, bytes.byteLength);
   if (headerSize !== bytes.byteLength) {
     throw new VmaFormatError(

@@ -8,11 +8,13 @@
  *
  * @module
  */
+import { fileURLToPath } from "node:url";
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const ENXIO = 6; // SEEK_DATA past the last data
 const O_RDONLY = 0;
+const O_CLOEXEC = 0o2000000; // children such as qemu-nbd must not inherit the descriptor
 
 const symbols = {
   open: { parameters: ["buffer", "i32"], result: "i32" },
@@ -70,8 +72,8 @@ export class SparseMap {
   static open(path: string | URL): SparseMap | undefined {
     const library = loadLibc();
     if (library === null) return undefined;
-    const name = path instanceof URL ? path.pathname : path;
-    const fd = library.symbols.open(new TextEncoder().encode(`${name}\0`), O_RDONLY);
+    const name = path instanceof URL ? fileURLToPath(path) : path;
+    const fd = library.symbols.open(new TextEncoder().encode(`${name}\0`), O_RDONLY | O_CLOEXEC);
     return fd < 0 ? undefined : new SparseMap(fd, library);
   }
 
@@ -91,6 +93,7 @@ export class SparseMap {
     return result >= 0 ? result : Number.MAX_SAFE_INTEGER;
   }
 
+  /** Closes the file descriptor; the map must not be used afterwards. */
   close(): void {
     this.#libc.symbols.close(this.#fd);
   }

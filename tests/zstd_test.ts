@@ -121,3 +121,24 @@ Deno.test("ZstdFrameSplitter never gives a frame the previous frame's content si
     assert.deepEqual(ends, [5, 3], `cut at ${cut}`);
   }
 });
+
+Deno.test("ZstdDecompressStream() streams frames too big for a Worker, with or without a content size", async () => {
+  const big = new TextEncoder().encode("a cluster of zeros and text ".repeat(40_000)); // 1.1 MB
+  const small = randomBytes(50_000, 5);
+  const sized = await tool("zstd", ["-q", "-c", "--content-size"], big);
+  const unsized = await tool("zstd", ["-q", "-c", "--no-content-size"], big);
+  const tail = await tool("zstd", ["-q", "-c"], small);
+  // Both big frames compress far below the cap, so only their decoded size tells: the sized
+  // one is streamed from its header, the unsized one fails on a Worker and is streamed again.
+  const maxParallelFrameSize = 256 << 10;
+  assert.ok(sized.byteLength < maxParallelFrameSize && unsized.byteLength < maxParallelFrameSize);
+  const stream = concat([tail, unsized, tail, sized, tail]);
+  for (const sizes of [[stream.byteLength], [4096, 7]]) {
+    const out = await new Response(
+      ReadableStream.from(chunked(stream, sizes)).pipeThrough(
+        new ZstdDecompressStream({ maxParallelFrameSize, workers: 2 }),
+      ),
+    ).bytes();
+    assert.deepEqual(out, concat([small, big, small, big, small]), `chunks ${sizes}`);
+  }
+});

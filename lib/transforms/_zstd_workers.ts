@@ -54,8 +54,8 @@ export interface FrameResult {
 
 const WORKER_SOURCE = `
 import { constants, createZstdDecompress, zstdCompressSync } from "node:zlib";
-// Streaming decoding is about 13 % faster than zstdDecompressSync; the chunk size is the
-// frame's content size, so the output is one buffer.
+// Streaming decoding is about 13 % faster than zstdDecompressSync; chunks of 4 MiB, the
+// input size of our own frames, so their output is one buffer.
 function decompress(data, maxOutput) {
   return new Promise((resolve, reject) => {
     const chunks = [];
@@ -63,7 +63,9 @@ function decompress(data, maxOutput) {
     const decoder = createZstdDecompress({ chunkSize: 4 << 20 });
     decoder.on("data", (chunk) => {
       total += chunk.byteLength;
-      if (total > maxOutput) decoder.destroy(new RangeError("frame larger than " + maxOutput));
+      if (total > maxOutput) {
+        decoder.destroy(Object.assign(new Error("frame larger than " + maxOutput), { tooLarge: true }));
+      }
       else chunks.push(chunk);
     });
     decoder.on("error", reject);
@@ -92,7 +94,7 @@ self.onmessage = async (event) => {
     const output = whole ? new Uint8Array(result.buffer) : new Uint8Array(result);
     self.postMessage({ id, output, input }, [output.buffer, input.buffer]);
   } catch (error) {
-    const tooLarge = error instanceof RangeError;
+    const tooLarge = error?.tooLarge === true; // only the output cap, not any RangeError
     self.postMessage({ id, input, tooLarge, error: String(error && error.message || error) }, [input.buffer]);
   }
 };

@@ -54,6 +54,7 @@ function qdevId(qdev: string | undefined): string | undefined {
  * assert.deepEqual(names, ["drive-vda"]); // not the read-only CD-ROM
  * assert.equal((await findDrives(qmp, ["cd0"]))[0]?.name, "drive-ide2-cd0");
  * await assert.rejects(findDrives(qmp, ["vdb"]), /no such drive/);
+ * await assert.rejects(findDrives(qmp, ["vda", "drive-vda"]), /already selected as "vda"/);
  * ```
  */
 export async function findDrives(qmp: QmpClient, selection: string[] = []): Promise<LiveDrive[]> {
@@ -75,6 +76,7 @@ export async function findDrives(qmp: QmpClient, selection: string[] = []): Prom
     if (writable.length === 0) throw new Error("Cannot back up the VM: It has no writable drive");
     return writable.map(({ ro: _, ...drive }) => drive);
   }
+  const chosen = new Map<string, string>(); // drive name → the selection that chose it
   return selection.map((wanted) => {
     const drive = drives.find((candidate) =>
       [candidate.name, candidate.node, candidate.device, qdevId(candidate.qdev)].includes(wanted) ||
@@ -86,6 +88,13 @@ export async function findDrives(qmp: QmpClient, selection: string[] = []): Prom
         `Cannot back up drive "${wanted}": The VM has no such drive (it has ${known})`,
       );
     }
+    const earlier = chosen.get(drive.name);
+    if (earlier !== undefined) {
+      throw new Error(
+        `Cannot back up drive "${wanted}": It is ${drive.name}, already selected as "${earlier}"`,
+      );
+    }
+    chosen.set(drive.name, wanted);
     const { ro: _, ...rest } = drive;
     return rest;
   });

@@ -28,11 +28,12 @@ export type WritableCompression = "none" | "zstd" | "gzip";
  * assert.equal(compressionForPath("vzdump-qemu-100.vma.zst"), "zstd");
  * assert.equal(compressionForPath("backup.vma.gz"), "gzip");
  * assert.equal(compressionForPath("backup.vma"), "none");
+ * assert.equal(compressionForPath("BACKUP.VMA.ZST"), "zstd");
  * ```
  */
 export function compressionForPath(path: string): WritableCompression {
-  if (/\.(zst|zstd)$/.test(path)) return "zstd";
-  if (/\.(gz|gzip)$/.test(path)) return "gzip";
+  if (/\.(zst|zstd)$/i.test(path)) return "zstd";
+  if (/\.(gz|gzip)$/i.test(path)) return "gzip";
   return "none";
 }
 

@@ -199,6 +199,7 @@ export interface BackupSources {
   live?: LiveBackup | undefined;
 }
 
+/** What {@linkcode runBackup} needs: where the archive goes, how it is written, what it reads. */
 export interface BackupPlan {
   /** Starts the sources (qemu-nbd children, a live backup): only after the output is open. */
   start(): Promise<BackupSources>;
@@ -329,6 +330,42 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   return 0;
 }
 
+const OPTIONS = {
+  disk: { type: "string", multiple: true },
+  config: { type: "string", multiple: true },
+  output: { type: "string", short: "o" },
+  compress: { type: "string" },
+  level: { type: "string" },
+  force: { type: "boolean" },
+  progress: { type: "string" },
+  json: { type: "boolean" },
+  qmp: { type: "string" },
+  drive: { type: "string", multiple: true },
+  mode: { type: "string" },
+  speed: { type: "string" },
+  "fleece-dir": { type: "string" },
+  "discard-read": { type: "boolean" },
+  zstd: { type: "string" },
+} as const;
+
+type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"];
+
+/** The checked flags of a backup's output side, the same for disks and live VMs. */
+async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start">> {
+  if (values.output === undefined) throw new UsageError("backup needs -o OUT (or -o - for stdout)");
+  const { compression, level } = parseCompression(values.output, values.compress, values.level);
+  return {
+    configs: await readConfigs(values.config ?? []),
+    output: values.output,
+    compression,
+    level,
+    zstd: zstdEngine(values.zstd),
+    force: values.force ?? false,
+    progress: progressMode(values.progress),
+    json: values.json ?? false,
+  };
+}
+
 /**
  * `cli.ts backup`: backs up disk images, NBD exports or a running VM into a VMA archive.
  *
@@ -358,23 +395,7 @@ export const backupCommand: Command = {
   summary: "back up disks (and configs) into a VMA archive",
   help: HELP,
   async run(args, context) {
-    const { values, positionals } = parseCommandArgs("backup", args, {
-      disk: { type: "string", multiple: true },
-      config: { type: "string", multiple: true },
-      output: { type: "string", short: "o" },
-      compress: { type: "string" },
-      level: { type: "string" },
-      force: { type: "boolean" },
-      progress: { type: "string" },
-      json: { type: "boolean" },
-      qmp: { type: "string" },
-      drive: { type: "string", multiple: true },
-      mode: { type: "string" },
-      speed: { type: "string" },
-      "fleece-dir": { type: "string" },
-      "discard-read": { type: "boolean" },
-      zstd: { type: "string" },
-    });
+    const { values, positionals } = parseCommandArgs("backup", args, OPTIONS);
     if (values.help) return await printHelp(context, HELP);
     if (values.qmp !== undefined) return await runLiveBackup(values, context);
     if (positionals.length > 0) {
@@ -388,13 +409,8 @@ export const backupCommand: Command = {
         "backup needs at least one --disk (or --config) (see 'cli.ts backup --help')",
       );
     }
-    if (values.output === undefined) {
-      throw new UsageError("backup needs -o OUT (or -o - for stdout)");
-    }
+    const plan = await outputPlan(values);
     const disks = parseDiskSpecs(values.disk ?? []);
-    const { compression, level } = parseCompression(values.output, values.compress, values.level);
-    const mode = progressMode(values.progress);
-    const configs = await readConfigs(values.config ?? []);
     for (const { path } of disks) {
       if (isNbdUri(path)) continue;
       const info = await checkReadable(path);
@@ -405,8 +421,8 @@ export const backupCommand: Command = {
         );
       }
     }
-    const zstd = zstdEngine(values.zstd);
     return await runBackup({
+      ...plan,
       start: () =>
         Promise.resolve({
           sources: disks.map(({ name, path }) =>
@@ -414,40 +430,13 @@ export const backupCommand: Command = {
           ),
           disks,
         }),
-      configs,
-      output: values.output,
-      compression,
-      level,
-      zstd,
-      force: values.force ?? false,
-      progress: mode,
-      json: values.json ?? false,
     }, context);
   },
 };
 
-interface LiveValues {
-  qmp?: string;
-  drive?: string[];
-  mode?: string;
-  speed?: string;
-  "fleece-dir"?: string;
-  "discard-read"?: boolean;
-  disk?: string[];
-  config?: string[];
-  output?: string;
-  compress?: string;
-  level?: string;
-  force?: boolean;
-  progress?: string;
-  json?: boolean;
-  zstd?: string;
-}
-
 /** `backup --qmp`: a live backup of a running VM, push or pull. */
-async function runLiveBackup(values: LiveValues, context: CliContext): Promise<number> {
+async function runLiveBackup(values: BackupValues, context: CliContext): Promise<number> {
   if (values.disk?.length) throw new UsageError("--disk and --qmp cannot be combined");
-  if (values.output === undefined) throw new UsageError("backup needs -o OUT (or -o - for stdout)");
   const mode = values.mode ?? "push";
   if (mode !== "push" && mode !== "pull") {
     throw new UsageError(`--mode must be push or pull, not '${mode}'`);
@@ -460,14 +449,13 @@ async function runLiveBackup(values: LiveValues, context: CliContext): Promise<n
   if (mode === "push" && (values["fleece-dir"] || values["discard-read"])) {
     throw new UsageError("--fleece-dir and --discard-read are for --mode pull");
   }
-  const { compression, level } = parseCompression(values.output, values.compress, values.level);
-  const progress = progressMode(values.progress);
-  const zstd = zstdEngine(values.zstd);
-  const configs = await readConfigs(values.config ?? []);
-  // Every flag is checked and the output opened before the VM is touched.
+  const plan = await outputPlan(values);
+  // Every flag is checked before QMP is connected; the VM is touched only in start(), once
+  // the output is open.
   using qmp = await QmpClient.connect(values.qmp!);
   const options = { qmp, ...(values.drive && { drives: values.drive }) };
   return await runBackup({
+    ...plan,
     async start() {
       const live = mode === "push"
         ? await startPushBackup({ ...options, ...(speed && { speed }) })
@@ -483,14 +471,6 @@ async function runLiveBackup(values: LiveValues, context: CliContext): Promise<n
         live,
       };
     },
-    configs,
-    output: values.output,
-    compression,
-    level,
-    zstd,
-    force: values.force ?? false,
-    progress,
-    json: values.json ?? false,
   }, context);
 }
 

@@ -93,7 +93,6 @@ export {
 export {
   type ZstdCompressOptions,
   ZstdCompressStream,
-  type ZstdDecompressOptions,
   ZstdDecompressStream,
 } from "./lib/transforms/zstd.ts";
 export {

@@ -27,6 +27,8 @@ export interface RawDiskSourceOptions {
 }
 
 const DEFAULT_READ_SIZE = 1 << 20;
+/** Reads whose clusters may wait for the stages downstream. */
+const READ_AHEAD = 4;
 
 /**
  * Reads a raw image file or block device and emits a `device` record, then one `cluster`
@@ -63,7 +65,10 @@ export function rawDiskSource(
       `Cannot read disk "${name}": readSize ${readSize} is not a multiple of 64 KiB`,
     );
   }
-  const pool = new BufferPool(readSize);
+  // As many buffers as can be alive: the read-ahead, one being read and one being copied.
+  // A smaller free list drops buffers that come back and allocates new ones: garbage that
+  // stayed resident (26 instead of 6 allocations for a 1 GiB backup, 9 MiB more RSS).
+  const pool = new BufferPool(readSize, { maxFree: READ_AHEAD + 2 });
   let file: Deno.FsFile | undefined;
   let map: SparseMap | undefined;
   let size = 0;
@@ -131,8 +136,8 @@ export function rawDiskSource(
       offset += length;
     },
     cancel: close,
-    // Read ahead up to 4 MiB of clusters, so reading overlaps with the stages downstream.
-  }, { highWaterMark: 4 * (readSize / CLUSTER_SIZE) });
+    // Read ahead, so reading overlaps with the stages downstream.
+  }, { highWaterMark: READ_AHEAD * (readSize / CLUSTER_SIZE) });
 }
 
 /** Size of a regular file or block device: seeking to the end works for both. */

@@ -1,6 +1,12 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
- * A pool of Workers that compress or decompress whole zstd frames (internal).
+ * A pool of Workers that compress independent zstd frames (internal).
+ *
+ * Each job brings its own output buffer: the worker has `node:zlib`'s native zstd handle
+ * write the frame straight into it, and both buffers travel back without copies. The public
+ * `zstdCompressSync` collects 16 KiB output pieces and concatenates them instead; that
+ * garbage kept each Worker's isolate about 80 MiB bigger (a 1 GiB backup peaked at 267 MiB
+ * against 104-114 MiB this way, with the same speed).
  *
  * The workers are created from a Blob URL, so they need no read permission on this
  * package's folder, and they are started lazily and stopped with {@linkcode stop}.
@@ -8,94 +14,66 @@
  * @module
  */
 
-/** A job: the input travels to the worker and back, without copies. */
+/** A frame to compress: `input` and `output` travel to the worker and back, without copies. */
 export interface FrameJob {
-  op: "compress" | "decompress";
   input: Uint8Array<ArrayBuffer>;
-  /** Bytes of `input` to use. */
+  /** Bytes of `input` to compress. */
   length: number;
-  /** Compression level (compress only). */
-  level?: number;
-  /** Most bytes a decompressed frame may have (decompress only). */
-  maxOutput?: number;
+  /** Receives the frame; at least {@linkcode frameBound}`(length)` bytes. */
+  output: Uint8Array<ArrayBuffer>;
+  /** zstd compression level. */
+  level: number;
+}
+
+/** A compressed frame: its first `length` bytes of `output`, and the input given back. */
+export interface FrameResult {
+  input: Uint8Array<ArrayBuffer>;
+  output: Uint8Array<ArrayBuffer>;
+  length: number;
 }
 
 /**
- * A job failed; its input buffer came back with the error.
+ * The most bytes a zstd frame of `length` input bytes can take: `ZSTD_COMPRESSBOUND`
+ * plus room for the frame header and checksum, so the frame always fits in one call.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * import { FrameJobError } from "./_zstd_workers.ts";
+ * import { frameBound } from "./_zstd_workers.ts";
  *
- * const input = new Uint8Array(16);
- * const error = new FrameJobError("frame larger than 1024", input, true);
- * assert.ok(error instanceof Error && error.tooLarge);
- * assert.equal(error.input, input); // the caller gets its buffer back
+ * assert.ok(frameBound(4 << 20) > 4 << 20);
  * ```
  */
-export class FrameJobError extends Error {
-  readonly input: Uint8Array<ArrayBuffer>;
-  /** The decompressed frame would exceed `maxOutput`. */
-  readonly tooLarge: boolean;
-  constructor(message: string, input: Uint8Array<ArrayBuffer>, tooLarge: boolean) {
-    super(message);
-    this.name = "FrameJobError";
-    this.input = input;
-    this.tooLarge = tooLarge;
-  }
-}
-
-/** A finished job: the output, and the input buffer given back. */
-export interface FrameResult {
-  output: Uint8Array<ArrayBuffer>;
-  input: Uint8Array<ArrayBuffer>;
+export function frameBound(length: number): number {
+  const small = length < 128 << 10 ? ((128 << 10) - length) >>> 11 : 0;
+  return length + (length >>> 8) + small + 64;
 }
 
 const WORKER_SOURCE = `
-import { constants, createZstdDecompress, zstdCompressSync } from "node:zlib";
-// Streaming decoding is about 13 % faster than zstdDecompressSync; chunks of 4 MiB, the
-// input size of our own frames, so their output is one buffer.
-function decompress(data, maxOutput) {
-  return new Promise((resolve, reject) => {
-    const chunks = [];
-    let total = 0;
-    const decoder = createZstdDecompress({ chunkSize: 4 << 20 });
-    decoder.on("data", (chunk) => {
-      total += chunk.byteLength;
-      if (total > maxOutput) {
-        decoder.destroy(Object.assign(new Error("frame larger than " + maxOutput), { tooLarge: true }));
-      }
-      else chunks.push(chunk);
-    });
-    decoder.on("error", reject);
-    decoder.on("end", () => {
-      if (chunks.length === 1) return resolve(chunks[0]);
-      const out = new Uint8Array(total);
-      let at = 0;
-      for (const chunk of chunks) { out.set(chunk, at); at += chunk.byteLength; }
-      resolve(out);
-    });
-    decoder.end(data);
-  });
-}
-self.onmessage = async (event) => {
-  const { id, op, input, length, level, maxOutput } = event.data;
+import { constants, createZstdCompress } from "node:zlib";
+// One compression context for the worker's life, reset for every frame: a new context per
+// frame kept about 8 MiB more resident. A reset forgets the pledged size, so the frames
+// carry no content size.
+let compressor;
+let compressorLevel;
+self.onmessage = ({ data }) => {
+  const { id, input, length, output, level } = data;
   try {
-    const data = input.subarray(0, length);
-    // The pledged size puts the content size in the frame header, for parallel decoding.
-    const result = op === "compress"
-      ? zstdCompressSync(data, {
-        pledgedSrcSize: length,
-        params: { [constants.ZSTD_c_compressionLevel]: level },
-      })
-      : await decompress(data, maxOutput);
-    const whole = result.byteOffset === 0 && result.byteLength === result.buffer.byteLength;
-    const output = whole ? new Uint8Array(result.buffer) : new Uint8Array(result);
-    self.postMessage({ id, output, input }, [output.buffer, input.buffer]);
+    if (compressorLevel !== level) {
+      compressor?.close();
+      compressor = createZstdCompress({ params: { [constants.ZSTD_c_compressionLevel]: level } });
+      compressorLevel = level;
+    }
+    const handle = compressor._handle;
+    handle.reset();
+    const ZSTD_e_end = 2;
+    handle.writeSync(ZSTD_e_end, input, 0, length, output, 0, output.byteLength);
+    const [outputLeft, inputLeft] = compressor._writeState;
+    if (inputLeft !== 0 || outputLeft === 0) throw new Error("the frame did not fit its buffer");
+    self.postMessage({ id, input, output, length: output.byteLength - outputLeft }, [input.buffer, output.buffer]);
   } catch (error) {
-    const tooLarge = error?.tooLarge === true; // only the output cap, not any RangeError
-    self.postMessage({ id, input, tooLarge, error: String(error && error.message || error) }, [input.buffer]);
+    compressorLevel = undefined; // start the next frame afresh
+    self.postMessage({ id, error: String(error?.message ?? error) });
   }
 };
 `;
@@ -103,29 +81,30 @@ let workerUrl: string | undefined;
 
 interface Reply {
   id: number;
-  output?: Uint8Array<ArrayBuffer>;
   input: Uint8Array<ArrayBuffer>;
+  output: Uint8Array<ArrayBuffer>;
+  length: number;
   error?: string;
-  tooLarge?: boolean;
 }
 
 /**
  * Up to `size` workers; jobs go round-robin.
  *
- * @example Compress a frame and decompress it again
+ * @example Compress a frame, and decode it with node:zlib
  * ```ts
  * import assert from "node:assert/strict";
- * import { FrameJobError, ZstdWorkerPool } from "./_zstd_workers.ts";
+ * import { zstdDecompressSync } from "node:zlib";
+ * import { frameBound, ZstdWorkerPool } from "./_zstd_workers.ts";
  *
  * const pool = new ZstdWorkerPool(1);
  * try {
  *   const text = new TextEncoder().encode("hello, zstd");
  *   const input = text.slice(); // its buffer travels to the worker
- *   const { output } = await pool.run({ op: "compress", input, length: 11, level: 3 });
- *   const job = { op: "decompress", input: output, length: output.byteLength } as const;
- *   assert.deepEqual((await pool.run({ ...job, maxOutput: 64 })).output, text);
- *   const garbage = { ...job, input: new Uint8Array(8), maxOutput: 64 };
- *   await assert.rejects(pool.run(garbage), FrameJobError);
+ *   const output = new Uint8Array(frameBound(text.byteLength));
+ *   const frame = await pool.run({ input, length: text.byteLength, output, level: 3 });
+ *   assert.deepEqual(frame.input, text); // given back
+ *   const decoded = zstdDecompressSync(frame.output.subarray(0, frame.length));
+ *   assert.deepEqual(new Uint8Array(decoded), text);
  * } finally {
  *   pool.stop();
  * }
@@ -141,7 +120,7 @@ export class ZstdWorkerPool {
     this.size = Math.max(1, size);
   }
 
-  /** Runs a job; `input`'s buffer is transferred until the result comes back. */
+  /** Runs a job; the buffers of `input` and `output` are transferred until the result. */
   run(job: FrameJob): Promise<FrameResult> {
     const id = this.#nextId++;
     const slot = id % this.size;
@@ -150,7 +129,7 @@ export class ZstdWorkerPool {
     // A stream that is cancelled stops awaiting its frames: their rejection is expected.
     pending.promise.catch(() => {});
     this.#waiting.set(id, pending);
-    worker.postMessage({ id, ...job }, [job.input.buffer]);
+    worker.postMessage({ id, ...job }, [job.input.buffer, job.output.buffer]);
     return pending.promise;
   }
 
@@ -166,13 +145,8 @@ export class ZstdWorkerPool {
     worker.onmessage = ({ data }: MessageEvent<Reply>) => {
       const pending = this.#waiting.get(data.id);
       this.#waiting.delete(data.id);
-      if (data.error !== undefined || data.output === undefined) {
-        pending?.reject(
-          new FrameJobError(data.error ?? "no output", data.input, data.tooLarge === true),
-        );
-      } else {
-        pending?.resolve({ output: data.output, input: data.input });
-      }
+      if (data.error !== undefined) pending?.reject(new Error(`zstd: ${data.error}`));
+      else pending?.resolve({ input: data.input, output: data.output, length: data.length });
     };
     worker.onerror = (event) => {
       event.preventDefault();

@@ -1,14 +1,14 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
- * zstd with `node:zlib` on every core: compression into independent frames, and
- * decompression frame by frame.
+ * zstd with `node:zlib` in Workers: compression into independent frames on every core, and
+ * decompression of any zstd stream beside the stages that read it.
  *
  * @module
  */
-import { createZstdDecompress } from "node:zlib";
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
+import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
-import { FrameJobError, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
+import { frameBound, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
 
 /** Chunks from this size on may be compressed as frames of their own, without a copy. */
 const DIRECT_FRAME_MIN = 1 << 20;
@@ -28,9 +28,10 @@ type Output = TransformStreamDefaultController<Uint8Array>;
 /**
  * Compresses a byte stream into independent zstd frames (4 MiB of input each), compressed in
  * parallel by a pool of Workers and emitted in order. Concatenated frames are one valid
- * zstd stream: `zstd -d` and every zstd decoder read it. At most two frames per worker are in
- * flight, so memory stays bounded; input buffers travel to the workers and back without
- * copies and are reused. A large recycled chunk that this stage alone holds (the extents of
+ * zstd stream: `zstd -d` and every zstd decoder read it. One frame more than there are
+ * workers is in flight, so memory stays bounded; input and output buffers travel to the
+ * workers and back without copies and are reused (an output chunk returns to the pool once
+ * its final consumer calls `releaseChunk`). A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
  *
  * @example Compress into several frames and decode them
@@ -57,7 +58,13 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     if (!Number.isInteger(level) || level < -7 || level > 19) {
       throw new RangeError(`Cannot compress with zstd: level ${level} is not within -7..19`);
     }
-    const pool = new BufferPool(frameSize, { maxFree: 2 * workers.size + 1 });
+    /** One frame queued per worker beside the one it compresses: more only costs memory. */
+    const maxInFlight = workers.size + 1;
+    const inputs = new BufferPool(frameSize, { maxFree: maxInFlight + 1 });
+    const outputs = new BufferPool(frameBound(frameSize), {
+      maxFree: maxInFlight + 5, // and the chunks queued downstream
+      trackChunks: true,
+    });
     /** Frames being compressed, oldest first, each with where its input buffer goes back. */
     const inflight: {
       result: Promise<FrameResult>;
@@ -66,17 +73,25 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     let frame: PooledBuffer | undefined;
     let fill = 0;
 
-    const send = () => {
-      const result = workers.run({ op: "compress", input: frame!.bytes, length: fill, level });
-      inflight.push({ result, giveBack: (bytes) => pool.adopt(bytes) });
+    const send = (
+      input: Uint8Array<ArrayBuffer>,
+      length: number,
+      giveBack: (bytes: Uint8Array<ArrayBuffer>) => void,
+    ) => {
+      const output = outputs.acquire().bytes;
+      inflight.push({ result: workers.run({ input, length, output, level }), giveBack });
+    };
+    const sendFrame = () => {
+      send(frame!.bytes, fill, (bytes) => inputs.adopt(bytes));
       frame = undefined;
       fill = 0;
     };
     const emitOldest = async (controller: Output) => {
       const { result, giveBack } = inflight.shift()!;
-      const { input, output } = await result;
+      const { input, output, length } = await result;
       giveBack(input); // the input came back with the transfer: reuse it
-      controller.enqueue(output);
+      outputs.wrap(output).hold(1); // the final consumer's releaseChunk() gives it back
+      controller.enqueue(output.subarray(0, length));
     };
 
     super({
@@ -90,7 +105,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       },
       async flush(controller) {
         try {
-          if (frame !== undefined && fill > 0) send();
+          if (frame !== undefined && fill > 0) sendFrame();
           while (inflight.length > 0) await emitOldest(controller);
         } finally {
           workers.stop();
@@ -102,25 +117,25 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     });
 
     async function compress(chunk: Uint8Array, controller: Output) {
-      const owned = chunk.byteLength >= DIRECT_FRAME_MIN ? exclusiveChunk(chunk) : undefined;
+      const direct = chunk.byteLength >= DIRECT_FRAME_MIN && chunk.byteLength <= frameSize;
+      const owned = direct ? exclusiveChunk(chunk) : undefined;
       if (owned !== undefined) {
         // A large chunk we alone hold (a writer's extent) becomes a frame as it is: no copy.
-        if (frame !== undefined && fill > 0) send(); // bytes before it, in order
+        if (frame !== undefined && fill > 0) sendFrame(); // bytes before it, in order
         const input = chunk as Uint8Array<ArrayBuffer>;
-        const result = workers.run({ op: "compress", input, length: chunk.byteLength, level });
-        inflight.push({ result, giveBack: (bytes) => owned.giveBack(bytes) });
-        while (inflight.length >= 2 * workers.size) await emitOldest(controller);
+        send(input, chunk.byteLength, (bytes) => owned.giveBack(bytes));
+        while (inflight.length >= maxInFlight) await emitOldest(controller);
         return;
       }
       for (let position = 0; position < chunk.byteLength;) {
-        frame ??= pool.acquire();
+        frame ??= inputs.acquire();
         const count = Math.min(frameSize - fill, chunk.byteLength - position);
         frame.bytes.set(chunk.subarray(position, position + count), fill);
         fill += count;
         position += count;
         if (fill === frameSize) {
-          send();
-          while (inflight.length >= 2 * workers.size) await emitOldest(controller);
+          sendFrame();
+          while (inflight.length >= maxInFlight) await emitOldest(controller);
         }
       }
       releaseChunk(chunk);
@@ -128,20 +143,14 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
   }
 }
 
-/** Options of {@linkcode ZstdDecompressStream}. */
-export interface ZstdDecompressOptions {
-  /** Worker threads for frames decoded in parallel (default: the number of cores). */
-  workers?: number;
-  /** Frames whose header declares at most this many bytes are decoded in parallel (16 MiB). */
-  maxParallelFrameSize?: number;
-}
-
 /**
- * Decompresses a zstd stream of any number of frames. The stream is split at frame
- * boundaries by walking the frame and block headers: frames up to 16 MiB (such as
- * {@linkcode ZstdCompressStream}'s) are decoded in parallel by Workers; bigger frames (a
- * `zstd` CLI file is often one frame) stream through `node:zlib`, a fresh decoder per frame. Splitting also avoids a Deno bug: its `node:zlib` decoder stops after the first
- * frame of `zstd` CLI output.
+ * Decompresses a zstd stream of any number of frames (ours, the `zstd` CLI's, skippable
+ * ones) in one Worker, in order, as `zstd -d` does; this thread stays free for the stages
+ * after it. The frames are also walked here by their headers, which names the byte offset
+ * of bad framing and finds a stream that ends inside a frame. Decoded chunks (up to 1 MiB)
+ * come from a pool: a final consumer that calls `releaseChunk` lets the next chunk reuse
+ * the memory. Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
+ * both sides: however far a frame expands, at most three decoded chunks wait.
  *
  * @example Round trip
  * ```ts
@@ -157,147 +166,61 @@ export interface ZstdDecompressOptions {
  * assert.deepEqual(output, input);
  * ```
  */
-export class ZstdDecompressStream extends TransformStream<Uint8Array, Uint8Array> {
-  constructor(options: ZstdDecompressOptions = {}) {
-    const workers = new ZstdWorkerPool(options.workers ?? navigator.hardwareConcurrency ?? 1);
-    const maxParallel = options.maxParallelFrameSize ?? 16 << 20;
-    const splitter = new ZstdFrameSplitter();
-    /** Decoded frames in stream order: worker results, awaited when emitted. */
-    const inflight: { result: Promise<FrameResult>; length: number }[] = [];
-    /** The current frame: collected whole for a worker, or streamed through a decoder. */
-    let frame: Uint8Array<ArrayBuffer> | undefined;
-    let frameLength = 0;
-    let decoder: FrameDecoder | undefined;
+export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Uint8Array> {
+  readonly readable: ReadableStream<Uint8Array>;
+  readonly writable: WritableStream<Uint8Array>;
 
-    const emitOldest = async (controller: Output) => {
-      const { result, length } = inflight.shift()!;
-      try {
-        controller.enqueue((await result).output);
-      } catch (error) {
-        if (!(error instanceof FrameJobError && error.tooLarge)) throw error;
-        // A frame of unknown size that turned out big: stream it here instead.
-        const big = new FrameDecoder(controller);
-        await big.write(error.input.subarray(0, length));
-        await big.end();
-      }
+  constructor() {
+    const decoder = new ZstdDecoderWorker();
+    const framing = new ZstdFrameSplitter();
+    let input!: WritableStreamDefaultController;
+    let output!: ReadableStreamDefaultController<Uint8Array>;
+    /** Stops the worker, and errors both sides, as a TransformStream would. */
+    const fail = (reason: unknown) => {
+      decoder.stop(reason);
+      input.error(reason);
+      output.error(reason);
+      return reason;
     };
-    const startStreaming = async (controller: Output) => {
-      while (inflight.length > 0) await emitOldest(controller); // keep the order
-      decoder = new FrameDecoder(controller);
-      if (frame !== undefined && frameLength > 0) {
-        await decoder.write(frame.subarray(0, frameLength));
-      }
-      frame = undefined;
-    };
-    /** Appends to the frame being collected, growing its buffer by doubling. */
-    const append = (bytes: Uint8Array) => {
-      if (frameLength + bytes.byteLength > frame!.byteLength) {
-        const size = Math.max(2 * frame!.byteLength, frameLength + bytes.byteLength);
-        const grown = new Uint8Array(size);
-        grown.set(frame!.subarray(0, frameLength));
-        frame = grown;
-      }
-      frame!.set(bytes, frameLength);
-      frameLength += bytes.byteLength;
-    };
-
-    super({
-      async transform(chunk, controller) {
-        try {
-          await decode(chunk, controller);
-        } catch (error) {
-          workers.stop(); // a failed stream gets neither flush nor cancel: stop them here
-          decoder?.destroy();
-          throw error;
-        }
+    this.writable = new WritableStream({
+      start(controller) {
+        input = controller;
       },
-      async flush(controller) {
+      async write(chunk) {
         try {
-          if (!splitter.atFrameBoundary) {
+          framing.push(chunk); // only to check the framing
+          await decoder.write(chunk);
+        } catch (error) {
+          throw fail(error);
+        }
+        releaseChunk(chunk); // copied: the producer may reuse it
+      },
+      async close() {
+        try {
+          if (!framing.atFrameBoundary) {
             throw new TypeError("Cannot decode zstd: The stream ends inside a frame (truncated)");
           }
-          while (inflight.length > 0) await emitOldest(controller);
-        } finally {
-          workers.stop();
+          await decoder.end();
+        } catch (error) {
+          throw fail(error);
         }
       },
-      cancel() {
-        workers.stop();
-        decoder?.destroy();
+      abort(reason) {
+        fail(reason);
       },
     });
-
-    async function decode(chunk: Uint8Array, controller: Output) {
-      for (const segment of splitter.push(chunk)) {
-        if (segment.start) {
-          // Frames of unknown size go to the workers too, with an output cap and a fallback.
-          const parallel = segment.contentSize === undefined ||
-            segment.contentSize <= maxParallel;
-          // Our frames compress 4 MiB to 1-2 MiB: start with room for a whole frame.
-          frame = parallel ? new Uint8Array(2 << 20) : undefined;
-          frameLength = 0;
-          if (!parallel) await startStreaming(controller);
-        }
-        if (frame !== undefined) {
-          append(segment.bytes); // a copy: the chunk goes back to its producer
-          if (frameLength > maxParallel) await startStreaming(controller); // a poor ratio
-        } else {
-          await decoder!.write(segment.bytes);
-        }
-        if (!segment.end) continue;
-        if (frame !== undefined) {
-          const input = frame;
-          frame = undefined;
-          const result = workers.run({
-            op: "decompress",
-            input,
-            length: frameLength,
-            maxOutput: maxParallel,
-          });
-          inflight.push({ result, length: frameLength });
-          while (inflight.length >= 2 * workers.size) await emitOldest(controller);
-        } else {
-          await decoder!.end();
-          decoder = undefined;
-        }
-      }
-      releaseChunk(chunk);
-    }
-  }
-}
-
-/** One frame through a `node:zlib` decoder, its output enqueued as it comes. */
-class FrameDecoder {
-  #node = createZstdDecompress({ chunkSize: 256 << 10 });
-  #ended: Promise<void>;
-  #failure: Error | undefined;
-
-  constructor(controller: Output) {
-    // Listen for the end at once: the decoder may end before end() is called.
-    this.#ended = new Promise((resolve, reject) => {
-      this.#node.once("end", resolve);
-      this.#node.once("error", (error: Error) => {
-        this.#failure = error;
-        reject(error);
-      });
-    });
-    this.#ended.catch(() => {});
-    this.#node.on("data", (chunk: Uint8Array) => controller.enqueue(chunk));
-  }
-
-  write(bytes: Uint8Array): Promise<void> {
-    if (this.#failure) return Promise.reject(this.#failure);
-    return new Promise((resolve, reject) => {
-      this.#node.write(bytes, (error) => (error ? reject(error) : resolve()));
-    });
-  }
-
-  async end(): Promise<void> {
-    this.#node.end();
-    await this.#ended;
-  }
-
-  destroy(): void {
-    this.#node.destroy();
+    this.readable = new ReadableStream<Uint8Array>({
+      start(controller: ReadableStreamDefaultController<Uint8Array>) {
+        output = controller;
+      },
+      async pull(controller) {
+        const chunk = await decoder.read();
+        if (chunk === null) controller.close();
+        else controller.enqueue(chunk);
+      },
+      cancel(reason) {
+        fail(reason);
+      },
+    }, { highWaterMark: 0 });
   }
 }

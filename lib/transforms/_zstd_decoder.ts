@@ -1,0 +1,268 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * One Worker that decodes a zstd stream of any frames, in order (internal).
+ *
+ * zstd decodes on one core (as `zstd -d` does); doing it in a Worker leaves this thread
+ * free for the stages after it. The worker drives `node:zlib`'s native zstd handle, which
+ * decodes straight into buffers that this side lends it, so decoding makes no garbage: the
+ * decoded buffers come back here, go downstream, and return to the pool once the final
+ * consumer calls `releaseChunk`. Only three of them are lent or waiting at a time, so memory
+ * stays bounded however far a frame expands. A full buffer is handed over whole; when the
+ * reader waits and the input has run dry (a slow source), the worker sends a copy of what
+ * it has decoded so far and keeps the buffer.
+ *
+ * @module
+ */
+import { BufferPool } from "../_pool.ts";
+
+/** Compressed bytes per message to the worker. */
+const INPUT_SIZE = 1 << 20;
+/** Decoded bytes per output buffer: 1 MiB decoded faster than 4 MiB, and 60 MiB leaner. */
+const OUTPUT_SIZE = 1 << 20;
+/** Input buffers at the worker before {@linkcode ZstdDecoderWorker.write} waits. */
+const INPUTS_IN_FLIGHT = 2;
+/** Output buffers lent to the worker or decoded and not yet read. */
+const OUTPUTS_AHEAD = 3;
+
+const WORKER_SOURCE = `
+import { createZstdDecompress } from "node:zlib";
+const decoder = createZstdDecompress();
+const handle = decoder._handle;
+const state = decoder._writeState; // [output bytes left, input bytes left] after a write
+const inputs = []; // { bytes, at, left, more }
+const outputs = []; // empty buffers lent by the other side
+let output; // the buffer being filled: bytes sent..fill are decoded and not yet sent
+let sent = 0;
+let fill = 0;
+let ending = false;
+let failed = false;
+
+function sendOutput() {
+  self.postMessage({ type: "output", output, start: sent, length: fill - sent }, [output.buffer]);
+  output = undefined;
+  sent = fill = 0;
+}
+function pump() {
+  while (inputs.length > 0) {
+    const input = inputs[0];
+    while (input.left > 0 || input.more) {
+      if (output === undefined) {
+        output = outputs.shift();
+        if (output === undefined) return; // wait for a buffer
+      }
+      handle.writeSync(0, input.bytes, input.at, input.left, output, fill, output.byteLength - fill);
+      const [outputLeft, inputLeft] = state;
+      input.at += input.left - inputLeft;
+      input.left = inputLeft;
+      fill = output.byteLength - outputLeft;
+      input.more = outputLeft === 0; // a full buffer: zstd may hold more of this input
+      if (outputLeft === 0) sendOutput();
+    }
+    inputs.shift();
+    self.postMessage({ type: "input", input: input.bytes }, [input.bytes.buffer]);
+  }
+  if (ending) {
+    if (fill > sent) sendOutput();
+    self.postMessage({ type: "end" });
+  }
+}
+/** The reader waits and the input ran dry: send a copy of what is decoded, keep the buffer. */
+function flush() {
+  if (inputs.length > 0 || fill === sent) return;
+  const part = output.slice(sent, fill);
+  self.postMessage({ type: "output", output: part, start: 0, length: part.byteLength, copy: true }, [part.buffer]);
+  sent = fill;
+}
+self.onmessage = ({ data }) => {
+  if (failed) return;
+  try {
+    if (data.type === "input") inputs.push({ bytes: data.input, at: 0, left: data.length, more: false });
+    else if (data.type === "output") outputs.push(data.output);
+    else if (data.type === "flush") return flush();
+    else ending = true;
+    pump();
+  } catch (error) {
+    failed = true;
+    self.postMessage({ type: "error", message: String(error?.message ?? error) });
+  }
+};
+`;
+let workerUrl: string | undefined;
+
+type Reply =
+  | {
+    type: "output";
+    output: Uint8Array<ArrayBuffer>;
+    start: number;
+    length: number;
+    /** A copy of part of a buffer the worker keeps filling. */
+    copy?: boolean;
+  }
+  | { type: "input"; input: Uint8Array<ArrayBuffer> }
+  | { type: "end" }
+  | { type: "error"; message: string };
+
+/**
+ * This side of the decoding worker: {@linkcode write} compressed bytes, {@linkcode end},
+ * and {@linkcode read} decoded chunks. Decoded chunks come from a pool; the final consumer
+ * gives each back with `releaseChunk`.
+ *
+ * @example Decode two frames written in two pieces
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { zstdCompressSync } from "node:zlib";
+ * import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
+ *
+ * const decoder = new ZstdDecoderWorker();
+ * const frames = new Uint8Array([...zstdCompressSync("hello, "), ...zstdCompressSync("zstd")]);
+ * await decoder.write(frames.subarray(0, 5));
+ * await decoder.write(frames.subarray(5));
+ * const reading = (async () => {
+ *   let text = "";
+ *   for (let chunk; (chunk = await decoder.read()) !== null;) text += new TextDecoder().decode(chunk);
+ *   return text;
+ * })();
+ * await decoder.end();
+ * assert.equal(await reading, "hello, zstd");
+ * ```
+ */
+export class ZstdDecoderWorker {
+  #worker: Worker | undefined;
+  #inputs = new BufferPool(INPUT_SIZE, { maxFree: INPUTS_IN_FLIGHT + 1 });
+  #outputs = new BufferPool(OUTPUT_SIZE, { maxFree: OUTPUTS_AHEAD + 2, trackChunks: true });
+  #inputsInFlight = 0;
+  /** An input buffer being filled from small chunks while the worker is busy. */
+  #gathering: Uint8Array<ArrayBuffer> | undefined;
+  #gathered = 0;
+  #outputsLent = 0;
+  #decoded: Uint8Array[] = [];
+  #ended = false;
+  #failure: { reason: unknown } | undefined;
+  #change = Promise.withResolvers<void>();
+
+  /**
+   * Copies `chunk` towards the worker; resolves once few enough inputs wait there. Small
+   * chunks are gathered while the worker is busy, so each message carries up to 1 MiB.
+   */
+  async write(chunk: Uint8Array): Promise<void> {
+    for (let at = 0; at < chunk.byteLength;) {
+      while (this.#inputsInFlight >= INPUTS_IN_FLIGHT && this.#failure === undefined) {
+        await this.#changed();
+      }
+      this.#throwIfFailed();
+      this.#gathering ??= this.#inputs.acquire().bytes;
+      const length = Math.min(this.#gathering.byteLength - this.#gathered, chunk.byteLength - at);
+      this.#gathering.set(chunk.subarray(at, at + length), this.#gathered);
+      this.#gathered += length;
+      at += length;
+      if (this.#gathered === this.#gathering.byteLength) this.#sendInput();
+    }
+    if (this.#inputsInFlight === 0) this.#sendInput(); // the worker is idle: no reason to wait
+  }
+
+  /** Ends the input; resolves when everything is decoded (and before the last read). */
+  async end(): Promise<void> {
+    this.#sendInput();
+    this.#start().postMessage({ type: "end" });
+    while (!this.#ended && this.#failure === undefined) await this.#changed();
+    this.#throwIfFailed();
+  }
+
+  /** The next decoded chunk, or `null` after the end. */
+  async read(): Promise<Uint8Array | null> {
+    this.#lendOutputs();
+    if (this.#decoded.length === 0) this.#worker?.postMessage({ type: "flush" });
+    while (this.#decoded.length === 0 && !this.#ended && this.#failure === undefined) {
+      await this.#changed();
+    }
+    this.#throwIfFailed();
+    const chunk = this.#decoded.shift() ?? null;
+    this.#lendOutputs();
+    return chunk;
+  }
+
+  /** Stops the worker; pending and later calls fail with `reason`. */
+  stop(reason: unknown): void {
+    this.#failure ??= { reason };
+    this.#worker?.terminate();
+    this.#worker = undefined;
+    this.#signal();
+  }
+
+  #sendInput(): void {
+    if (this.#gathering === undefined || this.#gathered === 0) return;
+    const input = this.#gathering;
+    this.#start().postMessage({ type: "input", input, length: this.#gathered }, [input.buffer]);
+    this.#inputsInFlight++;
+    this.#gathering = undefined;
+    this.#gathered = 0;
+    this.#lendOutputs();
+  }
+
+  #start(): Worker {
+    if (this.#worker !== undefined) return this.#worker;
+    this.#throwIfFailed(); // a stopped decoder stays stopped
+    workerUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
+    const worker = new Worker(workerUrl, { type: "module" });
+    worker.onmessage = ({ data }: MessageEvent<Reply>) => this.#receive(data);
+    worker.onerror = (event) => {
+      event.preventDefault();
+      this.stop(new Error(`zstd worker failed: ${event.message}`));
+    };
+    this.#worker = worker;
+    return worker;
+  }
+
+  #receive(reply: Reply): void {
+    switch (reply.type) {
+      case "output":
+        if (!reply.copy) {
+          this.#outputsLent--;
+          this.#outputs.wrap(reply.output).hold(1); // the consumer's releaseChunk() gives it back
+        }
+        this.#decoded.push(reply.output.subarray(reply.start, reply.start + reply.length));
+        break;
+      case "input":
+        this.#inputsInFlight--;
+        this.#inputs.adopt(reply.input);
+        if (this.#inputsInFlight === 0) this.#sendInput(); // what was gathered meanwhile
+        break;
+      case "end":
+        this.#ended = true;
+        this.#worker?.terminate();
+        this.#worker = undefined;
+        break;
+      case "error":
+        this.stop(
+          new TypeError(
+            `Cannot decode zstd: ${reply.message.replace(/^Zstd decompress error: /, "")}`,
+          ),
+        );
+        break;
+    }
+    this.#signal();
+  }
+
+  /** Keeps the worker supplied with empty buffers while few decoded chunks wait. */
+  #lendOutputs(): void {
+    if (this.#worker === undefined) return;
+    while (this.#outputsLent + this.#decoded.length < OUTPUTS_AHEAD) {
+      const output = this.#outputs.acquire().bytes;
+      this.#outputsLent++;
+      this.#worker.postMessage({ type: "output", output }, [output.buffer]);
+    }
+  }
+
+  #changed(): Promise<void> {
+    return this.#change.promise;
+  }
+
+  #signal(): void {
+    this.#change.resolve();
+    this.#change = Promise.withResolvers<void>();
+  }
+
+  #throwIfFailed(): void {
+    if (this.#failure !== undefined) throw this.#failure.reason;
+  }
+}

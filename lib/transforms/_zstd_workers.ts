@@ -1,9 +1,9 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
- * A pool of Workers that compress independent zstd frames (internal).
+ * Compression of independent zstd frames, here and in a pool of Workers (internal).
  *
- * Each job brings its own output buffer: the worker has `node:zlib`'s native zstd handle
- * write the frame straight into it, and both buffers travel back without copies. The public
+ * Each job brings its own output buffer: `node:zlib`'s native zstd handle writes the frame
+ * straight into it, and both buffers travel back without copies. The public
  * `zstdCompressSync` collects 16 KiB output pieces and concatenates them instead; that
  * garbage kept each Worker's isolate about 80 MiB bigger (a 1 GiB backup peaked at 267 MiB
  * against 104-114 MiB this way, with the same speed).
@@ -13,6 +13,7 @@
  *
  * @module
  */
+import type { createZstdCompress } from "node:zlib";
 
 /** A frame to compress: `input` and `output` travel to the worker and back, without copies. */
 export interface FrameJob {
@@ -49,30 +50,88 @@ export function frameBound(length: number): number {
   return length + (length >>> 8) + small + 64;
 }
 
+/** The parts of `node:zlib` that {@linkcode frameCompressor} uses. */
+interface Zlib {
+  createZstdCompress: typeof createZstdCompress;
+  constants: { ZSTD_c_compressionLevel: number };
+}
+
+/** node:zlib's internals: the native zstd handle, and where it reports what is left. */
+interface NativeZstd {
+  _handle: {
+    reset(): void;
+    writeSync(
+      flush: number,
+      input: Uint8Array,
+      inputOffset: number,
+      inputLength: number,
+      output: Uint8Array,
+      outputOffset: number,
+      outputLength: number,
+    ): void;
+  };
+  /** [output bytes left, input bytes left] after a write. */
+  _writeState: Uint32Array;
+}
+
+/**
+ * A function that compresses `length` bytes of `input` into one zstd frame in `output`
+ * (at least {@linkcode frameBound}`(length)` bytes) and returns the frame's length. It
+ * drives node:zlib's native handle, which writes straight into `output`: no pieces to
+ * collect and concatenate. One context serves every frame, reset in between: a new context
+ * per frame kept about 8 MiB more resident. A reset forgets the pledged size, so the frames
+ * carry no content size. The workers run this very function, from its source text, so it
+ * refers to nothing outside itself.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import * as zlib from "node:zlib";
+ * import { frameBound, frameCompressor } from "./_zstd_workers.ts";
+ *
+ * const compress = frameCompressor(zlib);
+ * const input = new TextEncoder().encode("frame ".repeat(1000));
+ * const output = new Uint8Array(frameBound(input.byteLength));
+ * const length = compress(input, input.byteLength, output, 3);
+ * assert.deepEqual(new Uint8Array(zlib.zstdDecompressSync(output.subarray(0, length))), input);
+ * ```
+ */
+export function frameCompressor(
+  zlib: Zlib,
+): (input: Uint8Array, length: number, output: Uint8Array, level: number) => number {
+  let compressor: NativeZstd | undefined;
+  let compressorLevel: number | undefined;
+  return (input, length, output, level) => {
+    try {
+      if (compressor === undefined || compressorLevel !== level) {
+        const params = { [zlib.constants.ZSTD_c_compressionLevel]: level };
+        compressor = zlib.createZstdCompress({ params }) as unknown as NativeZstd;
+        compressorLevel = level;
+      }
+      compressor._handle.reset();
+      const ZSTD_e_end = 2;
+      compressor._handle.writeSync(ZSTD_e_end, input, 0, length, output, 0, output.byteLength);
+      const [outputLeft, inputLeft] = compressor._writeState;
+      if (inputLeft !== 0 || outputLeft === 0) {
+        throw new Error("the frame did not fit its buffer");
+      }
+      return output.byteLength - outputLeft!;
+    } catch (error) {
+      compressor = undefined; // start the next frame afresh
+      throw error;
+    }
+  };
+}
+
 const WORKER_SOURCE = `
-import { constants, createZstdCompress } from "node:zlib";
-// One compression context for the worker's life, reset for every frame: a new context per
-// frame kept about 8 MiB more resident. A reset forgets the pledged size, so the frames
-// carry no content size.
-let compressor;
-let compressorLevel;
+import * as zlib from "node:zlib";
+const compress = (${frameCompressor})(zlib);
 self.onmessage = ({ data }) => {
   const { id, input, length, output, level } = data;
   try {
-    if (compressorLevel !== level) {
-      compressor?.close();
-      compressor = createZstdCompress({ params: { [constants.ZSTD_c_compressionLevel]: level } });
-      compressorLevel = level;
-    }
-    const handle = compressor._handle;
-    handle.reset();
-    const ZSTD_e_end = 2;
-    handle.writeSync(ZSTD_e_end, input, 0, length, output, 0, output.byteLength);
-    const [outputLeft, inputLeft] = compressor._writeState;
-    if (inputLeft !== 0 || outputLeft === 0) throw new Error("the frame did not fit its buffer");
-    self.postMessage({ id, input, output, length: output.byteLength - outputLeft }, [input.buffer, output.buffer]);
+    const written = compress(input, length, output, level);
+    self.postMessage({ id, input, output, length: written }, [input.buffer, output.buffer]);
   } catch (error) {
-    compressorLevel = undefined; // start the next frame afresh
     self.postMessage({ id, error: String(error?.message ?? error) });
   }
 };
@@ -118,6 +177,11 @@ export class ZstdWorkerPool {
 
   constructor(size: number) {
     this.size = Math.max(1, size);
+  }
+
+  /** Jobs sent and not yet answered. */
+  get pending(): number {
+    return this.#waiting.size;
   }
 
   /** Runs a job; the buffers of `input` and `output` are transferred until the result. */

@@ -123,9 +123,9 @@ export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
 }
 
 /**
- * Which zstd implementation to use: `builtin` (`node:zlib` on a pool of Workers, no
- * permission needed) or `program` (the system `zstd`, multi-threaded, with less memory in
- * this process; needs `--allow-run=zstd`).
+ * Which zstd implementation to use: `builtin` (`node:zlib` in Workers, no permission
+ * needed) or `program` (the system `zstd`, multi-threaded, through pipes; needs
+ * `--allow-run=zstd`).
  */
 export type ZstdEngine = "builtin" | "program";
 

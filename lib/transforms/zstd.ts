@@ -5,10 +5,11 @@
  *
  * @module
  */
+import * as zlib from "node:zlib";
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
-import { frameBound, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
+import { frameBound, frameCompressor, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
 
 /** Chunks from this size on may be compressed as frames of their own, without a copy. */
 const DIRECT_FRAME_MIN = 1 << 20;
@@ -17,7 +18,11 @@ const DIRECT_FRAME_MIN = 1 << 20;
 export interface ZstdCompressOptions {
   /** zstd level, -7 to 19 (default 3, zstd's default). */
   level?: number;
-  /** Worker threads (default: the number of cores). */
+  /**
+   * Worker threads (default: one less than the cores, at least one). This thread compresses
+   * a frame too whenever every worker has one queued, so all cores work without one more
+   * Worker's memory.
+   */
   workers?: number;
   /** Bytes per independent zstd frame (default 4 MiB). */
   frameSize?: number;
@@ -27,9 +32,10 @@ type Output = TransformStreamDefaultController<Uint8Array>;
 
 /**
  * Compresses a byte stream into independent zstd frames (4 MiB of input each), compressed in
- * parallel by a pool of Workers and emitted in order. Concatenated frames are one valid
- * zstd stream: `zstd -d` and every zstd decoder read it. One frame more than there are
- * workers is in flight, so memory stays bounded; input and output buffers travel to the
+ * parallel by a pool of Workers, and by this thread when they are all busy, and emitted in
+ * order. Concatenated frames are one valid
+ * zstd stream: `zstd -d` and every zstd decoder read it. At most two frames per worker and
+ * one more are in flight, so memory stays bounded; input and output buffers travel to the
  * workers and back without copies and are reused (an output chunk returns to the pool once
  * its final consumer calls `releaseChunk`). A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
@@ -54,17 +60,20 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
   constructor(options: ZstdCompressOptions = {}) {
     const level = options.level ?? 3;
     const frameSize = options.frameSize ?? 4 << 20;
-    const workers = new ZstdWorkerPool(options.workers ?? navigator.hardwareConcurrency ?? 1);
+    const cores = navigator.hardwareConcurrency ?? 1;
+    const workers = new ZstdWorkerPool(options.workers ?? Math.max(1, cores - 1));
     if (!Number.isInteger(level) || level < -7 || level > 19) {
       throw new RangeError(`Cannot compress with zstd: level ${level} is not within -7..19`);
     }
-    /** One frame queued per worker beside the one it compresses: more only costs memory. */
-    const maxInFlight = workers.size + 1;
+    /** Each worker compresses one frame and has the next queued; more only costs memory. */
+    const workerQueue = 2 * workers.size;
+    const maxInFlight = workerQueue + 1;
     const inputs = new BufferPool(frameSize, { maxFree: maxInFlight + 1 });
     const outputs = new BufferPool(frameBound(frameSize), {
       maxFree: maxInFlight + 5, // and the chunks queued downstream
       trackChunks: true,
     });
+    let compressHere: ReturnType<typeof frameCompressor> | undefined;
     /** Frames being compressed, oldest first, each with where its input buffer goes back. */
     const inflight: {
       result: Promise<FrameResult>;
@@ -73,18 +82,29 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     let frame: PooledBuffer | undefined;
     let fill = 0;
 
-    const send = (
+    /** To a worker, or, when they all have a frame queued, compressed on this thread. */
+    const send = async (
       input: Uint8Array<ArrayBuffer>,
       length: number,
       giveBack: (bytes: Uint8Array<ArrayBuffer>) => void,
     ) => {
       const output = outputs.acquire().bytes;
-      inflight.push({ result: workers.run({ input, length, output, level }), giveBack });
+      // Let finished workers report first: while this thread compresses, their replies wait.
+      if (workers.pending >= workerQueue) await new Promise((resolve) => setTimeout(resolve, 0));
+      if (workers.pending < workerQueue) {
+        inflight.push({ result: workers.run({ input, length, output, level }), giveBack });
+        return;
+      }
+      compressHere ??= frameCompressor(zlib);
+      const written = compressHere(input, length, output, level);
+      inflight.push({ result: Promise.resolve({ input, output, length: written }), giveBack });
     };
-    const sendFrame = () => {
-      send(frame!.bytes, fill, (bytes) => inputs.adopt(bytes));
+    const sendFrame = async () => {
+      const input = frame!.bytes;
+      const length = fill;
       frame = undefined;
       fill = 0;
+      await send(input, length, (bytes) => inputs.adopt(bytes));
     };
     const emitOldest = async (controller: Output) => {
       const { result, giveBack } = inflight.shift()!;
@@ -105,7 +125,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       },
       async flush(controller) {
         try {
-          if (frame !== undefined && fill > 0) sendFrame();
+          if (frame !== undefined && fill > 0) await sendFrame();
           while (inflight.length > 0) await emitOldest(controller);
         } finally {
           workers.stop();
@@ -121,9 +141,9 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       const owned = direct ? exclusiveChunk(chunk) : undefined;
       if (owned !== undefined) {
         // A large chunk we alone hold (a writer's extent) becomes a frame as it is: no copy.
-        if (frame !== undefined && fill > 0) sendFrame(); // bytes before it, in order
+        if (frame !== undefined && fill > 0) await sendFrame(); // bytes before it, in order
         const input = chunk as Uint8Array<ArrayBuffer>;
-        send(input, chunk.byteLength, (bytes) => owned.giveBack(bytes));
+        await send(input, chunk.byteLength, (bytes) => owned.giveBack(bytes));
         while (inflight.length >= maxInFlight) await emitOldest(controller);
         return;
       }
@@ -134,7 +154,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
         fill += count;
         position += count;
         if (fill === frameSize) {
-          sendFrame();
+          await sendFrame();
           while (inflight.length >= maxInFlight) await emitOldest(controller);
         }
       }

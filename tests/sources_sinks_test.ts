@@ -2,6 +2,7 @@
 /** The raw-disk source, the combiner, the restore sink and the device byte stream. */
 import assert from "node:assert/strict";
 import {
+  ByteSink,
   CLUSTER_SIZE,
   combineRecordStreams,
   DeviceBytesStream,
@@ -168,6 +169,50 @@ Deno.test("DeviceBytesStream() orders clusters, and bounds what it holds back", 
   await assert.rejects(new Response(missing).bytes(), { message: /Cluster 8 is missing/ });
   const unknown = ReadableStream.from(records).pipeThrough(new DeviceBytesStream("b"));
   await assert.rejects(new Response(unknown).bytes(), { message: /has no such device/ });
+});
+
+Deno.test("DeviceBytesStream() passes the reader's buffers on, and a ByteSink gives them back", async () => {
+  // Two disks in 20 extents of 4 clusters each; disk b is dropped, disk a goes to a ByteSink.
+  const a = randomBytes(40 * CLUSTER_SIZE, 7);
+  const b = randomBytes(40 * CLUSTER_SIZE, 8);
+  const records: VmaRecord[] = [
+    { type: "device", devId: 1, name: "a", size: a.byteLength },
+    { type: "device", devId: 2, name: "b", size: b.byteLength },
+    ...diskClusters(1, a).flatMap((record, i) => [record, diskClusters(2, b)[i]!]),
+  ];
+  const archive = await new Response(
+    ReadableStream.from(records).pipeThrough(new VmaWriterStream({ clustersPerExtent: 4 })),
+  ).bytes();
+  const written = new Uint8Array(a.byteLength);
+  let at = 0;
+  const buffers = new Set<ArrayBufferLike>();
+  const chunks = [];
+  for (let at = 0; at < archive.byteLength; at += 65536) {
+    chunks.push(archive.subarray(at, at + 65536));
+  }
+  await ReadableStream.from(chunks)
+    .pipeThrough(new VmaReaderStream())
+    .pipeThrough(new DeviceBytesStream("a"))
+    .pipeThrough(
+      new TransformStream({
+        transform(chunk, controller) {
+          buffers.add(chunk.buffer);
+          controller.enqueue(chunk);
+        },
+      }),
+    )
+    .pipeTo(
+      new ByteSink({
+        write: (bytes) => {
+          written.set(bytes, at);
+          at += bytes.byteLength;
+          return Promise.resolve(bytes.byteLength);
+        },
+      }),
+    );
+  assert.deepEqual(written, a);
+  // Without the releases, every one of the 20 extents would need a buffer of its own.
+  assert.ok(buffers.size <= 4, `${buffers.size} extent buffers for 20 extents`);
 });
 
 Deno.test("combineRecordStreams() cancels the other disks when one fails", async () => {

@@ -23,6 +23,9 @@ const ZERO_RUN = 16; // zero clusters per emitted zero chunk (1 MiB)
  * from byte 0 to its exact size, so a disk
  * can be streamed to stdout or any WritableStream. Zero clusters become zero bytes.
  * Clusters that arrive ahead of their turn are held back, within `maxBufferedBytes`.
+ * Cluster data is passed on uncopied, so that its buffer comes back to its producer, a
+ * final consumer calls `releaseChunk` on each chunk (as `ByteSink` does); clusters that are
+ * not passed on are released here.
  *
  * @example Stream a device's bytes
  * ```ts
@@ -124,8 +127,12 @@ export class DeviceBytesStream extends TransformStream<VmaRecord, Uint8Array> {
           clusters = clusterCount(size);
         } else if (record.type === "zeros" && record.devId === devId) {
           for (let i = 0; i < record.count; i++) accept(record.cluster + i, null, controller);
-        } else if (record.type === "cluster" && record.devId === devId) {
-          accept(record.cluster, record.mask === 0 ? null : record.data, controller);
+        } else if (record.type === "cluster" && record.devId === devId && record.mask !== 0) {
+          // The data goes on as a chunk: its final consumer releases it with releaseChunk().
+          accept(record.cluster, record.data, controller);
+        } else if (record.type === "cluster") {
+          if (record.devId === devId) accept(record.cluster, null, controller);
+          record.lease?.release();
         }
       },
       flush(controller) {

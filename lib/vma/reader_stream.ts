@@ -170,7 +170,11 @@ class ArchiveParser {
   #blockTargets = new Int32Array(SLOTS_PER_EXTENT * 16);
   #mappedBlocks = 0;
   #dataFill = 0;
-  #pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, { maxFree: 2 });
+  /**
+   * Extent data. Tracked, so that a cluster passed on as bytes (`DeviceBytesStream`) comes
+   * back through the final byte consumer's `releaseChunk`, instead of its lease.
+   */
+  #pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, { maxFree: 2, trackChunks: true });
   #layout: PooledBuffer | null = null;
 
   constructor(options: VmaReaderOptions) {

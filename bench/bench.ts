@@ -34,14 +34,15 @@
  *
  * - `dense`: ours `backup` → `.vma.zst` (zstd level 3) and → `.vma`, `extract` of the `.vma.zst`
  *   into a new directory, `verify` of the `.vma.zst`; native `zstd -T0 -3 -q -c` (to /dev/null
- *   and to a file), `zstd -d -q -c ARCHIVE` to /dev/null, `cp --sparse=always`.
+ *   and to a file), `zstd -d -q -c ARCHIVE` (to /dev/null and, for comparison with extract,
+ *   to a file), `cp --sparse=always`.
  * - `sparse16g`: ours `backup` → `.vma.zst` and → `.vma`; `zstd -T0 -3` (~45 s: once with
  *   `--quick`), `cp --sparse=always`.
  * - `sparse2g`: the same four as `sparse16g`.
  * - `holes`: ours `backup` → `.vma` of the 8 GiB and of the 64 GiB image (only their data is
  *   read, with SEEK_DATA); the 64 GiB one may take at most 1.5 times as long.
  * - The `dense` group also runs backup, extract and verify with `--zstd program` (the system
- *   zstd instead of the built-in Worker pool), against the same native figures.
+ *   zstd instead of the built-in Workers), against the same native figures.
  *
  * Every command runs with `NO_COLOR=1` under `/usr/bin/time -f %M` (peak RSS, into a file); the
  * wall time is taken around the process, so ours includes Deno's start-up. Each measurement runs
@@ -376,6 +377,11 @@ function measurementKit(group: GroupName, input: Input, work: string, out: strin
         (p) => `zstd -d -q -c ${p(archive)} > /dev/null`,
       );
     },
+    zstdDecompressToFile(archive: string): Measurement {
+      const file = join(out, `${group}-zstd-d.raw`);
+      const script: Script = (p) => `zstd -d -q -c ${p(archive)} > ${p(file)}`;
+      return { ...native("zstd-d-file", "zstd -d → file", script), remove: [file] };
+    },
     cp(): Measurement {
       const copy = join(out, `${group}-copy.raw`);
       const script: Script = (p) => `cp --sparse=always ${p(input.path)} ${p(copy)}`;
@@ -410,6 +416,7 @@ function denseGroup(input: Input, work: string, out: string): Group {
       kit.extract(zst, restored),
       kit.verify(zst),
       kit.zstdDecompress(zst),
+      kit.zstdDecompressToFile(zst),
       kit.backup(join(out, "dense-program.vma.zst"), true),
       kit.extract(zst, join(out, "dense-restored-program"), true),
       kit.verify(zst, true),
@@ -424,6 +431,12 @@ function denseGroup(input: Input, work: string, out: string): Group {
       ),
       ratio("dense.backup.vma", "dense.cp", 0.8, "backup dense → .vma vs `cp --sparse=always`"),
       ratio("dense.extract", "dense.zstd-d", 0.9, "restore .vma.zst → sparse raw vs `zstd -d`"),
+      ratio(
+        "dense.extract",
+        "dense.zstd-d-file",
+        null,
+        "restore .vma.zst → sparse raw vs `zstd -d > file`",
+      ),
       ratio("dense.verify", "dense.zstd-d", 0.9, "verify .vma.zst vs `zstd -d`"),
       ratio(
         "dense.backup.vma.zst-program",

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 Deno.test("a 64 GiB device streams end to end with flat memory", async () => {
   const probe = new URL("./fixtures/memory_probe.ts", import.meta.url);
   const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", probe.pathname, "64"],
+    args: ["run", "--v8-flags=--expose-gc", probe.pathname, "64"],
   }).output();
   assert.equal(code, 0, new TextDecoder().decode(stderr));
   const result = JSON.parse(new TextDecoder().decode(stdout));

@@ -215,6 +215,38 @@ Deno.test("DeviceBytesStream() passes the reader's buffers on, and a ByteSink gi
   assert.ok(buffers.size <= 4, `${buffers.size} extent buffers for 20 extents`);
 });
 
+Deno.test("VmaReaderStream() reuses its extent buffers when a pipe's sink releases them at once", async () => {
+  const disk = randomBytes(80 * CLUSTER_SIZE, 9);
+  const records: VmaRecord[] = [
+    { type: "device", devId: 1, name: "a", size: disk.byteLength },
+    ...diskClusters(1, disk),
+  ];
+  const archive = await new Response(
+    ReadableStream.from(records).pipeThrough(new VmaWriterStream({ clustersPerExtent: 4 })),
+  ).bytes();
+  const chunks = [];
+  for (let at = 0; at < archive.byteLength; at += 65536) {
+    chunks.push(archive.subarray(at, at + 65536));
+  }
+  const buffers = new Set<ArrayBufferLike>();
+  let clusters = 0;
+  // pipeTo may run write() inside the reader's enqueue, before the reader returns.
+  await ReadableStream.from(chunks).pipeThrough(new VmaReaderStream()).pipeTo(
+    new WritableStream<VmaRecord>({
+      write(record) {
+        if (record.type !== "cluster") return;
+        const expected = disk.subarray(record.cluster * CLUSTER_SIZE).subarray(0, CLUSTER_SIZE);
+        assert.deepEqual(record.data, expected, `cluster ${record.cluster}`);
+        buffers.add(record.data!.buffer);
+        clusters++;
+        record.lease?.release();
+      },
+    }),
+  );
+  assert.equal(clusters, 80);
+  assert.ok(buffers.size <= 2, `${buffers.size} extent buffers for 20 extents`);
+});
+
 Deno.test("combineRecordStreams() cancels the other disks when one fails", async () => {
   let cancelled: unknown;
   const healthy = new ReadableStream<VmaRecord>({

@@ -475,7 +475,8 @@ class ArchiveParser {
   #emitClusters(output: Output): void {
     const layout = this.#layout;
     this.#layout = null;
-    let holders = 0;
+    // Hold before the first enqueue: a pipe may run its sink, and release, during enqueue.
+    layout?.hold(this.#slots.reduce((holders, slot) => holders + (slot.mask === 0 ? 0 : 1), 0));
     for (const { index, mask, devId, cluster } of this.#slots) {
       const device = this.#devices[devId]!;
       const blocks = popcount16(mask);
@@ -497,10 +498,8 @@ class ArchiveParser {
           if (!(mask & (1 << block))) data.fill(0, block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE);
         }
       }
-      holders++;
       output.enqueue({ type: "cluster", devId, cluster, mask, data, lease: layout! });
     }
-    layout?.hold(holders);
   }
 }
 

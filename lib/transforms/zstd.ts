@@ -35,7 +35,7 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * parallel by a pool of Workers, and by this thread when they are all busy, and emitted in
  * order. Concatenated frames are one valid
  * zstd stream: `zstd -d` and every zstd decoder read it. At most two frames per worker and
- * one more are in flight, so memory stays bounded; input and output buffers travel to the
+ * two more are in flight, so memory stays bounded; input and output buffers travel to the
  * workers and back without copies and are reused (an output chunk returns to the pool once
  * its final consumer calls `releaseChunk`). A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
@@ -67,7 +67,9 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     }
     /** Each worker compresses one frame and has the next queued; more only costs memory. */
     const workerQueue = 2 * workers.size;
-    const maxInFlight = workerQueue + 1;
+    // Two more, for this thread: with one, it waited for the worker's oldest frame instead of
+    // compressing (94 of 284 frames here; with two, 119, and a 1 GiB backup 7 % faster).
+    const maxInFlight = workerQueue + 2;
     const inputs = new BufferPool(frameSize, { maxFree: maxInFlight + 1 });
     const outputs = new BufferPool(frameBound(frameSize), {
       maxFree: maxInFlight + 5, // and the chunks queued downstream

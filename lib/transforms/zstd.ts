@@ -33,11 +33,11 @@ type Output = TransformStreamDefaultController<Uint8Array>;
 /**
  * Compresses a byte stream into independent zstd frames (4 MiB of input each), compressed in
  * parallel by a pool of Workers, and by this thread when they are all busy, and emitted in
- * order. Concatenated frames are one valid
- * zstd stream: `zstd -d` and every zstd decoder read it. At most two frames per worker and
- * two more are in flight, so memory stays bounded; input and output buffers travel to the
- * workers and back without copies and are reused (an output chunk returns to the pool once
- * its final consumer calls `releaseChunk`). A large recycled chunk that this stage alone holds (the extents of
+ * order. Concatenated frames are one valid zstd stream: `zstd -d` and every zstd decoder
+ * read it. At most two frames per worker and two more are in flight, so memory stays
+ * bounded; input and output buffers travel to the workers and back without copies and are
+ * reused (an output chunk returns to the pool once its final consumer calls `releaseChunk`).
+ * A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
  *
  * @example Compress into several frames and decode them

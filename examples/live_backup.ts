@@ -20,7 +20,7 @@ try {
   await backup.records // clusters as of the snapshot point, in copy-before-write order
     .pipeThrough(new ZeroFilterStream())
     .pipeThrough(new VmaWriterStream())
-    .pipeThrough(new ZstdCompressStream())
+    .pipeThrough(new ZstdCompressStream({ mainThread: false })) // this thread serves QEMU
     .pipeTo(file.writable);
   await backup.finished; // QEMU's block graph is back as it was
 } catch (error) {

@@ -50,13 +50,14 @@ Deno.test("ZstdDecompressStream() reads zstd CLI frames with and without a conte
   }
 });
 
-Deno.test("ZstdDecompressStream() round-trips random data in random chunkings (property)", async () => {
+Deno.test("zstd round-trips random data in random chunkings, any workers, with or without this thread (property)", async () => {
   await fc.assert(
     fc.asyncProperty(
       fc.array(fc.integer({ min: 0, max: 200_000 }), { minLength: 1, maxLength: 5 }),
       fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 4 }),
       fc.integer({ min: 1, max: 3 }),
-      async (lengths, chunkSizes, workers) => {
+      fc.boolean(),
+      async (lengths, chunkSizes, workers, mainThread) => {
         const input = concat(
           lengths.map((length, i) =>
             i % 2 ? randomBytes(length, i + 1) : new Uint8Array(length).fill(i)
@@ -64,7 +65,7 @@ Deno.test("ZstdDecompressStream() round-trips random data in random chunkings (p
         );
         const compressed = await new Response(
           ReadableStream.from(chunked(input, chunkSizes)).pipeThrough(
-            new ZstdCompressStream({ frameSize: 65536 * 3, workers }),
+            new ZstdCompressStream({ frameSize: 65536 * 3, workers, mainThread }),
           ),
         ).bytes();
         assert.deepEqual(

@@ -10,7 +10,7 @@ import { type Compression, detectCompression } from "../compression_magic.ts";
 import { nodeTransformer } from "./node_transform.ts";
 import { programTransform } from "./program_transform.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
+import { type ZstdCompressOptions, ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
 
 export { type Compression, detectCompression } from "../compression_magic.ts";
 
@@ -57,6 +57,7 @@ export function compressor(
   compression: WritableCompression,
   level?: number,
   engine: ZstdEngine = "builtin",
+  zstdOptions: Omit<ZstdCompressOptions, "level"> = {},
 ): ReadableWritablePair<Uint8Array, Uint8Array> {
   switch (compression) {
     case "zstd":
@@ -64,7 +65,7 @@ export function compressor(
         const strength = (level ?? 3) < 0 ? `--fast=${-level!}` : `-${level ?? 3}`;
         return zstdProgram([strength, "-T0"], "encode zstd");
       }
-      return new ZstdCompressStream(level === undefined ? {} : { level });
+      return new ZstdCompressStream(level === undefined ? zstdOptions : { ...zstdOptions, level });
     case "gzip":
       if (level === undefined) {
         return new CompressionStream("gzip") as TransformStream<Uint8Array, Uint8Array>;

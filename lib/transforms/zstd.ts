@@ -19,11 +19,17 @@ export interface ZstdCompressOptions {
   /** zstd level, -7 to 19 (default 3, zstd's default). */
   level?: number;
   /**
-   * Worker threads (default: one less than the cores, at least one). This thread compresses
-   * a frame too whenever every worker has one queued, so all cores work without one more
-   * Worker's memory.
+   * Worker threads (default: one less than the cores, at least one; with `mainThread: false`
+   * one per core). This thread compresses a frame too whenever every worker has one queued,
+   * so all cores work without one more Worker's memory.
    */
   workers?: number;
+  /**
+   * Whether this thread compresses frames when the workers are busy (default true). Each
+   * such frame keeps it busy for about 15 ms: a stream whose thread must answer quickly,
+   * such as the NBD server of a push-mode live backup, sets this to false.
+   */
+  mainThread?: boolean;
   /** Bytes per independent zstd frame (default 4 MiB). */
   frameSize?: number;
 }
@@ -61,7 +67,10 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const level = options.level ?? 3;
     const frameSize = options.frameSize ?? 4 << 20;
     const cores = navigator.hardwareConcurrency ?? 1;
-    const workers = new ZstdWorkerPool(options.workers ?? Math.max(1, cores - 1));
+    const mainThread = options.mainThread ?? true;
+    const workers = new ZstdWorkerPool(
+      options.workers ?? Math.max(1, cores - (mainThread ? 1 : 0)),
+    );
     if (!Number.isInteger(level) || level < -7 || level > 19) {
       throw new RangeError(`Cannot compress with zstd: level ${level} is not within -7..19`);
     }
@@ -69,7 +78,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const workerQueue = 2 * workers.size;
     // Two more, for this thread: with one, it waited for the worker's oldest frame instead of
     // compressing (94 of 284 frames here; with two, 119, and a 1 GiB backup 7 % faster).
-    const maxInFlight = workerQueue + 2;
+    const maxInFlight = workerQueue + (mainThread ? 2 : 0);
     const inputs = new BufferPool(frameSize, { maxFree: maxInFlight + 1 });
     const outputs = new BufferPool(frameBound(frameSize), {
       maxFree: maxInFlight + 5, // and the chunks queued downstream
@@ -92,8 +101,10 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     ) => {
       const output = outputs.acquire().bytes;
       // Let finished workers report first: while this thread compresses, their replies wait.
-      if (workers.pending >= workerQueue) await new Promise((resolve) => setTimeout(resolve, 0));
-      if (workers.pending < workerQueue) {
+      if (mainThread && workers.pending >= workerQueue) {
+        await new Promise((resolve) => setTimeout(resolve, 0));
+      }
+      if (!mainThread || workers.pending < workerQueue) {
         inflight.push({ result: workers.run({ input, length, output, level }), giveBack });
         return;
       }

@@ -197,6 +197,11 @@ export interface BackupSources {
   totalBytes?: number | undefined;
   /** A live backup feeding `sources`: aborted when the pipeline fails, awaited at the end. */
   live?: LiveBackup | undefined;
+  /**
+   * This thread serves QEMU (push mode's NBD server): zstd must not compress on it, or the
+   * guest's writes wait for a frame.
+   */
+  servesQemu?: boolean;
 }
 
 /** What {@linkcode runBackup} needs: where the archive goes, how it is written, what it reads. */
@@ -275,7 +280,11 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       }))
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)
-      .pipeThrough(compressor(plan.compression, plan.level, plan.zstd))
+      .pipeThrough(
+        compressor(plan.compression, plan.level, plan.zstd, {
+          mainThread: !started.servesQemu,
+        }),
+      )
       .pipeTo(output.writable, { signal: context.signal });
     await live?.finished;
     await output.commit();
@@ -469,6 +478,7 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
         totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
         disks: live.drives.map((drive) => ({ name: drive.name, path: `qmp:${drive.node}` })),
         live,
+        servesQemu: mode === "push",
       };
     },
   }, context);

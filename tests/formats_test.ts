@@ -84,17 +84,17 @@ qemuTest(
         })).code,
         0,
       );
-      for (const format of ["qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed"]) {
-        const extract = await cli([
-          "extract",
-          `${dir}/a.vma`,
-          `${dir}/to-${format}`,
-          "--format",
-          format,
-        ], {
-          permissions: PERMISSIONS,
-        });
+      const dataBytes = async (target: string, format: string) => {
+        const args = ["extract", `${dir}/a.vma`, target, "--format", format, "--json"];
+        const extract = await cli(args, { permissions: PERMISSIONS });
         assert.equal(extract.code, 0, extract.stderr);
+        return JSON.parse(extract.text).disks[0].dataBytes;
+      };
+      // The JSON report counts the data written, as for raw files.
+      const rawData = await dataBytes(`${dir}/to-raw`, "raw");
+      assert.ok(rawData > 0);
+      for (const format of ["qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed"]) {
+        assert.equal(await dataBytes(`${dir}/to-${format}`, format), rawData, format);
         const image = `${dir}/to-${format}/disk-drive-scsi0.${format}`;
         assert.match(await run("qemu-img", "info", image), new RegExp(`file format: ${format}`));
         await run("qemu-img", "compare", "-q", image, source); // exits 1 when they differ

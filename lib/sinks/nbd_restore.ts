@@ -9,6 +9,7 @@ import type { ImageFormat } from "../sources/image_format.ts";
 import { type QemuNbdExport, serveImage, spawnQemuTool } from "../sources/qemu_nbd.ts";
 import type { VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
 import { WriteCoalescer } from "./_write_runs.ts";
+import type { RestoredDevice } from "./restore_files.ts";
 
 /** Options of {@linkcode ImageRestoreSink}. */
 export interface ImageRestoreOptions {
@@ -21,7 +22,7 @@ export interface ImageRestoreOptions {
 interface OpenImage {
   served: QemuNbdExport;
   client: NbdClient;
-  size: number;
+  info: RestoredDevice;
 }
 
 /** Creates an image of `size` bytes with `qemu-img create` (it must not exist). */
@@ -63,13 +64,17 @@ async function createImage(path: string, format: ImageFormat, size: number): Pro
  * ```
  */
 export class ImageRestoreSink extends WritableStream<VmaRecord> {
+  #restored: RestoredDevice[];
+
   constructor(options: ImageRestoreOptions) {
     const images = new Map<number, OpenImage | null>();
+    const restored: RestoredDevice[] = [];
     const writes = new WriteCoalescer<OpenImage>(async (image, position, bytes) => {
       const step = image.client.maxRequestSize;
       for (let at = 0; at < bytes.byteLength; at += step) {
         await image.client.write(position + at, bytes.subarray(at, at + step));
       }
+      image.info.dataBytes += bytes.byteLength;
     });
     const closeAll = async () => {
       for (const image of images.values()) {
@@ -88,7 +93,9 @@ export class ImageRestoreSink extends WritableStream<VmaRecord> {
         const served = await serveImage(path, { format: options.format, readOnly: false });
         try {
           const client = await NbdClient.connect(served.uri);
-          images.set(record.devId, { served, client, size: record.size });
+          const info = { name: record.name, path, size: record.size, dataBytes: 0 };
+          images.set(record.devId, { served, client, info });
+          restored.push(info);
         } catch (error) {
           await served.stop();
           throw error;
@@ -97,7 +104,7 @@ export class ImageRestoreSink extends WritableStream<VmaRecord> {
       }
       if (record.type !== "cluster") return;
       const image = images.get(record.devId);
-      if (image) await writes.add(image, record, image.size);
+      if (image) await writes.add(image, record, image.info.size);
       else record.lease?.release();
     };
 
@@ -125,5 +132,11 @@ export class ImageRestoreSink extends WritableStream<VmaRecord> {
         await closeAll();
       },
     });
+    this.#restored = restored;
+  }
+
+  /** The images written so far, with the bytes of data written into each. */
+  get restored(): RestoredDevice[] {
+    return this.#restored.map((device) => ({ ...device }));
   }
 }

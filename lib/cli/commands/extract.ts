@@ -332,7 +332,8 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     name: device.name,
     path: `${target}/${deviceFileName(device, plan.format)}`,
     size: device.size,
-    dataBytes: sink.restored.find((done) => done.name === device.name)?.dataBytes ?? null,
+    dataBytes: (imageSink ?? sink).restored.find((done) => done.name === device.name)?.dataBytes ??
+      null,
   }));
   const diskBytes = restored.reduce((sum, device) => sum + device.size, 0);
   if (plan.json) {

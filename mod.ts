@@ -48,6 +48,7 @@ export type {
   VmaDeviceRecord,
   VmaHeaderRecord,
   VmaRecord,
+  VmaZerosRecord,
 } from "./lib/vma/records.ts";
 export { VmaFormatError, type VmaFormatReason } from "./lib/vma/errors.ts";
 export {
@@ -76,13 +77,19 @@ export {
   type RestoreSinkOptions,
 } from "./lib/sinks/restore_files.ts";
 export { type DeviceBytesOptions, DeviceBytesStream } from "./lib/sinks/device_stream.ts";
-export { fileByteSource, type FileByteSourceOptions } from "./lib/sources/file_bytes.ts";
+export {
+  type ByteReader,
+  type ClosableByteReader,
+  fileByteSource,
+  type FileByteSourceOptions,
+} from "./lib/sources/file_bytes.ts";
 export { ByteSink, type ByteWriter } from "./lib/sinks/file_sink.ts";
 export { releaseChunk } from "./lib/_pool.ts";
 export {
   type Compression,
   compressionForPath,
   compressor,
+  type DecompressedInput,
   decompressInput,
   decompressor,
   detectCompression,
@@ -107,11 +114,20 @@ export { imageDiskSource, type ImageDiskSourceOptions } from "./lib/sources/imag
 export { type ImageRestoreOptions, ImageRestoreSink } from "./lib/sinks/nbd_restore.ts";
 export {
   type NbdAddress,
+  type NbdBlockStatusOptions,
   NbdClient,
   type NbdConnectOptions,
   NbdError,
+  type NbdErrorOptions,
+  type NbdErrorReason,
+  type NbdExportEntry,
   type NbdExportInfo,
   type NbdExtent,
+  type NbdExtentsOptions,
+  type NbdOpenOptions,
+  type NbdUri,
+  type NbdWriteOptions,
+  type NbdWriteZeroesOptions,
   parseNbdUri,
 } from "./lib/protocols/nbd_client.ts";
 export {

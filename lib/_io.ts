@@ -8,11 +8,13 @@
 
 /** Something bytes can be written to: an `FsFile`, `Deno.stdout`, a socket. */
 export interface ByteWriter {
+  /** Writes some of `bytes` and resolves with how many. */
   write(bytes: Uint8Array): Promise<number>;
 }
 
 /** Something bytes can be read from: an `FsFile`, `Deno.stdin`, a socket. */
 export interface ByteReader {
+  /** Reads into `into` and resolves with how many bytes, or `null` at the end. */
   read(into: Uint8Array): Promise<number | null>;
 }
 

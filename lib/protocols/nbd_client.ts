@@ -93,6 +93,7 @@ import {
 
 export {
   NbdError,
+  type NbdErrorOptions,
   type NbdErrorReason,
   type NbdExportEntry,
   NbdMetaContext,

@@ -60,13 +60,19 @@ export interface NbdServerOptions {
 
 /** Counters of a server. */
 export interface NbdServerStats {
+  /** WRITE requests. */
   writes: number;
+  /** WRITE_ZEROES requests. */
   writeZeroes: number;
+  /** TRIM requests. */
   trims: number;
+  /** FLUSH requests. */
   flushes: number;
+  /** Payload bytes of WRITE requests. */
   bytesWritten: number;
   /** Requests below the highest offset written so far: copy-before-write at work. */
   outOfOrder: number;
+  /** Requests whose handler failed (answered with EIO). */
   errors: number;
 }
 
@@ -102,7 +108,9 @@ export interface NbdServerStats {
  * ```
  */
 export class NbdServer {
+  /** Path of the unix socket. */
   readonly path: string;
+  /** Counters so far. */
   readonly stats: NbdServerStats = {
     writes: 0,
     writeZeroes: 0,

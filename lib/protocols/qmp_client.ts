@@ -8,8 +8,11 @@ import { writeAll } from "../_io.ts";
 
 /** An asynchronous event QEMU sent, such as `BLOCK_JOB_COMPLETED`. */
 export interface QmpEvent {
+  /** Event name, such as `JOB_STATUS_CHANGE`. */
   event: string;
+  /** Event arguments, as QEMU sent them. */
   data?: Record<string, unknown>;
+  /** When QEMU emitted the event. */
   timestamp?: { seconds: number; microseconds: number };
 }
 
@@ -34,6 +37,7 @@ export class QmpError extends Error {
   /** The command that failed. */
   readonly command: string;
 
+  /** The error QEMU answered `command` with. */
   constructor(command: string, errorClass: string, description: string) {
     super(`QMP command ${command} failed: ${description} (${errorClass})`);
     this.name = "QmpError";
@@ -195,6 +199,7 @@ export class QmpClient implements Disposable {
     } catch { /* already closed */ }
   }
 
+  /** Closes the connection, as {@linkcode QmpClient.close} does. */
   [Symbol.dispose](): void {
     this.close();
   }

@@ -45,6 +45,7 @@ const ZERO_RUN = 16; // zero clusters per emitted zero chunk (1 MiB)
  * ```
  */
 export class DeviceBytesStream extends TransformStream<VmaRecord, Uint8Array> {
+  /** Streams the device named `device`, or the first one the predicate `device` accepts. */
   constructor(
     device: string | ((device: VmaDeviceRecord) => boolean),
     options: DeviceBytesOptions = {},

@@ -29,6 +29,7 @@ export type { ByteWriter } from "../_io.ts";
 export class ByteSink extends WritableStream<Uint8Array> {
   #written = 0;
 
+  /** A sink into `target`; `queuedChunks` chunks (default 4) may wait while one is written. */
   constructor(target: ByteWriter, options: { queuedChunks?: number } = {}) {
     super({
       write: async (chunk) => {

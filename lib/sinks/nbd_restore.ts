@@ -66,6 +66,7 @@ async function createImage(path: string, format: ImageFormat, size: number): Pro
 export class ImageRestoreSink extends WritableStream<VmaRecord> {
   #restored: RestoredDevice[];
 
+  /** A sink that creates images where `options.target` says; see {@linkcode ImageRestoreOptions}. */
   constructor(options: ImageRestoreOptions) {
     const images = new Map<number, OpenImage | null>();
     const restored: RestoredDevice[] = [];

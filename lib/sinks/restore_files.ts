@@ -20,8 +20,11 @@ export interface RestoreSinkOptions {
 
 /** What the sink wrote for one device. */
 export interface RestoredDevice {
+  /** Device name, such as `drive-scsi0`. */
   name: string;
+  /** Where the device was written. */
   path: string | URL;
+  /** Device size in bytes. */
   size: number;
   /** Bytes of data written; the rest of the file is holes. */
   dataBytes: number;
@@ -61,6 +64,7 @@ interface OpenDevice {
 export class RestoreSink extends WritableStream<VmaRecord> {
   #restored: RestoredDevice[];
 
+  /** A sink that writes where `options.target` says; see {@linkcode RestoreSinkOptions}. */
   constructor(options: RestoreSinkOptions) {
     const devices = new Map<number, OpenDevice | null>();
     const restored: RestoredDevice[] = [];

@@ -7,8 +7,11 @@
 import { type ByteReader, readUpTo } from "../_io.ts";
 import { BufferPool } from "../_pool.ts";
 
+export type { ByteReader } from "../_io.ts";
+
 /** A reader the source closes when the input ends or fails: an `FsFile`, `Deno.stdin`. */
 export interface ClosableByteReader extends ByteReader {
+  /** Closes the reader; the source calls it at most once. */
   close(): void;
 }
 

@@ -11,7 +11,9 @@ import type { ImageFormat } from "./image_format.ts";
 export interface QemuNbdExport {
   /** `nbd+unix:///EXPORT?socket=PATH` of the export. */
   uri: string;
+  /** Path of the unix socket. */
   socket: string;
+  /** Name of the export (`disk`). */
   exportName: string;
   /** Stops qemu-nbd and removes its socket; safe to call more than once. */
   stop(): Promise<void>;
@@ -19,6 +21,7 @@ export interface QemuNbdExport {
 
 /** Options of {@linkcode serveImage}. */
 export interface ServeImageOptions {
+  /** Format of the image, passed to `qemu-nbd --format`. */
   format: ImageFormat;
   /** Serve read-only (default `true`). */
   readOnly?: boolean;

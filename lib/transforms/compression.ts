@@ -168,7 +168,9 @@ export function decompressor(
 
 /** An archive byte stream, decompressed, with the compression that was found. */
 export interface DecompressedInput {
+  /** The compression found by the first bytes. */
   compression: Compression;
+  /** The plain VMA bytes. */
   readable: ReadableStream<Uint8Array>;
 }
 

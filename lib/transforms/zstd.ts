@@ -63,6 +63,7 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * ```
  */
 export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> {
+  /** A compressor; see {@linkcode ZstdCompressOptions}. Throws `RangeError` on a bad level. */
   constructor(options: ZstdCompressOptions = {}) {
     const level = options.level ?? 3;
     const frameSize = options.frameSize ?? 4 << 20;
@@ -200,9 +201,12 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
  * ```
  */
 export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Uint8Array> {
+  /** The decoded bytes. */
   readonly readable: ReadableStream<Uint8Array>;
+  /** The zstd stream goes in here. */
   readonly writable: WritableStream<Uint8Array>;
 
+  /** A decompressor whose decoding runs in a Worker of its own. */
   constructor() {
     const decoder = new ZstdDecoderWorker();
     const framing = new ZstdFrameSplitter();

@@ -53,6 +53,7 @@ export class VmaFormatError extends SyntaxError {
   /** Archive byte offset of the offending structure. */
   readonly offset: number;
 
+  /** An error of `reason` at archive byte `offset`; `detail` says what is wrong. */
   constructor(reason: VmaFormatReason, offset: number, detail: string) {
     super(`Cannot read the VMA archive: ${detail} (at byte ${offset})`);
     this.name = "VmaFormatError";

@@ -67,7 +67,7 @@ export const SLOTS_PER_EXTENT = 59;
 /** Number of slots the Proxmox writer fills before it flushes an extent. */
 export const WRITER_SLOTS_PER_EXTENT = 58;
 /** Largest possible extent on disk. */
-export const MAX_EXTENT_SIZE = EXTENT_HEADER_SIZE + SLOTS_PER_EXTENT * CLUSTER_SIZE;
+export const MAX_EXTENT_SIZE: number = EXTENT_HEADER_SIZE + SLOTS_PER_EXTENT * CLUSTER_SIZE;
 
 /** Byte offsets inside the fixed header. */
 export const HeaderOffset = {

@@ -39,9 +39,13 @@ import {
 
 /** The content of an archive header. */
 export interface VmaHeader {
+  /** Archive UUID in the canonical `8-4-4-4-12` lower-case hex form. */
   uuid: string;
+  /** Creation time in Unix seconds. */
   ctime: number;
+  /** Configuration files stored in the header. */
   configs: { name: string; data: Uint8Array }[];
+  /** Devices of the archive: id (1 to 254), name and exact size in bytes. */
   devices: { devId: number; name: string; size: number }[];
 }
 

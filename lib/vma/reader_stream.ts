@@ -44,8 +44,11 @@ export interface VmaReaderOptions {
 
 /** Per-device counters of {@linkcode VmaReaderStats}. */
 export interface VmaReaderDeviceStats {
+  /** Device id. */
   devId: number;
+  /** Device name. */
   name: string;
+  /** Device size in bytes. */
   size: number;
   /** Clusters the device spans. */
   clusters: number;
@@ -63,10 +66,15 @@ export interface VmaReaderStats {
   bytes: number;
   /** Header size in bytes (0 until the header was read). */
   headerSize: number;
+  /** Extents read. */
   extents: number;
+  /** Cluster records emitted, of all devices. */
   clusters: number;
+  /** Clusters found with mask 0, of all devices. */
   zeroClusters: number;
+  /** 4 KiB data blocks found, of all devices. */
   dataBlocks: number;
+  /** Counters per device, in header order. */
   devices: VmaReaderDeviceStats[];
 }
 
@@ -102,6 +110,7 @@ export interface VmaReaderStats {
 export class VmaReaderStream extends TransformStream<Uint8Array, VmaRecord> {
   #parser: ArchiveParser;
 
+  /** A reader for one archive; see {@linkcode VmaReaderOptions}. */
   constructor(options: VmaReaderOptions = {}) {
     const parser = new ArchiveParser(options);
     super({

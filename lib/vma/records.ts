@@ -33,6 +33,7 @@ export interface Lease {
 
 /** Archive identity, as read from a header or chosen for a new archive. */
 export interface VmaHeaderRecord {
+  /** Record kind. */
   type: "header";
   /** Archive UUID in the canonical `8-4-4-4-12` lower-case hex form. */
   uuid: string;
@@ -42,6 +43,7 @@ export interface VmaHeaderRecord {
 
 /** A configuration file stored in the archive header (for example `qemu-server.conf`). */
 export interface VmaConfigRecord {
+  /** Record kind. */
   type: "config";
   /** File name, without directories. */
   name: string;
@@ -51,6 +53,7 @@ export interface VmaConfigRecord {
 
 /** A device (disk) stream of the archive. */
 export interface VmaDeviceRecord {
+  /** Record kind. */
   type: "device";
   /** Device id, 1 to 254. */
   devId: number;
@@ -73,6 +76,7 @@ export interface VmaDeviceRecord {
  * that fans one record out to several consumers must delete `lease` first.
  */
 export interface VmaClusterRecord {
+  /** Record kind. */
   type: "cluster";
   /** Device id of a device record that came before. */
   devId: number;
@@ -92,7 +96,9 @@ export interface VmaClusterRecord {
  * the cost of a backup follows the data, not the virtual disk size.
  */
 export interface VmaZerosRecord {
+  /** Record kind. */
   type: "zeros";
+  /** Device id of a device record that came before. */
   devId: number;
   /** First cluster of the run. */
   cluster: number;

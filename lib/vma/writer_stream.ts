@@ -99,6 +99,7 @@ interface DeviceState {
 export class VmaWriterStream extends TransformStream<VmaRecord, Uint8Array> {
   #writer: ArchiveWriter;
 
+  /** A writer for one archive; see {@linkcode VmaWriterOptions}. */
   constructor(options: VmaWriterOptions = {}) {
     const writer = new ArchiveWriter(options);
     super({

@@ -107,8 +107,8 @@ export {
   formatFromMagic,
   IMAGE_FORMATS,
   type ImageFormat,
-} from "./lib/sources/image_format.ts";
-export { type QemuNbdExport, serveImage, type ServeImageOptions } from "./lib/sources/qemu_nbd.ts";
+} from "./lib/qemu/image_format.ts";
+export { type QemuNbdExport, serveImage, type ServeImageOptions } from "./lib/qemu/qemu_nbd.ts";
 export { nbdDiskSource, type NbdDiskSourceOptions } from "./lib/sources/nbd_disk.ts";
 export { imageDiskSource, type ImageDiskSourceOptions } from "./lib/sources/image_disk.ts";
 export { type ImageRestoreOptions, ImageRestoreSink } from "./lib/sinks/nbd_restore.ts";

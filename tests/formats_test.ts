@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { NbdClient } from "../lib/protocols/nbd_client.ts";
 import { nbdDiskSource } from "../lib/sources/nbd_disk.ts";
-import { serveImage } from "../lib/sources/qemu_nbd.ts";
+import { serveImage } from "../lib/qemu/qemu_nbd.ts";
 import { type VmaRecord, VmaWriterStream, ZeroFilterStream } from "../mod.ts";
 import { cli, spawnCli, withTempDir } from "./_cli.ts";
 import { convertImage, diskContent, firstDifference, qemuTest } from "./_qemu.ts";

@@ -5,8 +5,9 @@
  * @module
  */
 import { NbdClient } from "../protocols/nbd_client.ts";
-import type { ImageFormat } from "../sources/image_format.ts";
-import { type QemuNbdExport, serveImage, spawnQemuTool } from "../sources/qemu_nbd.ts";
+import type { ImageFormat } from "../qemu/image_format.ts";
+import { createImage } from "../qemu/qemu_img.ts";
+import { type QemuNbdExport, serveImage } from "../qemu/qemu_nbd.ts";
 import type { VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
 import { WriteCoalescer } from "./_write_runs.ts";
 import type { RestoredDevice } from "./restore_files.ts";
@@ -23,29 +24,6 @@ interface OpenImage {
   served: QemuNbdExport;
   client: NbdClient;
   info: RestoredDevice;
-}
-
-/** Creates an image of `size` bytes with `qemu-img create` (it must not exist). */
-async function createImage(path: string, format: ImageFormat, size: number): Promise<void> {
-  const options = format === "vpc" ? ["-o", "force_size=on"] : []; // keep the exact size
-  const child = spawnQemuTool("qemu-img", [
-    "create",
-    "-q",
-    "-f",
-    format,
-    ...options,
-    path,
-    `${size}`,
-  ], {
-    stdout: "null",
-    stderr: "piped",
-  });
-  const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text()]);
-  if (!status.success) {
-    throw new Error(
-      `Cannot create ${path} as ${format}: ${stderr.trim().replace(/^qemu-img: /, "")}`,
-    );
-  }
 }
 
 /**

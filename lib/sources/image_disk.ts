@@ -5,10 +5,10 @@
  * @module
  */
 import type { VmaRecord } from "../vma/records.ts";
-import { detectImageFormat, type ImageFormat } from "./image_format.ts";
+import { detectImageFormat, type ImageFormat } from "../qemu/image_format.ts";
 import { nbdDiskSource, type NbdDiskSourceOptions } from "./nbd_disk.ts";
 import { rawDiskSource } from "./raw_disk.ts";
-import { type QemuNbdExport, serveImage } from "./qemu_nbd.ts";
+import { type QemuNbdExport, serveImage } from "../qemu/qemu_nbd.ts";
 
 /** Options of {@linkcode imageDiskSource}. */
 export interface ImageDiskSourceOptions extends NbdDiskSourceOptions {

@@ -10,7 +10,7 @@ import { tapStream } from "../../transforms/tap.ts";
 import { ByteSink } from "../../sinks/file_sink.ts";
 import { ImageRestoreSink } from "../../sinks/nbd_restore.ts";
 import { RestoreSink } from "../../sinks/restore_files.ts";
-import { IMAGE_FORMATS, type ImageFormat } from "../../sources/image_format.ts";
+import { IMAGE_FORMATS, type ImageFormat } from "../../qemu/image_format.ts";
 import { VmaFormatError } from "../../vma/errors.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../../vma/records.ts";
 import { VMSTATE_NAME } from "../../vma/format.ts";

@@ -6,6 +6,7 @@
  * @module
  */
 import type { ImageFormat } from "./image_format.ts";
+import { spawnQemuTool } from "./spawn.ts";
 
 /** A running `qemu-nbd`. */
 export interface QemuNbdExport {
@@ -43,33 +44,6 @@ globalThis.addEventListener("unload", () => {
     } catch { /* already gone */ }
   }
 });
-
-/**
- * Runs a qemu tool, turning "not installed" into a line that names the Debian package.
- *
- * @example A missing tool names its package
- * ```ts
- * import assert from "node:assert/strict";
- * import { spawnQemuTool } from "./qemu_nbd.ts";
- *
- * assert.throws(
- *   () => spawnQemuTool("qemu-no-such-tool", ["--version"]),
- *   { name: "NotFound", message: /not installed \(Debian package qemu-utils\)/ },
- * );
- * ```
- */
-export function spawnQemuTool(program: string, args: string[], options: Deno.CommandOptions = {}) {
-  try {
-    return new Deno.Command(program, { ...options, args }).spawn();
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) {
-      throw new Deno.errors.NotFound(
-        `Cannot run ${program}: It is not installed (Debian package qemu-utils)`,
-      );
-    }
-    throw error;
-  }
-}
 
 /**
  * Starts `qemu-nbd --persistent` for `path` on a private unix socket and waits until it

@@ -6,13 +6,13 @@
  * @module
  */
 import { constants, createGunzip, createGzip } from "node:zlib";
-import { type Compression, detectCompression } from "../compression_magic.ts";
+import { type Compression, detectCompression } from "../_compression_magic.ts";
 import { nodeTransformer } from "./node_transform.ts";
 import { programTransform } from "./program_transform.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { type ZstdCompressOptions, ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
 
-export { type Compression, detectCompression } from "../compression_magic.ts";
+export { type Compression, detectCompression } from "../_compression_magic.ts";
 
 /** Compressions this toolkit can write. */
 export type WritableCompression = "none" | "zstd" | "gzip";

@@ -7,7 +7,7 @@
 import { ClusterBitmap } from "../_bitmap.ts";
 import { md5, popcount16 } from "../_bytes.ts";
 import { BufferPool, type PooledBuffer, releaseChunk } from "../_pool.ts";
-import { detectCompression } from "../compression_magic.ts";
+import { detectCompression } from "../_compression_magic.ts";
 import { VmaFormatError } from "./errors.ts";
 import {
   BLOCK_SIZE,

@@ -18,7 +18,7 @@ export type Compression = "none" | "zstd" | "gzip" | "lzop";
  * @example Detect a zstd stream
  * ```ts
  * import assert from "node:assert/strict";
- * import { detectCompression } from "./compression_magic.ts";
+ * import { detectCompression } from "./_compression_magic.ts";
  *
  * assert.equal(detectCompression(new Uint8Array([0x28, 0xb5, 0x2f, 0xfd])), "zstd");
  * assert.equal(detectCompression(new TextEncoder().encode("VMA\0")), "none");

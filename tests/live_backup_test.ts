@@ -34,7 +34,11 @@ function vmDisks() {
   ];
 }
 
-/** Random guest writes of 4 KiB to 128 KiB, some not cluster-aligned, on both disks. */
+/**
+ * Random guest I/O on both disks: writes of 4 KiB to 128 KiB, some not cluster-aligned, and
+ * every third request a write-zeroes (`write -z`, half of them with unmap) or a discard of a
+ * 64 KiB cluster that held data before (what fstrim, BLKZEROOUT and discards produce).
+ */
 async function guestWrites(vm: TestVm, count: number, seed: number, during?: () => boolean) {
   let state = seed;
   const random = (n: number) => {
@@ -45,9 +49,17 @@ async function guestWrites(vm: TestVm, count: number, seed: number, during?: () 
   for (let i = 0; i < count; i++) {
     const id = random(3) === 0 ? "vdb" : "vda";
     const size = vm.model.get(id)!.byteLength;
+    if (during?.()) whileRunning++;
+    if (i % 3 === 2) {
+      // diskContent puts data in the first MiB of every 4 MiB: hit a cluster there.
+      const offset = random(Math.floor(size / (4 * MiB))) * 4 * MiB + random(16) * 65536;
+      const kind = random(3);
+      if (kind === 0) await vm.discard(id, offset, 65536);
+      else await vm.writeZeroes(id, offset, 65536, kind === 1);
+      continue;
+    }
     const length = (1 + random(32)) * 4096;
     const offset = Math.min(random(size / 4096) * 4096, size - length);
-    if (during?.()) whileRunning++;
     await vm.write(id, offset, length, 0x10 + (i % 200));
   }
   return whileRunning;
@@ -55,7 +67,7 @@ async function guestWrites(vm: TestVm, count: number, seed: number, during?: () 
 
 for (const mode of ["push", "pull"] as const) {
   qemuTest(
-    `live ${mode} backup: the archive is the point-in-time image while the guest writes`,
+    `live ${mode} backup: the archive is the point-in-time image while the guest writes, zeroes and discards`,
     async () => {
       const vm = await startVm(vmDisks());
       try {
@@ -87,14 +99,9 @@ for (const mode of ["push", "pull"] as const) {
         }
         assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
         assert.equal(await vm.status(), "running");
-        const after = new Map(vm.model);
         const disks = await vm.stop();
         for (const [id, bytes] of disks) {
-          assert.equal(
-            firstDifference(bytes, after.get(id)!),
-            -1,
-            `every guest write landed on ${id}`,
-          );
+          assert.equal(vm.difference(id, bytes), -1, `every guest write landed on ${id}`);
         }
       } finally {
         await vm.stop().catch(() => {});
@@ -156,6 +163,51 @@ for (const mode of ["push", "pull"] as const) {
   });
 }
 
+qemuTest(
+  "live pull backup: clusters zeroed, discarded or rewritten after the snapshot keep their old data",
+  async () => {
+    // QEMU 7.2 serves a run of copied clusters from the live disk when a request goes past
+    // the run's end, and its block status then shows the live disk: each case below broke.
+    for (const format of ["qcow2", "raw"] as const) {
+      const size = 48 * MiB; // block status is asked 32 MiB at a time: ask after the writes too
+      const vm = await startVm([{ id: "vda", size, format, data: diskContent(size, 5) }]);
+      try {
+        const snapshot = vm.model.get("vda")!.slice();
+        using qmp = await QmpClient.connect(vm.toolQmp);
+        const { startPullBackup } = await import("../lib/live/pull_backup.ts");
+        const backup = await startPullBackup({ qmp });
+        const reader = backup.records.getReader();
+        const records: VmaRecord[] = [(await reader.read()).value!]; // the device record
+        // diskContent: data in [0, 1 MiB), [4, 5) ..., the same byte in [8, 9), zeros between.
+        await vm.writeZeroes("vda", 0, 65536); // a data cluster zeroed: block status says hole
+        await vm.discard("vda", 4 * MiB + 65536, 65536); // discarded, inside a data run
+        await vm.writeZeroes("vda", 4 * MiB + 4 * 65536, 4 * 65536, true); // a run of four
+        await vm.write("vda", 2 * MiB, 65536, 0x42); // a zero cluster gets data
+        await vm.write("vda", 8 * MiB + 3 * 65536, 65536, 0x43); // a data cluster rewritten
+        await vm.discard("vda", 16 * MiB + 10 * 65536, 2 * 65536);
+        await vm.writeZeroes("vda", 36 * MiB + 65536, 65536);
+        await vm.discard("vda", 40 * MiB, 3 * 65536);
+        await vm.write("vda", 44 * MiB + 65536, 4096, 0x44); // 44 MiB holds 0x5d bytes
+        await vm.writeZeroes("vda", 44 * MiB + 2 * 65536, 65536);
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          records.push(value);
+        }
+        await backup.finished;
+        const archive = await new Response(
+          ReadableStream.from(records).pipeThrough(new ZeroFilterStream())
+            .pipeThrough(new VmaWriterStream()),
+        ).bytes();
+        const restored = (await restoreInMemory(archive)).get("drive-vda")!;
+        assert.equal(firstDifference(restored, snapshot), -1, `${format}: the snapshot`);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    }
+  },
+);
+
 /** A slow archive target: 4 ms per data cluster, so guest writes land during the backup. */
 function slowTarget() {
   return new TransformStream<VmaRecord, VmaRecord>({
@@ -171,9 +223,6 @@ async function checkRestored(vm: TestVm, before: string[]) {
   assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
   assert.equal(await vm.status(), "running");
   await vm.write("vda", 4096, 8192, 0xee);
-  const expected = new Map(vm.model);
   const disks = await vm.stop();
-  for (const [id, bytes] of disks) {
-    assert.equal(firstDifference(bytes, expected.get(id)!), -1, `${id} is intact`);
-  }
+  for (const [id, bytes] of disks) assert.equal(vm.difference(id, bytes), -1, `${id} is intact`);
 }

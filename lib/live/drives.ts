@@ -5,6 +5,8 @@
  * @module
  */
 import type { QmpClient } from "../protocols/qmp_client.ts";
+import { configName } from "../vma/format.ts";
+import { encodeHeader } from "../vma/header.ts";
 
 /** A drive of a running VM. */
 export interface LiveDrive {
@@ -27,9 +29,83 @@ interface BlockInfo {
   inserted?: { "node-name": string; ro?: boolean; image: { "virtual-size": number } };
 }
 
-/** The id of a device from its QOM path: `/machine/peripheral/vda/virtio-backend` → `vda`. */
+/**
+ * The id of a guest device from what `query-block` says: a QOM path
+ * (`/machine/peripheral/vda/virtio-backend` → `vda`), or the id itself (scsi-hd says `scsi0`).
+ */
 function qdevId(qdev: string | undefined): string | undefined {
+  if (qdev !== undefined && qdev !== "" && !qdev.startsWith("/")) return qdev;
   return qdev?.match(/^\/machine\/peripheral\/([^/]+)/)?.[1];
+}
+
+/**
+ * The QOM paths that may take a drive's `drive` property, most likely first: virtio-blk-pci
+ * takes it on its proxy `/machine/peripheral/<id>`, not on the inner `virtio-backend` that
+ * `query-block` names; scsi-hd is named by its id alone; the EFI flash is `/machine/system.flash1`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { devicePaths } from "./drives.ts";
+ *
+ * const vda = { name: "drive-vda", node: "n", size: 1, device: "" };
+ * assert.deepEqual(devicePaths({ ...vda, qdev: "/machine/peripheral/vda/virtio-backend" }), [
+ *   "/machine/peripheral/vda",
+ *   "/machine/peripheral/vda/virtio-backend",
+ * ]);
+ * assert.deepEqual(devicePaths({ ...vda, qdev: "scsi0" }), ["/machine/peripheral/scsi0"]);
+ * assert.deepEqual(devicePaths(vda), []);
+ * ```
+ */
+export function devicePaths(drive: LiveDrive): string[] {
+  const qdev = drive.qdev;
+  if (qdev === undefined || qdev === "") return [];
+  if (!qdev.startsWith("/")) return [`/machine/peripheral/${qdev}`];
+  return [...new Set([qdev.replace(/\/virtio-backend$/, ""), qdev])];
+}
+
+/**
+ * Throws unless `drives` and `configs` fit into one VMA archive (at most 254 devices, configs
+ * of 1 to 65535 bytes, a header of at most 512 KiB), so a live backup can refuse before it
+ * changes anything in the VM.
+ *
+ * @example 255 drives are one too many
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { checkArchiveLimits } from "./drives.ts";
+ *
+ * const drive = (i: number) => ({ name: `drive-d${i}`, node: `n${i}`, size: 65536, device: "" });
+ * checkArchiveLimits([drive(0)], [{ name: "qemu-server.conf", data: new Uint8Array(9) }]);
+ * assert.throws(
+ *   () => checkArchiveLimits(Array.from({ length: 255 }, (_, i) => drive(i))),
+ *   /255 drives, but a VMA archive holds at most 254/,
+ * );
+ * const big = Array.from({ length: 9 }, (_, i) => ({ name: `${i}.conf`, data: new Uint8Array(65535) }));
+ * assert.throws(() => checkArchiveLimits([drive(0)], big), /VMA header: Its size \d+ exceeds 524288 bytes/);
+ * ```
+ */
+export function checkArchiveLimits(
+  drives: LiveDrive[],
+  configs: { name: string; data: Uint8Array }[] = [],
+): void {
+  if (drives.length > 254) {
+    throw new RangeError(
+      `Cannot back up the VM (nothing was changed): It has ${drives.length} drives, but a VMA archive holds at most 254 (choose some with --drive)`,
+    );
+  }
+  try {
+    encodeHeader({
+      uuid: "00000000-0000-4000-8000-000000000000",
+      ctime: 0,
+      configs: configs.map(({ name, data }) => ({ name: configName(name), data })),
+      devices: drives.map(({ name, size }, index) => ({ devId: index + 1, name, size })),
+    });
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    throw new RangeError(`Cannot back up the VM (nothing was changed): ${message}`, {
+      cause: error,
+    });
+  }
 }
 
 /**
@@ -41,6 +117,8 @@ function qdevId(qdev: string | undefined): string | undefined {
  * ```ts
  * import assert from "node:assert/strict";
  * import type { QmpClient } from "../protocols/qmp_client.ts";
+import { configName } from "../vma/format.ts";
+import { encodeHeader } from "../vma/header.ts";
  * import { findDrives } from "./drives.ts";
  *
  * const image = { "virtual-size": 1 << 30 };

@@ -84,7 +84,7 @@ export interface GuestIo {
 /** A running test VM. */
 export interface TestVm {
   dir: string;
-  /** The test's own QMP connection. */
+  /** The test's own QMP connection (guest I/O goes through a third one). */
   qmp: QmpClient;
   /** A second monitor socket, for the tool under test. */
   toolQmp: string;
@@ -207,25 +207,28 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
     `unix:${dir}/test.qmp,server=on,wait=off`,
     "-qmp",
     `unix:${dir}/tool.qmp,server=on,wait=off`,
+    // Guest I/O has its own monitor: a write that waits (push mode, stalled sink) blocks it.
+    "-qmp",
+    `unix:${dir}/io.qmp,server=on,wait=off`,
   ];
   if (disks.some((disk) => disk.bus === "scsi")) {
     if (options.iothread) args.push("-object", "iothread,id=iothread-virtioscsi0");
     const iothread = options.iothread ? ",iothread=iothread-virtioscsi0" : "";
     args.push("-device", `virtio-scsi-pci,id=virtioscsi0${iothread}`);
   }
-  if (disks.some((disk) => disk.bus === "pflash")) {
-    // The firmware flash: 2 MiB of HLT, so the CPU stops at the reset vector and stays idle.
-    await Deno.writeFile(`${dir}/code.fd`, new Uint8Array(2 << 20).fill(0xf4));
-    const code = `${dir}/code.fd`;
+  // The firmware flash: 2 MiB of HLT, so the CPU stops at the reset vector and stays idle.
+  // Without it SeaBIOS runs and polls the disks, and a TCG vCPU that polls a disk whose I/O
+  // waits (push mode with a stalled sink) starves QEMU's main loop and its monitors.
+  const code = `${dir}/code.fd`;
+  await Deno.writeFile(code, new Uint8Array(2 << 20).fill(0xf4));
+  if (disks.some((disk) => disk.bus === "pflash" && disk.attach === "drive")) {
+    args.push("-drive", `if=pflash,unit=0,format=raw,readonly=on,file=${code}`);
+  } else {
     args.push(
-      ...(disks.some((disk) => disk.bus === "pflash" && disk.attach !== "drive")
-        ? [
-          "-blockdev",
-          `driver=file,filename=${code},node-name=pflash0-code,read-only=on`,
-          "-machine",
-          "pflash0=pflash0-code",
-        ]
-        : ["-drive", `if=pflash,unit=0,format=raw,readonly=on,file=${code}`]),
+      "-blockdev",
+      `driver=file,filename=${code},node-name=pflash0-code,read-only=on`,
+      "-machine",
+      "pflash0=pflash0-code",
     );
   }
   for (const disk of disks) {
@@ -248,14 +251,16 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
     );
   const collected = Promise.all([collect(process.stdout), collect(process.stderr)]);
   let qmp: QmpClient;
+  let ioQmp: QmpClient;
   try {
-    for (let i = 0; !(await Deno.stat(`${dir}/tool.qmp`).then(() => true, () => false)); i++) {
+    for (let i = 0; !(await Deno.stat(`${dir}/io.qmp`).then(() => true, () => false)); i++) {
       if (i === 200 || printed.includes("qemu-system-x86_64:")) {
         throw new Error("QEMU did not open its QMP socket within 5 s");
       }
       await new Promise((resolve) => setTimeout(resolve, 25));
     }
     qmp = await QmpClient.connect(`${dir}/test.qmp`);
+    ioQmp = await QmpClient.connect(`${dir}/io.qmp`, { timeoutMs: 600_000 });
   } catch (error) {
     try {
       process.kill();
@@ -270,6 +275,7 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
       stopped = true;
       await qmp.execute("quit").catch(() => {});
       qmp.close();
+      ioQmp.close();
       await process.status;
       await collected;
     }
@@ -291,7 +297,9 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
     const disk = specs.get(id);
     if (disk === undefined) throw new Error(`the test VM has no disk ${id}`);
     const started = performance.now();
-    const answer = await qmp.humanMonitorCommand(`qemu-io -d ${devicePath(disk)} "${command}"`);
+    const answer = await ioQmp.humanMonitorCommand(
+      `qemu-io -d ${devicePath(disk)} "${command}"`,
+    );
     const ms = performance.now() - started;
     // The output comes in the answer or, when the request yielded, on QEMU's stdout.
     if (/failed|error|cannot|invalid/i.test(answer)) {

@@ -163,6 +163,32 @@ for (const mode of ["push", "pull"] as const) {
   });
 }
 
+for (const mode of ["push", "pull"] as const) {
+  qemuTest(`live ${mode} backup: abort() while nobody reads ends at once`, async () => {
+    const vm = await startVm(vmDisks());
+    try {
+      const before = await vm.nodes();
+      using qmp = await QmpClient.connect(vm.toolQmp);
+      const backup = await start(mode, vm, qmp);
+      const reader = backup.records.getReader();
+      for (let i = 0; i < 20; i++) await reader.read(); // then the reader stops, not cancelling
+      // Guest writes to clusters not copied yet: in push mode they wait for the backup.
+      const writes = [0, 1, 2, 3].map((i) => vm.write("vda", (40 + i) * MiB, 65536, 0x30 + i));
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      const started = performance.now();
+      await backup.abort(new Error("user pressed Ctrl-C"));
+      const seconds = (performance.now() - started) / 1000;
+      assert.ok(seconds < 5, `abort() took ${seconds.toFixed(1)} s`);
+      await Promise.all(writes); // the guest's writes went through
+      await assert.rejects(backup.finished, /Ctrl-C/);
+      await assert.rejects(reader.read());
+      await checkRestored(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+}
+
 qemuTest(
   "live pull backup: clusters zeroed, discarded or rewritten after the snapshot keep their old data",
   async () => {

@@ -36,13 +36,8 @@ async function assertVmUntouched(vm: TestVm, before: string[]) {
   assert.deepEqual(await vm.nodes(), before, "the block graph is the original one");
   assert.equal(await vm.status(), "running");
   await vm.write("scsi0", 65536, 4096, 0x77);
-  const expected = new Map(vm.model);
   const contents = await vm.stop();
-  assert.equal(
-    firstDifference(contents.get("scsi0")!, expected.get("scsi0")!),
-    -1,
-    "the disk is intact",
-  );
+  assert.equal(vm.difference("scsi0", contents.get("scsi0")!), -1, "the disk is intact");
 }
 
 for (const mode of ["push", "pull"] as const) {
@@ -164,6 +159,69 @@ for (const mode of ["push", "pull"] as const) {
           assert.deepEqual(await vm.nodes(), before, "the graph is restored after each failure");
           assert.equal(await vm.status(), "running");
         }
+        await assertVmUntouched(vm, before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    },
+  );
+}
+
+for (const mode of ["push", "pull"] as const) {
+  qemuTest(
+    `cli backup --qmp --mode ${mode}: Ctrl-C while the pipe stalls exits at once, the VM unharmed`,
+    async () => {
+      const vm = await startVm(bigDisk());
+      try {
+        const before = await vm.nodes();
+        const child = spawnCli(
+          ["backup", "--qmp", vm.toolQmp, "--mode", mode, "-o", "-", "--compress", "none"],
+          { permissions: PERMISSIONS },
+        );
+        await child.stdin.close();
+        const stderr = new Response(child.stderr).text();
+        // A reader that takes 1 MiB and then stops reading, the pipe left open (a stalled ssh).
+        const stdout = child.stdout.getReader();
+        for (let got = 0; got < MiB;) got += (await stdout.read()).value?.byteLength ?? MiB;
+        // QEMU's monitor must answer within a second all along.
+        let slowest = 0;
+        let watching = true;
+        const watchdog = (async () => {
+          while (watching) {
+            const started = performance.now();
+            await Promise.race([vm.status().catch(() => {}), sleep(5000)]);
+            slowest = Math.max(slowest, performance.now() - started);
+            await sleep(100);
+          }
+        })();
+        // Pull mode: guest writes do not wait for the backup, so they go on during the stall.
+        if (mode === "pull") {
+          for (let i = 0; i < 8; i++) await vm.write("scsi0", (64 + i) * MiB, 65536, 0x60 + i);
+        }
+        await sleep(1500); // the pipeline fills up and waits for the pipe
+        const interrupted = performance.now();
+        child.kill("SIGINT");
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const status = await Promise.race([
+          child.status,
+          new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), 10_000)),
+        ]).finally(() => {
+          clearTimeout(timer);
+          watching = false;
+        });
+        const seconds = (performance.now() - interrupted) / 1000;
+        await watchdog;
+        if (status === null) {
+          child.kill("SIGKILL");
+          await child.status;
+        }
+        await stdout.cancel();
+        const messages = await stderr;
+        assert.ok(status !== null, `the backup did not exit within 10 s of SIGINT: ${messages}`);
+        assert.equal(status.code, 130, messages);
+        assert.match(messages, /error: interrupted by SIGINT/);
+        assert.ok(seconds < 10, `exited ${seconds.toFixed(1)} s after SIGINT`);
+        assert.ok(slowest < 1000, `QEMU's monitor answered within ${slowest.toFixed(0)} ms`);
         await assertVmUntouched(vm, before);
       } finally {
         await vm.stop().catch(() => {});

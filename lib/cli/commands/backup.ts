@@ -267,7 +267,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const onAbort = () => output.discardSync();
   context.signal.addEventListener("abort", onAbort);
   try {
-    await combineRecordStreams(started.sources, { configs: plan.configs })
+    const pipeline = combineRecordStreams(started.sources, { configs: plan.configs })
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
@@ -286,6 +286,11 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
         }),
       )
       .pipeTo(output.writable, { signal: context.signal });
+    // A live backup is aborted straight from the signal, not once the pipeline noticed it:
+    // the pipeline may wait forever for a write to a stalled pipe, and QEMU must not.
+    await (live
+      ? Promise.race([pipeline, abortOnSignal(live, context.signal, pipeline)])
+      : pipeline);
     await live?.finished;
     await output.commit();
     await progress.finish(true);
@@ -442,6 +447,31 @@ export const backupCommand: Command = {
     }, context);
   },
 };
+
+/**
+ * Aborts `live` as soon as `signal` fires, and then rejects with the signal's reason; the
+ * `pipeline` it races against is left behind (its rejection handled), since it may never
+ * settle while a write to a stalled pipe is pending.
+ */
+function abortOnSignal(
+  live: LiveBackup,
+  signal: AbortSignal,
+  pipeline: Promise<void>,
+): Promise<never> {
+  pipeline.catch(() => {});
+  return new Promise<never>((_, reject) => {
+    const abort = () => {
+      live.abort(signal.reason).finally(() => reject(signal.reason));
+    };
+    if (signal.aborted) return abort();
+    signal.addEventListener("abort", abort, { once: true });
+    // Once the pipeline settled on its own, the signal is runBackup's concern again.
+    pipeline.then(
+      () => signal.removeEventListener("abort", abort),
+      () => signal.removeEventListener("abort", abort),
+    );
+  });
+}
 
 /** `backup --qmp`: a live backup of a running VM, push or pull. */
 async function runLiveBackup(values: BackupValues, context: CliContext): Promise<number> {

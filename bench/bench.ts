@@ -7,7 +7,7 @@
  * deno task bench                        # best of 3, all groups
  * deno task bench --runs 5               # best of 5
  * deno task bench --quick                # the slow zstd on the 16 GiB image only once
- * deno task bench --only dense           # one group: dense, sparse16g, sparse2g or holes
+ * deno task bench --only dense           # one group: dense, sparse16g, sparse2g, holes or live
  * deno task bench --work /tmp/vmabench   # inputs and outputs elsewhere (default bench/work/)
  * deno task bench --cli /tmp/snap/cli.ts # another copy of the CLI, e.g. a `git archive` snapshot
  * deno task bench --clean                # delete the inputs and outputs, then exit
@@ -68,6 +68,8 @@
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { QEMU } from "../tests/_qemu.ts";
+import { liveBench, type LiveBenchResult } from "./live.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -90,7 +92,7 @@ usage: deno task bench [--runs N] [--work DIR] [--quick] [--only GROUP] [--cli F
   --runs N      runs per measurement; the best counts (default 3)
   --work DIR    inputs and outputs (default bench/work/, git-ignored)
   --quick       run the slow zstd on the 16 GiB sparse image only once
-  --only GROUP  one group of measurements: ${GROUPS.join(", ")}
+  --only GROUP  one group of measurements: ${GROUPS.join(", ")}, live (bench/live.ts)
   --cli FILE    the cli.ts to measure (default this checkout's), e.g. of a snapshot made with
                 git archive HEAD | tar -x -C /tmp/vmabackup-head
   --clean       delete the generated inputs and outputs in the work directory, then exit
@@ -104,6 +106,8 @@ interface Options {
   work: string;
   quick: boolean;
   groups: GroupName[];
+  /** The live-backup rows (bench/live.ts): with all groups, or `--only live`. */
+  live: boolean;
   clean: boolean;
 }
 
@@ -1045,15 +1049,16 @@ function parseOptions(args: string[]): Options | "help" {
   const runs = Number(values.runs);
   if (!Number.isInteger(runs) || runs < 1) throw new TypeError(`--runs: not a positive integer`);
   const only = values.only;
-  if (only !== undefined && !(GROUPS as readonly string[]).includes(only)) {
-    throw new TypeError(`--only: '${only}' is not one of ${GROUPS.join(", ")}`);
+  if (only !== undefined && only !== "live" && !(GROUPS as readonly string[]).includes(only)) {
+    throw new TypeError(`--only: '${only}' is not one of ${GROUPS.join(", ")}, live`);
   }
   return {
     cli: resolve(values.cli),
     runs,
     work: resolve(values.work),
     quick: values.quick,
-    groups: only === undefined ? [...GROUPS] : [only as GroupName],
+    groups: only === undefined ? [...GROUPS] : only === "live" ? [] : [only as GroupName],
+    live: only === undefined || only === "live",
     clean: values.clean,
   };
 }
@@ -1082,7 +1087,7 @@ async function main(args: string[]): Promise<number> {
   const byGroup = inputs(options.work);
   const needed = options.groups.map((name) => byGroup[name]);
   if (options.groups.includes("holes")) needed.push(holesInput(options.work, 8));
-  await prepareInputs(options.work, needed, byGroup.dense);
+  if (needed.length > 0) await prepareInputs(options.work, needed, byGroup.dense);
   await run(cli("--version")); // fills Deno's module cache, untimed
 
   const results: MeasurementResult[] = [];
@@ -1095,7 +1100,14 @@ async function main(args: string[]): Promise<number> {
     checks.push(...group.checks);
   }
   const rss = rssTarget(results);
-  const table = markdown(results, [...ratios, rss], checks, byGroup);
+  let live: LiveBenchResult | undefined;
+  if (options.live && QEMU) live = await liveBench({ cli: cliPath, work: options.work });
+  if (options.live && !QEMU) log("[live] skipped: QEMU is not installed (qemu-system-x86)");
+  const disks = results.length > 0
+    ? markdown(results, [...ratios, rss], checks, byGroup)
+    : undefined;
+  const table = [disks, live?.markdown]
+    .filter((part) => part !== undefined).join("\n\n");
   console.log(["", ...heading(startedAt, env, options), "", table, ""].join("\n"));
 
   const report = {
@@ -1109,12 +1121,13 @@ async function main(args: string[]): Promise<number> {
     measurements: results,
     ratios: [...ratios, rss],
     checks,
+    ...(live && { live: { setup: live.setup, rows: live.rows, rssMet: live.rssMet } }),
     markdown: table,
   };
   await writeResults(report, `${startedAt.toISOString().slice(0, 10)}-${env.hostname}.json`);
 
   const failed = results.some((result) => result.errors.length > 0) ||
-    checks.some((check) => !check.ok);
+    checks.some((check) => !check.ok) || (live?.failed ?? false);
   return failed ? 1 : 0;
 }
 

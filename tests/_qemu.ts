@@ -109,6 +109,12 @@ export interface TestVm {
    * a discarded cluster may hold zeros or what it held before the discard.
    */
   difference(id: string, bytes: Uint8Array): number;
+  /**
+   * Any qemu-io command on disk `id`'s guest device, for example `aio_write -P 7 0 64k`
+   * (which returns at once; its result line comes on {@linkcode TestVm.output}). Not
+   * applied to the model.
+   */
+  io(id: string, command: string): Promise<GuestIo>;
   /** Node names of the block graph, sorted. */
   nodes(): Promise<string[]>;
   /** The VM's run state (for example "running"). */
@@ -336,6 +342,7 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
       content.fill(0, offset, offset + length);
       return result;
     },
+    io,
     difference(id, bytes) {
       const expected = model.get(id)!;
       if (bytes.byteLength !== expected.byteLength) {

@@ -287,3 +287,61 @@ qemuTest("examples/live_backup.ts backs up a running VM in a few lines", async (
     }
   });
 });
+
+qemuTest(
+  "cli backup --qmp --mode pull: a snapshot broken by a copy that timed out says so in one line",
+  async () => {
+    // Proxmox's graph: a throttle filter over the disk. Throttling its reads makes QEMU's
+    // copy of a cluster the guest overwrites take longer than --cbw-timeout 1.
+    const size = 64 * MiB;
+    const vm = await startVm([
+      { id: "scsi0", bus: "scsi", throttle: true, size, data: diskContent(size, 6) },
+    ]);
+    try {
+      const before = await vm.nodes();
+      const child = spawnCli(
+        [
+          "backup",
+          "--qmp",
+          vm.toolQmp,
+          "--mode",
+          "pull",
+          "--cbw-timeout",
+          "1",
+          "-o",
+          "-",
+          "--compress",
+          "none",
+        ],
+        { permissions: PERMISSIONS },
+      );
+      await child.stdin.close();
+      const stderr = new Response(child.stderr).text();
+      const stdout = child.stdout.getReader();
+      for (let got = 0; got < MiB;) got += (await stdout.read()).value?.byteLength ?? MiB;
+      await sleep(1000); // the reader waits for the pipe: no read of the snapshot in flight
+      const limits = (value: number) =>
+        vm.qmp.execute("qom-set", {
+          path: "/objects/throttle-drive-scsi0",
+          property: "limits",
+          value: { "bps-read": value },
+        });
+      await limits(16 * 1024);
+      await vm.io("scsi0", "read 40M 64k"); // passes, and fills the bucket for 4 s
+      await vm.write("scsi0", 48 * MiB, 65536, 0x99); // its copy waits; after 1 s it goes on
+      await limits(0);
+      for (;;) if ((await stdout.read()).done) break;
+      const { code } = await child.status;
+      const messages = await stderr;
+      assert.equal(code, 1, messages);
+      const lines = messages.trim().split("\n").filter((line) => line.startsWith("error:"));
+      assert.equal(lines.length, 1, messages);
+      assert.match(lines[0]!, /^error: The snapshot broke: QEMU could not copy the old data/);
+      assert.match(lines[0]!, /within 1 s \(--cbw-timeout\)/);
+      assert.match(lines[0]!, /the VM was not affected: its writes went through and it is running/);
+      await assertVmUntouched(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  },
+);

@@ -73,6 +73,8 @@ export interface DiskSpec {
 export interface VmOptions {
   /** Run the virtio-scsi controller in an iothread, as Proxmox does with `iothread=1`. */
   iothread?: boolean;
+  /** More QEMU arguments, for example drives that are not part of the model. */
+  extraArgs?: string[];
 }
 
 /** The result of one HMP qemu-io command. */
@@ -248,6 +250,7 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
     model.set(disk.id, content);
     args.push(...diskArgs(disk, image, format));
   }
+  args.push(...options.extraArgs ?? []);
   const process = new Deno.Command("qemu-system-x86_64", { args, stdout: "piped", stderr: "piped" })
     .spawn();
   let printed = "";

@@ -250,6 +250,64 @@ qemuTest("cli backup --qmp with a bad flag fails before it touches the VM", asyn
   });
 });
 
+qemuTest("cli backup --qmp: too many drives or configs fail before the VM is touched", async () => {
+  // 255 drives: one more than an archive holds (null-co drives cost nothing).
+  const extraArgs = Array.from(
+    { length: 254 },
+    (_, i) => ["-drive", `if=none,id=null${i},driver=null-co,size=1M`],
+  ).flat();
+  const vm = await startVm(disks(16 * MiB), { extraArgs });
+  await withTempDir(async (dir) => {
+    try {
+      const before = await vm.nodes();
+      const out = `${dir}/vm.vma`;
+      const many = await cli(["backup", "--qmp", vm.toolQmp, "-o", out], {
+        permissions: PERMISSIONS,
+      });
+      assert.equal(many.code, 1, many.stderr);
+      assert.match(
+        many.stderr,
+        /^error: Cannot back up the VM \(nothing was changed\): It has 255 drives, but a VMA archive holds at most 254/,
+      );
+      // Nine configs of 64 KiB: the header would pass its 512 KiB.
+      const configs: string[] = [];
+      for (let i = 0; i < 9; i++) {
+        await Deno.writeFile(`${dir}/${i}.conf`, new Uint8Array(65535).fill(0x61));
+        configs.push("--config", `${dir}/${i}.conf`);
+      }
+      const big = await cli(
+        [
+          "backup",
+          "--qmp",
+          vm.toolQmp,
+          "--drive",
+          "scsi0",
+          "--mode",
+          "pull",
+          ...configs,
+          "-o",
+          out,
+        ],
+        { permissions: PERMISSIONS },
+      );
+      assert.equal(big.code, 1, big.stderr);
+      assert.match(
+        big.stderr,
+        /nothing was changed.*VMA header: Its size \d+ exceeds 524288 bytes/,
+      );
+      assert.ok(!(await exists(out)) && !(await exists(`${out}.partial`)));
+      // Pull mode pauses the VM for its snapshot point: it never got that far.
+      await assert.rejects(
+        vm.qmp.waitForEvent((event) => event.event === "STOP", { timeoutMs: 1 }),
+        Deno.errors.TimedOut,
+      );
+      await assertVmUntouched(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+});
+
 async function exists(path: string): Promise<boolean> {
   return await Deno.lstat(path).then(() => true, () => false);
 }
@@ -339,6 +397,14 @@ qemuTest(
       assert.match(lines[0]!, /^error: The snapshot broke: QEMU could not copy the old data/);
       assert.match(lines[0]!, /within 1 s \(--cbw-timeout\)/);
       assert.match(lines[0]!, /the VM was not affected: its writes went through and it is running/);
+      // By default the fleece images go to a new directory in /var/tmp (on disk), named,
+      // and removed afterwards.
+      const fleeceDir = messages.match(
+        /note: the fleece images .* go to (\/var\/tmp\/vmabackup-fleece-\w+),/,
+      )
+        ?.[1];
+      assert.ok(fleeceDir !== undefined, messages);
+      assert.equal(await exists(fleeceDir), false, `${fleeceDir} is removed`);
       await assertVmUntouched(vm, before);
     } finally {
       await vm.stop().catch(() => {});

@@ -9,7 +9,14 @@ import type { LiveBackup } from "../lib/live/session.ts";
 import { startPushBackup } from "../lib/live/push_backup.ts";
 import { QmpClient } from "../lib/protocols/qmp_client.ts";
 import { type VmaRecord, VmaWriterStream, ZeroFilterStream } from "../mod.ts";
-import { diskContent, firstDifference, qemuTest, startVm, type TestVm } from "./_qemu.ts";
+import {
+  diskContent,
+  type DiskSpec,
+  firstDifference,
+  qemuTest,
+  startVm,
+  type TestVm,
+} from "./_qemu.ts";
 import { restoreInMemory } from "./_utils.ts";
 
 const MiB = 2 ** 20;
@@ -39,7 +46,13 @@ function vmDisks() {
  * every third request a write-zeroes (`write -z`, half of them with unmap) or a discard of a
  * 64 KiB cluster that held data before (what fstrim, BLKZEROOUT and discards produce).
  */
-async function guestWrites(vm: TestVm, count: number, seed: number, during?: () => boolean) {
+async function guestWrites(
+  vm: TestVm,
+  count: number,
+  seed: number,
+  during?: () => boolean,
+  ids = ["vda", "vda", "vdb"],
+) {
   let state = seed;
   const random = (n: number) => {
     state = (state * 1103515245 + 12345) & 0x7fffffff;
@@ -47,12 +60,14 @@ async function guestWrites(vm: TestVm, count: number, seed: number, during?: () 
   };
   let whileRunning = 0;
   for (let i = 0; i < count; i++) {
-    const id = random(3) === 0 ? "vdb" : "vda";
+    const id = ids[random(ids.length)]!;
     const size = vm.model.get(id)!.byteLength;
     if (during?.()) whileRunning++;
     if (i % 3 === 2) {
       // diskContent puts data in the first MiB of every 4 MiB: hit a cluster there.
-      const offset = random(Math.floor(size / (4 * MiB))) * 4 * MiB + random(16) * 65536;
+      const slots = Math.min(16, Math.floor(size / 65536));
+      const offset = random(Math.max(1, Math.floor(size / (4 * MiB)))) * 4 * MiB +
+        random(slots) * 65536;
       const kind = random(3);
       if (kind === 0) await vm.discard(id, offset, 65536);
       else await vm.writeZeroes(id, offset, 65536, kind === 1);
@@ -233,6 +248,73 @@ qemuTest(
     }
   },
 );
+
+/** VMs with the devices and graphs qemu-server gives them, both with an iothread. */
+const PROXMOX_VMS = {
+  // qemu-server 8: -drive if=none,id=drive-scsi0 (nodes named #blockNNN by QEMU), scsi-hd on
+  // virtio-scsi, the EFI vars as -drive if=pflash,unit=1,id=drive-efidisk0.
+  "-drive": (size: number): DiskSpec[] => [
+    { id: "scsi0", bus: "scsi", attach: "drive", size, data: diskContent(size, 21) },
+    { id: "efidisk0", bus: "pflash", attach: "drive", format: "raw", size: EFI_VARS_SIZE },
+  ],
+  // qemu-server 9: -blockdev graphs with a throttle filter named drive-<id> on top of format
+  // and file nodes named #blockNNN, the EFI vars flash as -machine pflash1=drive-efidisk0.
+  "-blockdev with throttle filters": (size: number): DiskSpec[] => [
+    { id: "scsi0", bus: "scsi", throttle: true, size, data: diskContent(size, 22) },
+    { id: "efidisk0", bus: "pflash", throttle: true, format: "raw", size: EFI_VARS_SIZE },
+  ],
+};
+/** Proxmox's 4 MiB OVMF variable store: 528 KiB, not a multiple of 64 KiB. */
+const EFI_VARS_SIZE = 540672;
+
+for (const [style, vmDisks] of Object.entries(PROXMOX_VMS)) {
+  for (const mode of ["push", "pull"] as const) {
+    qemuTest(`live ${mode} backup of a VM started as Proxmox does (${style})`, async () => {
+      const disks = vmDisks(32 * MiB);
+      const vm = await startVm(disks, { iothread: true });
+      let backup: LiveBackup | undefined;
+      try {
+        const before = await vm.nodes();
+        assert.ok(before.some((node) => node.startsWith("#block")), before.join(" "));
+        await vm.write("efidisk0", 4096, 8192, 0x0e);
+        const snapshot = new Map(
+          [...vm.model].map(([id, bytes]) => [`drive-${id}`, bytes.slice()]),
+        );
+        using qmp = await QmpClient.connect(vm.toolQmp);
+        backup = await start(mode, vm, qmp);
+        assert.deepEqual(backup.drives.map((drive) => drive.name).sort(), [
+          "drive-efidisk0",
+          "drive-scsi0",
+        ]);
+        let running = true;
+        const ids = ["scsi0", "scsi0", "efidisk0"];
+        const writes = backup.snapshot.then(() => guestWrites(vm, 150, 13, () => running, ids));
+        writes.catch(() => {});
+        const archive = await new Response(
+          backup.records.pipeThrough(slowTarget()).pipeThrough(new ZeroFilterStream())
+            .pipeThrough(new VmaWriterStream()),
+        ).bytes();
+        await backup.finished;
+        running = false;
+        assert.ok(await writes >= 20, "guest writes landed during the backup");
+        const restored = await restoreInMemory(archive);
+        assert.deepEqual([...restored.keys()].sort(), [...snapshot.keys()].sort());
+        for (const [name, expected] of snapshot) {
+          assert.equal(firstDifference(restored.get(name)!, expected), -1, `${name}`);
+        }
+        assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
+        assert.equal(await vm.status(), "running");
+        const contents = await vm.stop();
+        for (const [id, bytes] of contents) {
+          assert.equal(vm.difference(id, bytes), -1, `every guest write landed on ${id}`);
+        }
+      } finally {
+        await backup?.abort().catch(() => {});
+        await vm.stop().catch(() => {});
+      }
+    });
+  }
+}
 
 /** A slow archive target: 4 ms per data cluster, so guest writes land during the backup. */
 function slowTarget() {

@@ -249,7 +249,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
     throw error;
   }
 
-  const sources = nodes.map((node, index) =>
+  const readers = nodes.map((node, index) =>
     snapshotSource({
       name: node.drive.name,
       devId: index + 1,
@@ -258,7 +258,13 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       trimAfterRead: options.discardRead ?? false,
     })
   );
-  const combined = combineRecordStreams(sources).getReader();
+  /** Connections QEMU must drop before we close them (see SnapshotReader.close). */
+  const probes: NbdClient[] = [];
+  const closeConnections = async () => {
+    await Promise.all(readers.map((reader) => reader.close()));
+    await Promise.all(probes.splice(0).map((client) => client.close().catch(() => {})));
+  };
+  const combined = combineRecordStreams(readers.map((reader) => reader.records)).getReader();
   const finished = Promise.withResolvers<void>();
   finished.promise.catch(() => {});
   let done = false;
@@ -272,6 +278,8 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       else finished.reject(failure);
     } catch (error) {
       finished.reject(failure ?? error);
+    } finally {
+      await closeConnections(); // QEMU has dropped them (or could not be asked to)
     }
     return await finished.promise;
   };
@@ -281,6 +289,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       fleeceDir,
       cbwTimeout,
       snapshots: nodes.map((node) => ({ uri: uri(node.exportName), size: node.drive.size })),
+      probes,
     });
 
   const records = new ReadableStream<VmaRecord>({
@@ -355,6 +364,8 @@ interface Diagnosis {
   cbwTimeout: number;
   /** Each drive's snapshot export. */
   snapshots: { uri: string; size: number }[];
+  /** Where the probe's connection goes, to be closed after teardown. */
+  probes: NbdClient[];
 }
 
 /**
@@ -372,7 +383,8 @@ async function diagnoseReadError(error: unknown, diagnosis: Diagnosis): Promise<
   const probe = diagnosis.snapshots.find((snapshot) => error.offset + (2 << 20) < snapshot.size);
   if (probe === undefined) return cause;
   try {
-    await using client = await NbdClient.connect(probe.uri, { timeoutMs: 10_000 });
+    const client = await NbdClient.connect(probe.uri, { timeoutMs: 10_000 });
+    diagnosis.probes.push(client);
     const at = Math.floor((probe.size - 1) / 512) * 512;
     await client.read(at, new Uint8Array(probe.size - at));
     return cause; // the snapshot still answers: some other read error

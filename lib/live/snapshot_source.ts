@@ -45,6 +45,19 @@ const BASE_ALLOCATION = "base:allocation";
 /** Clusters read per pull, across the connections: 1 MiB. */
 const BATCH_CLUSTERS = 16;
 
+/** A drive's snapshot being read: the records, and the connections to close at the end. */
+export interface SnapshotReader {
+  /** `device` record, then the clusters in order (`zeros` records for the holes). */
+  records: ReadableStream<VmaRecord>;
+  /**
+   * Closes the NBD connections. Call it only after QEMU dropped them (`block-export-del`
+   * with `mode: hard`): QEMU 7.2 aborts (`nbd_blockdev_client_closed: Assertion
+   * qemu_in_main_thread()`) when a client leaves an export whose node runs in an iothread,
+   * so the records stream never closes them itself.
+   */
+  close(): Promise<void>;
+}
+
 /**
  * The records of one drive as of the snapshot point, from a `copy-before-write` +
  * `snapshot-access` graph on QEMU 7.2, whose copy-before-write filter answers wrongly for a
@@ -64,13 +77,14 @@ const BATCH_CLUSTERS = 16;
  *   right.
  *
  * Emits a `device` record, then the clusters in order (`zeros` records for the holes). A
- * failed read or status request rejects with a {@linkcode SnapshotReadError}.
+ * failed read or status request rejects with a {@linkcode SnapshotReadError}. The
+ * connections stay open until {@linkcode SnapshotReader.close}.
  *
  * @example Read a drive's snapshot (set up by startPullBackup)
  * ```ts ignore
  * import { snapshotSource } from "./snapshot_source.ts";
  *
- * const records = snapshotSource({
+ * const { records, close } = snapshotSource({
  *   name: "drive-scsi0",
  *   devId: 1,
  *   snapshot: "nbd+unix:///vmabackup-0?socket=/tmp/pull.sock",
@@ -78,7 +92,7 @@ const BATCH_CLUSTERS = 16;
  * });
  * ```
  */
-export function snapshotSource(options: SnapshotSourceOptions): ReadableStream<VmaRecord> {
+export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
   const { name, devId } = options;
   const connect = (uri: string, metaContexts: string[]) =>
     NbdClient.connect(uri, {
@@ -97,8 +111,12 @@ export function snapshotSource(options: SnapshotSourceOptions): ReadableStream<V
   let current: { end: number; zero: boolean } | undefined;
   let upcoming: NbdExtent | undefined;
 
-  const close = async () => {
+  /** Stops reading; the connections stay open for close(). */
+  const stop = async () => {
     await extents?.return(undefined).catch(() => {});
+  };
+  const close = async () => {
+    await stop();
     await Promise.all(clients.splice(0).map((client) => client.close().catch(() => {})));
   };
 
@@ -133,7 +151,7 @@ export function snapshotSource(options: SnapshotSourceOptions): ReadableStream<V
     };
   };
 
-  return new ReadableStream<VmaRecord>({
+  const records = new ReadableStream<VmaRecord>({
     async start(controller) {
       try {
         status = await connect(options.snapshot, [BASE_ALLOCATION]);
@@ -146,7 +164,6 @@ export function snapshotSource(options: SnapshotSourceOptions): ReadableStream<V
           clients.push(readers.at(-1)!);
         }
       } catch (error) {
-        await close();
         throw new SnapshotReadError(0, error);
       }
       size = status.info.size;
@@ -156,7 +173,7 @@ export function snapshotSource(options: SnapshotSourceOptions): ReadableStream<V
     async pull(controller) {
       try {
         if (offset >= size) {
-          await close();
+          await stop();
           controller.close();
           return;
         }
@@ -192,10 +209,11 @@ export function snapshotSource(options: SnapshotSourceOptions): ReadableStream<V
         }
         offset += length;
       } catch (error) {
-        await close();
+        await stop();
         throw error instanceof SnapshotReadError ? error : new SnapshotReadError(offset, error);
       }
     },
-    cancel: close,
+    cancel: stop,
   }, { highWaterMark: 0 });
+  return { records, close };
 }

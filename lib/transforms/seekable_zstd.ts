@@ -34,7 +34,6 @@ export interface SeekableZstdOptions {
   base?: VmaIndexBase;
 }
 
-type Piece = VmaHeaderPiece | VmaExtentPiece;
 type Output = TransformStreamDefaultController<Uint8Array>;
 
 /** What a job covers, for the index once its frames are back. */
@@ -85,7 +84,8 @@ interface JobEntry {
  * assert.deepEqual(file.subarray(-4), Uint8Array.of(0xb1, 0xea, 0x92, 0x8f)); // seekable magic
  * ```
  */
-export class SeekableZstdStream extends TransformStream<Piece, Uint8Array> {
+export class SeekableZstdStream
+  extends TransformStream<VmaHeaderPiece | VmaExtentPiece, Uint8Array> {
   #done: { index?: VmaIndex };
   #table: SeekTableWriter;
 

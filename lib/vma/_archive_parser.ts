@@ -68,6 +68,7 @@ export interface VmaReaderStats {
 
 /** The archive header as it was stored, with its decoded fields. */
 export interface VmaHeaderPiece {
+  /** Discriminator. */
   type: "header";
   /** The header's bytes (`header.headerSize` of them). */
   bytes: Uint8Array;
@@ -81,6 +82,7 @@ export interface VmaHeaderPiece {
  * `releaseChunk` once done (a buffer that is not given back is left to the garbage collector).
  */
 export interface VmaExtentPiece {
+  /** Discriminator. */
   type: "extent";
   /** Byte offset of the extent in the (decompressed) archive. */
   offset: number;

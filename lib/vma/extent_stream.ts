@@ -4,9 +4,9 @@
  *
  * @module
  */
+import type { VmaDeviceRecord } from "./records.ts";
 import {
   ArchiveParser,
-  type ArchiveParserOptions,
   type ParserOutput,
   type VmaExtentPiece,
   type VmaHeaderPiece,
@@ -18,7 +18,7 @@ export type { VmaExtentPiece, VmaExtentSlot, VmaHeaderPiece } from "./_archive_p
 /** Options of {@linkcode VmaExtentStream}. */
 export interface VmaExtentStreamOptions {
   /** Which devices must be complete at the end (default all), as for `VmaReaderStream`. */
-  requireComplete?: ArchiveParserOptions["requireComplete"];
+  requireComplete?: boolean | ((device: VmaDeviceRecord) => boolean);
 }
 
 /**

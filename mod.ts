@@ -104,11 +104,7 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
-export {
-  INDEX_FRAME_MAGIC,
-  type SeekableZstdOptions,
-  SeekableZstdStream,
-} from "./lib/transforms/seekable_zstd.ts";
+export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
 export {
   checkLevel,
   type ZstdCompressOptions,
@@ -183,3 +179,17 @@ export {
   archiveOutput,
   type ArchiveOutputOptions,
 } from "./lib/transforms/archive_output.ts";
+export {
+  type EmbeddedIndex,
+  INDEX_FRAME_MAGIC,
+  readEmbeddedIndex,
+} from "./lib/index/embedded_index.ts";
+export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export {
+  type AllocationExtent,
+  IndexedArchive,
+  type IndexedArchiveOptions,
+  type IndexedArchiveStats,
+  NotSeekableError,
+} from "./lib/access/indexed_archive.ts";
+export { scanPlainArchive } from "./lib/access/scan_plain.ts";

@@ -6,6 +6,7 @@
  * @module
  */
 import { BufferPool, exclusiveChunk } from "../_pool.ts";
+import { INDEX_FRAME_MAGIC } from "../index/embedded_index.ts";
 import { encodeIndex, type VmaIndex, type VmaIndexBase } from "../index/index_format.ts";
 import { IndexBuilder } from "../index/index_builder.ts";
 import { SeekTableWriter } from "../index/seek_table.ts";
@@ -15,8 +16,6 @@ import { FrameEncoder } from "./_frame_encoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
 import { checkLevel } from "./zstd.ts";
 
-/** Magic of the skippable frame that carries the archive index (`0x184D2A50 | 0xB`). */
-export const INDEX_FRAME_MAGIC = 0x184d2a5b;
 /** Seek-table checksum of a frame without content: the low 32 bits of XXH64 of nothing. */
 const EMPTY_CHECKSUM = 0x51d8e999;
 /** Consecutive extents without data share one frame of up to this many bytes. */

@@ -185,8 +185,8 @@ export {
   readEmbeddedIndex,
 } from "./lib/index/embedded_index.ts";
 export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
 export {
-  type AllocationExtent,
   IndexedArchive,
   type IndexedArchiveOptions,
   type IndexedArchiveStats,

@@ -63,6 +63,7 @@ export {
   VmaWriterStream,
 } from "./lib/vma/writer_stream.ts";
 export {
+  type VmaExtentInfo,
   type VmaReaderDeviceStats,
   type VmaReaderOptions,
   type VmaReaderStats,
@@ -193,3 +194,8 @@ export {
   NotSeekableError,
 } from "./lib/access/indexed_archive.ts";
 export { scanPlainArchive } from "./lib/access/scan_plain.ts";
+export {
+  type SeekableDecodeOptions,
+  SeekableZstdDecompressStream,
+} from "./lib/transforms/seekable_zstd_decoder.ts";
+export { IndexChecker } from "./lib/index/index_checker.ts";

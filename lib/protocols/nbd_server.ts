@@ -59,6 +59,7 @@ import {
 } from "./nbd_protocol.ts";
 
 export type { NbdBlockDescriptor, NbdRequest } from "./nbd_protocol.ts";
+export { NbdCmdFlag, NbdErrno, NbdError, NbdStateFlag } from "./nbd_protocol.ts";
 
 // ---------------------------------------------------------------------------------------
 // What an export is
@@ -732,7 +733,11 @@ class Connection {
       transmission = true;
       core.transmissionStarted();
       const how = await this.#transmission();
-      core.log(`connection ${this.id} closed after ${this.#requests} requests (${how})`);
+      core.log(
+        `connection ${this.id} closed after ${this.#requests} request${
+          this.#requests === 1 ? "" : "s"
+        } (${how})`,
+      );
     } catch (error) {
       if (this.#stopping) {
         core.log(`connection ${this.id} closed: the server is closing`);

@@ -509,6 +509,38 @@ Deno.test("NbdServer: close() resolves promptly while a write handler never take
   }
 });
 
+Deno.test("NbdServer: a client that left frees its connection slot even while its handler is stuck", async () => {
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => release = resolve);
+  const handler: NbdExportHandler = {
+    size: MiB,
+    read: async (_offset, length) => {
+      await released;
+      return new Uint8Array(length);
+    },
+  };
+  await withServer({ h: handler }, async (server, lines) => {
+    const first = await RawClient.connect(server);
+    await first.go("h");
+    await first.request(NbdCmd.READ, 0, 4096);
+    first.close();
+    await waitFor(
+      () => lines.some((line) => /^connection 1 closed/.test(line)),
+      "the first to leave",
+    );
+    let left = false;
+    server.disconnected.then(() => left = true);
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    assert.equal(left, false, "not disconnected while the first client's read is pending");
+    const second = await NbdClient.connect(server.uri("h"), { timeoutMs: 2000 });
+    assert.equal(second.info.size, MiB, "the stuck connection does not hold the only slot");
+    release();
+    await second.read(0, new Uint8Array(512));
+    await second.close();
+    await server.disconnected;
+  }, { maxConnections: 1 });
+});
+
 Deno.test("NbdServer: a failing handler answers its errno (EIO by default) and logs one line", async () => {
   const handler: NbdExportHandler = {
     size: MiB,

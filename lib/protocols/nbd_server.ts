@@ -312,6 +312,7 @@ interface ServerCore {
   readonly exports: readonly NamedExport[];
   find(name: string): NamedExport | undefined;
   log(line: string): void;
+  trace(event: NbdTraceEvent): void;
   transmissionStarted(): void;
   transmissionEnded(): void;
 }
@@ -614,7 +615,7 @@ export class NbdServer implements AsyncDisposable {
   }
 
   #core(): ServerCore {
-    const logger = this.#options.logger;
+    const { logger, trace: tracer } = this.#options;
     return {
       options: this.#options,
       stats: this.stats,
@@ -629,6 +630,11 @@ export class NbdServer implements AsyncDisposable {
         try {
           logger?.(line);
         } catch { /* a broken logger must not break the server */ }
+      },
+      trace: (event) => {
+        try {
+          tracer?.(event);
+        } catch { /* nor a broken tracer */ }
       },
       transmissionStarted: () => this.#transmitting++,
       transmissionEnded: () => {
@@ -748,9 +754,10 @@ class Connection {
       this.#abort.abort(new Error("The NBD connection is closed"));
       closeQuietly(this.#conn);
       if (transmission) {
-        // Handlers still running finish (or are abandoned when the server closes) first.
-        await Promise.race([this.#idle(), this.#stopped.promise]).catch(() => {});
-        core.transmissionEnded();
+        // The client has left once its handlers are done too (or the server closes); the
+        // connection itself no longer counts against maxConnections meanwhile.
+        void Promise.race([this.#idle(), this.#stopped.promise]).catch(() => {})
+          .then(() => core.transmissionEnded());
       }
     }
   }
@@ -767,7 +774,7 @@ class Connection {
 
   /** The option haggling; true when the client entered transmission. */
   async #handshake(): Promise<boolean> {
-    const { options, log } = this.#core;
+    const { options } = this.#core;
     await this.#writer.send([
       encodeHandshake(NbdHandshakeFlag.FIXED_NEWSTYLE | NbdHandshakeFlag.NO_ZEROES),
     ]);
@@ -782,7 +789,7 @@ class Connection {
       const header = await this.#reader.bytes(NBD_OPTION_HEADER_SIZE, true);
       if (header === null) return false;
       const { option, length } = decodeOptionHeader(header);
-      options.trace?.({ type: "option", connection: this.id, option });
+      this.#core.trace({ type: "option", connection: this.id, option });
       if (length > MAX_OPTION_LENGTH) {
         if (option === NbdOpt.EXPORT_NAME) {
           throw new Violation(`it sent a ${length}-byte NBD_OPT_EXPORT_NAME`);
@@ -852,7 +859,6 @@ class Connection {
           if (await this.#info(option, data)) return true;
           break;
         default:
-          log(`connection ${this.id}: ${nbdOptionName(option)} is not supported`);
           await this.#optionError(
             option,
             NbdRep.ERR_UNSUP,
@@ -988,7 +994,7 @@ class Connection {
       }
       const request = decodeRequest(header);
       this.#requests++;
-      this.#core.options.trace?.({ type: "request", connection: this.id, request });
+      this.#core.trace({ type: "request", connection: this.id, request });
       if (request.type === NbdCmd.DISC) {
         await Promise.race([this.#idle(), this.#stopped.promise]); // answer everything first
         return "NBD_CMD_DISC";

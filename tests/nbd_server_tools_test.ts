@@ -303,3 +303,37 @@ toolTest("qemu-io writes to a writable export; to a read-only one it is refused"
     assert.ok(lines.some((line) => /export "drive-scsi1" \(1048576 bytes, writable/.test(line)));
   });
 });
+
+toolTest(
+  "nbdcopy reads 4 GiB from the server while its memory stays flat",
+  ["nbdcopy"],
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "nbdmem" });
+    const probe = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        new URL("./fixtures/nbd_serve_probe.ts", import.meta.url).pathname,
+        `${dir}/p.sock`,
+        "4",
+      ],
+      stdin: "piped",
+      stdout: "piped",
+    }).spawn();
+    const lines = probe.stdout.pipeThrough(new TextDecoderStream()).values();
+    try {
+      assert.equal((await lines.next()).value?.trim(), "ready");
+      await run("nbdcopy", ["--request-size=262144", `nbd+unix:///?socket=${dir}/p.sock`, "null:"]);
+      await probe.stdin.close();
+      const result = JSON.parse((await lines.next()).value!);
+      assert.equal(result.stats.bytesRead, 4 * 2 ** 30);
+      assert.ok(result.stats.connections >= 2, "multi-conn");
+      assert.ok(result.peak < 128 * MiB, `peak RSS ${(result.peak / MiB).toFixed(0)} MiB`);
+    } finally {
+      await probe.stdin.close().catch(() => {});
+      await probe.status;
+      await lines.return?.();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);

@@ -95,7 +95,7 @@ export interface NbdBlockStatusContext extends NbdRequestContext {
 
 /**
  * One piece of a read reply: bytes at an absolute offset, or a run that reads as zeroes
- * (sent as `OFFSET_HOLE`, 12 bytes on the wire whatever its length).
+ * (sent as one 32-byte `OFFSET_HOLE` chunk whatever its length).
  */
 export type NbdReadChunk =
   | { readonly type: "data"; readonly offset: number; readonly data: Uint8Array }

@@ -141,11 +141,25 @@ export {
   parseNbdUri,
 } from "./lib/protocols/nbd_client.ts";
 export {
+  type NbdBlockDescriptor,
+  type NbdBlockSizes,
+  type NbdBlockStatusContext,
+  NbdCmdFlag,
+  NbdErrno,
   type NbdExportHandler,
+  type NbdExports,
+  type NbdListenAddress,
+  type NbdReadChunk,
+  type NbdReadResult,
+  type NbdRequest,
+  type NbdRequestContext,
   NbdServer,
   type NbdServerOptions,
   type NbdServerStats,
+  NbdStateFlag,
+  type NbdTraceEvent,
 } from "./lib/protocols/nbd_server.ts";
+export { NbdMemoryExport, type NbdMemoryExportOptions } from "./lib/protocols/nbd_memory_export.ts";
 export {
   QmpClient,
   type QmpConnectOptions,

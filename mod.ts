@@ -210,6 +210,7 @@ export {
 export { scanPlainArchive } from "./lib/access/scan_plain.ts";
 export {
   type SeekableDecodeOptions,
+  type SeekableDecodeStats,
   SeekableZstdDecompressStream,
 } from "./lib/transforms/seekable_zstd_decoder.ts";
 export { IndexChecker } from "./lib/index/index_checker.ts";

@@ -131,6 +131,7 @@ export async function openArchive(
       return found.index.digests.subarray(32 * e, 32 * e + 32);
     },
     describe: (_frame: number, decodedOffset: number) => checker!.describeOffset(decodedOffset),
+    framesDigest: found.index.framesDigest,
   };
   const decompressed = await decompressInput(counted, options.zstd, seekable || undefined);
   const digestData = options.digestData === true && found?.index.digestScope === "vma-data";

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { BufferPool, releaseChunk } from "../_pool.ts";
 import type { SeekTable } from "../index/seek_table.ts";
 import { VmaFormatError } from "../vma/errors.ts";
@@ -26,6 +27,8 @@ export interface SeekableDecodeOptions {
   describe?: (frame: number, decodedOffset: number) => string;
   /** Decoding workers (default one per core). */
   workers?: number;
+  /** SHA-256 (hex) of every frame without an expected digest, in order (the index's). */
+  framesDigest?: string | undefined;
 }
 
 /** Counters of a decode. */
@@ -101,6 +104,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     let fill = 0;
     let cancelled: { reason: unknown } | undefined;
     const inflight: Promise<Uint8Array>[] = [];
+    const framesHash = options.framesDigest === undefined ? undefined : createHash("sha256");
 
     /** Skips skippable frames (the index) and stops at the table. */
     const skipEmpty = () => {
@@ -130,6 +134,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
         }
       }
       const expected = options.expectedDigest?.(f, decodedOffset);
+      if (expected === undefined) framesHash?.update(bytes);
       const output = outputs.acquire();
       const job = { input: bytes, size, digest: expected !== undefined, output: output.bytes };
       const result = decoders.decode(job).then(({ input: back, output: decoded, digest }) => {
@@ -185,6 +190,13 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
             fail(frame, offset, decodedAt, "the file ends inside it (truncated)");
           }
           while (inflight.length > 0) await emitOldest(controller);
+          if (framesHash !== undefined && framesHash.digest("hex") !== options.framesDigest) {
+            throw new VmaFormatError(
+              "bad-frame-checksum",
+              0,
+              "the frames of the archive's headers do not match their SHA-256 in the index",
+            );
+          }
         } finally {
           decoders.stop();
         }

@@ -214,3 +214,4 @@ export {
   SeekableZstdDecompressStream,
 } from "./lib/transforms/seekable_zstd_decoder.ts";
 export { IndexChecker } from "./lib/index/index_checker.ts";
+export { archiveRecords } from "./lib/access/archive_records.ts";

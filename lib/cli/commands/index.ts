@@ -237,7 +237,7 @@ async function sameFile(a: string, b: string): Promise<boolean> {
 
 function notSeekable(name: string, compression: Compression): string {
   const what = compression === "zstd"
-    ? "a zstd stream without a seek table and index"
+    ? "a zstd stream without an embedded index (not seekable)"
     : `${compression}-compressed`;
   return `${name} is ${what}: the index lets verify check every extent, but random access needs 'cli.ts convert ${
     name === "stdin" ? "ARCHIVE" : name

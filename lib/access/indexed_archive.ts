@@ -9,11 +9,15 @@ import { createHash } from "node:crypto";
 import { popcount16 } from "../_bytes.ts";
 import { readEmbeddedIndex } from "../index/embedded_index.ts";
 import { decodeIndex, type VmaIndex, type VmaIndexDevice } from "../index/index_format.ts";
+import { type AllocationExtent, IndexMap } from "../index/index_map.ts";
+
+export type { AllocationExtent } from "../index/index_map.ts";
 import type { SeekTable } from "../index/seek_table.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
 import { FrameDecoderPool } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { decodeExtentHeader } from "../vma/extent_header.ts";
+import { type DecodedVmaHeader, decodeHeader } from "../vma/header.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
@@ -34,16 +38,6 @@ export interface IndexedArchiveOptions {
   readsInFlight?: number | undefined;
   /** Check every extent read against its digest in the index (default true). */
   checkDigests?: boolean | undefined;
-}
-
-/** Part of a disk, and whether it reads as zeros without being stored. */
-export interface AllocationExtent {
-  /** Byte offset in the disk. */
-  offset: number;
-  /** Length in bytes. */
-  length: number;
-  /** True when the range is all zero (its clusters have no data blocks). */
-  zero: boolean;
 }
 
 /** Counters of an open archive. */
@@ -118,18 +112,13 @@ export class IndexedArchive {
   #cached = 0;
   #cache = new Map<number, Promise<DecodedExtent>>();
   #sizes = new Map<number, number>();
-  #slots = 0;
-  /** Per extent: archive offset (one more entry: the end). */
-  #extentOffsets: Float64Array;
-  /** Per extent: archive-wide number of its first used slot (one more entry: the total). */
-  #slotStarts: Float64Array;
+  #map: IndexMap;
   /** Per frame: compressed and decompressed start offsets (one more entry: the ends). */
   #frameStored = new Float64Array(0);
   #frameDecoded = new Float64Array(0);
-  /** Per device: its range of runs in the index. */
-  #runRanges = new Map<number, [number, number]>();
   #reads: { active: number; waiting: (() => void)[]; limit: number };
   #lastExtent = -2;
+  #header: DecodedVmaHeader | undefined;
 
   private constructor(
     reader: RangeReader,
@@ -148,24 +137,7 @@ export class IndexedArchive {
     this.#checkDigests = options.checkDigests ?? true;
     this.#cacheBytes = options.cacheBytes ?? 64 << 20;
     this.#reads = { active: 0, waiting: [], limit: options.readsInFlight ?? 4 };
-    const extents = index.blockCounts.length;
-    this.#extentOffsets = new Float64Array(extents + 1);
-    this.#slotStarts = new Float64Array(extents + 1);
-    let offset = index.headerSize;
-    for (let e = 0; e < extents; e++) {
-      this.#extentOffsets[e] = offset;
-      this.#slotStarts[e] = this.#slots;
-      offset += EXTENT_HEADER_SIZE + index.blockCounts[e]! * BLOCK_SIZE;
-      this.#slots += index.slotCounts[e]!;
-    }
-    this.#extentOffsets[extents] = offset;
-    this.#slotStarts[extents] = this.#slots;
-    const { devIds } = index.runs;
-    for (let r = 0; r < devIds.length; r++) {
-      const range = this.#runRanges.get(devIds[r]!);
-      if (range === undefined) this.#runRanges.set(devIds[r]!, [r, r + 1]);
-      else range[1] = r + 1;
-    }
+    this.#map = new IndexMap(index);
     if (seekTable !== undefined) {
       const frames = seekTable.compressedSizes.length;
       this.#frameStored = new Float64Array(frames + 1);
@@ -237,6 +209,27 @@ export class IndexedArchive {
     return this.index.devices;
   }
 
+  /** The archive header: identity, configs and devices. */
+  get header(): DecodedVmaHeader {
+    return this.#header!;
+  }
+
+  /**
+   * Cluster `cluster` of `devId` as a record would carry it: its mask and its 64 KiB (zeros
+   * where no block is stored), or `null` data for a zero cluster.
+   */
+  async cluster(
+    devId: number,
+    cluster: number,
+  ): Promise<{ mask: number; data: Uint8Array | null }> {
+    const place = this.#map.locate(devId, cluster);
+    if (place === null) return { mask: 0, data: null };
+    const extent = await this.#extent(place.extent);
+    const data = new Uint8Array(CLUSTER_SIZE);
+    copyCluster(extent, place.slot, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name);
+    return { mask: extent.masks[place.slot]!, data };
+  }
+
   /** The device of `name` (exactly, or with the `drive-` prefix added), if there is one. */
   device(name: string): VmaIndexDevice | undefined {
     return this.index.devices.find((device) => device.name === name) ??
@@ -259,7 +252,7 @@ export class IndexedArchive {
     const end = offset + length;
     const reads: Promise<void>[] = [];
     for (let cluster = Math.floor(offset / CLUSTER_SIZE); cluster * CLUSTER_SIZE < end; cluster++) {
-      const place = this.#locate(devId, cluster);
+      const place = this.#map.locate(devId, cluster);
       if (place === null) continue; // a zero cluster: nothing stored, nothing to read
       const from = Math.max(offset, cluster * CLUSTER_SIZE);
       const to = Math.min(end, (cluster + 1) * CLUSTER_SIZE);
@@ -285,22 +278,7 @@ export class IndexedArchive {
 
   /** Which parts of `devId`'s range `offset`..`offset + length` are zero, by the index alone. */
   allocation(devId: number, offset: number, length: number): AllocationExtent[] {
-    const device = this.#deviceOf(devId);
-    const end = Math.min(offset + length, device.size);
-    const result: AllocationExtent[] = [];
-    const { firstClusters, counts, zero } = this.index.runs;
-    const [lo, hi] = this.#runRanges.get(devId) ?? [0, 0];
-    let r = this.#runAt(lo, hi, Math.floor(offset / CLUSTER_SIZE));
-    for (let at = offset; at < end && r < hi; r++) {
-      const runEnd = Math.min(end, (firstClusters[r]! + counts[r]!) * CLUSTER_SIZE);
-      if (runEnd <= at) continue;
-      const isZero = zero[r] === 1;
-      const last = result.at(-1);
-      if (last !== undefined && last.zero === isZero) last.length += runEnd - at;
-      else result.push({ offset: at, length: runEnd - at, zero: isZero });
-      at = runEnd;
-    }
-    return result;
+    return this.#map.allocation(devId, offset, length);
   }
 
   /** Releases the reader and the decoders. */
@@ -314,41 +292,6 @@ export class IndexedArchive {
     const device = this.index.devices.find((candidate) => candidate.devId === devId);
     if (device === undefined) throw new RangeError(`The archive has no device ${devId}`);
     return device;
-  }
-
-  /** The run that holds `cluster`: binary search within the device's runs. */
-  #runAt(lo: number, hi: number, cluster: number): number {
-    const first = this.index.runs.firstClusters;
-    while (hi - lo > 1) {
-      const mid = (lo + hi) >>> 1;
-      if (first[mid]! <= cluster) lo = mid;
-      else hi = mid;
-    }
-    return lo;
-  }
-
-  /** Where a cluster is stored, or `null` for a zero cluster. */
-  #locate(devId: number, cluster: number): { extent: number; slot: number } | null {
-    const [lo, hi] = this.#runRanges.get(devId)!;
-    const r = this.#runAt(lo, hi, cluster);
-    const { firstClusters, counts, slots, zero } = this.index.runs;
-    if (cluster < firstClusters[r]! || cluster >= firstClusters[r]! + counts[r]!) {
-      throw new VmaFormatError(
-        "bad-index",
-        0,
-        `the index does not map cluster ${cluster} of device ${devId}`,
-      );
-    }
-    if (zero[r] === 1) return null;
-    const slot = slots[r]! + cluster - firstClusters[r]!;
-    let e0 = 0;
-    let e1 = this.#slotStarts.length - 1;
-    while (e1 - e0 > 1) {
-      const mid = (e0 + e1) >>> 1;
-      if (this.#slotStarts[mid]! <= slot) e0 = mid;
-      else e1 = mid;
-    }
-    return { extent: e0, slot: slot - this.#slotStarts[e0]! };
   }
 
   /** A decoded extent, from the cache or read now; reads ahead for sequential readers. */
@@ -441,7 +384,7 @@ export class IndexedArchive {
               "bad-frame-checksum",
               this.#frameStored[f]!,
               `zstd frame ${f} of ${this.name}: ${(error as Error).message}${
-                this.#describeExtent(digestOf)
+                this.#map.describe(digestOf)
               }`,
             );
           },
@@ -452,8 +395,8 @@ export class IndexedArchive {
   }
 
   async #readExtent(e: number): Promise<DecodedExtent> {
-    const start = this.#extentOffsets[e]!;
-    const end = this.#extentOffsets[e + 1]!;
+    const start = this.#map.extentOffsets[e]!;
+    const end = this.#map.extentOffsets[e + 1]!;
     const pieces = await this.#archiveBytes(start, end, e);
     this.stats.extentsRead++;
     const joined = pieces.length === 1 ? pieces[0]! : concat(pieces, end - start);
@@ -500,8 +443,8 @@ export class IndexedArchive {
     if (digest.toHex() !== expected.toHex()) {
       throw new VmaFormatError(
         "bad-frame-checksum",
-        this.#extentOffsets[e]!,
-        `extent ${e}${this.#describeExtent(e)}: its data does not match the SHA-256 in the index`,
+        this.#map.extentOffsets[e]!,
+        `extent ${e}${this.#map.describe(e)}: its data does not match the SHA-256 in the index`,
       );
     }
   }
@@ -523,33 +466,6 @@ export class IndexedArchive {
     }
   }
 
-  /** " (drive-scsi0 clusters 58-115)": what an extent holds, for messages. */
-  #describeExtent(e: number | undefined): string {
-    if (e === undefined) return "";
-    const first = this.#slotStarts[e]!;
-    const last = this.#slotStarts[e + 1]! - 1;
-    const { devIds, firstClusters, counts, slots } = this.index.runs;
-    const held = new Map<number, [number, number]>();
-    for (let r = 0; r < counts.length; r++) {
-      const lo = Math.max(first, slots[r]!);
-      const hi = Math.min(last, slots[r]! + counts[r]! - 1);
-      if (lo > hi) continue;
-      const a = firstClusters[r]! + lo - slots[r]!;
-      const b = firstClusters[r]! + hi - slots[r]!;
-      const range = held.get(devIds[r]!);
-      held.set(
-        devIds[r]!,
-        range === undefined ? [a, b] : [Math.min(range[0], a), Math.max(range[1], b)],
-      );
-    }
-    const parts = [...held].map(([devId, [a, b]]) =>
-      `${
-        this.index.devices.find((device) => device.devId === devId)?.name ?? devId
-      } clusters ${a}-${b}`
-    );
-    return parts.length === 0 ? "" : ` (${parts.join(", ")})`;
-  }
-
   #frameAt(position: number): number {
     let lo = 0;
     let hi = this.#frameDecoded.length - 1;
@@ -568,10 +484,8 @@ export class IndexedArchive {
 
   /** The stored header must be the one the index was made for. */
   async #checkHeader(): Promise<void> {
-    const [header] = await this.#archiveBytes(0, this.index.headerSize);
-    const bytes = header!.byteLength >= this.index.headerSize
-      ? header!
-      : concat(await this.#archiveBytes(0, this.index.headerSize), this.index.headerSize);
+    const pieces = await this.#archiveBytes(0, this.index.headerSize);
+    const bytes = pieces.length === 1 ? pieces[0]! : concat(pieces, this.index.headerSize);
     const uuid = bytes.subarray(HeaderOffset.uuid, HeaderOffset.uuid + 16).toHex();
     const md5 = bytes.subarray(HeaderOffset.md5, HeaderOffset.md5 + 16).toHex();
     const want = this.index.uuid.replaceAll("-", "");
@@ -591,6 +505,7 @@ export class IndexedArchive {
         "the index does not match this archive's header (a stale index of an archive with the same UUID)",
       );
     }
+    this.#header = decodeHeader(bytes); // checks its MD5, and gives the configs
   }
 }
 

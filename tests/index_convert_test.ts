@@ -222,6 +222,11 @@ await toolTest("index and convert: archives compressed by the zstd and gzip prog
       assert.equal(done?.done, size, "--progress counts input bytes");
       // The same VMA bytes give the same index, whatever compressed them.
       assert.deepEqual(await Deno.readFile(`${dir}/${name}.idx`), expected, name);
+      // verify finds the sidecar and checks every extent's data against it.
+      const verify = await cli(["verify", `${dir}/${name}`, "--json"]);
+      assert.equal(verify.code, 0, verify.stderr);
+      const checked = JSON.parse(verify.text).checked;
+      assert.deepEqual([checked.level, checked.index?.source], ["sha256", "sidecar"], name);
 
       const out = `${dir}/${name}.seekable.vma.zst`;
       const convert = await cli(["convert", `${dir}/${name}`, out, "--json", "--level", "5"]);
@@ -235,6 +240,10 @@ await toolTest("index and convert: archives compressed by the zstd and gzip prog
       await tool("zstd", ["-q", "-t", out]);
       assert.ok(equalBytes(await tool("zstd", ["-q", "-d", "-c", out]), plain), name);
       await assertRandomAccess(out, disks, { source: "embedded" });
+      const verifyOut = await cli(["verify", out, "--json"]);
+      assert.equal(verifyOut.code, 0, verifyOut.stderr);
+      const outChecked = JSON.parse(verifyOut.text).checked;
+      assert.deepEqual([outChecked.level, outChecked.index?.source], ["sha256", "embedded"]);
     }
     // zstd decoded by the system program gives the same index.
     const program = await cli(

@@ -15,6 +15,7 @@ import type { VmaExtentPiece, VmaHeaderPiece } from "../vma/extent_stream.ts";
 import { EXTENT_HEADER_SIZE, MAX_EXTENT_SIZE } from "../vma/format.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
+import { deliver } from "./_deliver.ts";
 import { checkLevel } from "./zstd.ts";
 
 /** Consecutive extents without data share one frame of up to this many bytes. */
@@ -128,7 +129,7 @@ export class SeekableZstdStream
       for (const extent of extents) {
         builder!.addExtent(extent, extent.blockCount === 0 ? null : digests.shift()!);
       }
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
     const flushBatch = async (controller: Output) => {
       if (batch === null) return;
@@ -192,7 +193,9 @@ export class SeekableZstdStream
             throw new TypeError("Cannot compress the archive: It has no header");
           }
           await flushBatch(controller);
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
           const index = builder.finish({
             digestScope: "zstd-frame",
             framesDigest: framesHash.digest("hex"),
@@ -205,9 +208,7 @@ export class SeekableZstdStream
           view.setUint32(4, payload.byteLength, true);
           frame.set(payload, 8);
           table.add(frame.byteLength, 0, EMPTY_CHECKSUM);
-          controller.enqueue(frame);
-          controller.enqueue(table.encode());
-          done.index = index;
+          if (deliver(controller, frame) && deliver(controller, table.encode())) done.index = index;
         } finally {
           encoder.stop();
         }

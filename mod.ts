@@ -105,7 +105,11 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
-export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
+export {
+  type SeekableZstdOptions,
+  SeekableZstdStream,
+  type StoredExtentPiece,
+} from "./lib/transforms/seekable_zstd.ts";
 export {
   checkLevel,
   type ZstdCompressOptions,

@@ -10,7 +10,13 @@ import { NbdError } from "../protocols/nbd_protocol.ts";
 import type { QmpClient } from "../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../sources/combine.ts";
 import type { VmaRecord } from "../vma/records.ts";
-import { checkArchiveLimits, devicePaths, findDrives, type LiveDrive } from "./drives.ts";
+import {
+  checkArchiveLimits,
+  devicePaths,
+  driveIothread,
+  findDrives,
+  type LiveDrive,
+} from "./drives.ts";
 import { SnapshotReadError, snapshotSource } from "./snapshot_source.ts";
 import {
   type LiveBackup,
@@ -52,7 +58,9 @@ export const DEFAULT_FLEECE_PARENT = "/var/tmp";
  *    each, and block-status zeros taken as zeros only where the fleece image has a hole.
  *
  * The drive count and sizes are checked against the archive's limits (and by
- * `checkDrives`) before anything in the VM changes. Teardown, on success, failure or abort:
+ * `checkDrives`) before anything in the VM changes, and so is a drive QEMU 7.2 cannot take a
+ * filter over (a throttle filter in an iothread: `blockdev-add` aborts QEMU; push mode,
+ * whose backup job inserts its filter itself, works there). Teardown, on success, failure or abort:
  * the exports (waiting for `BLOCK_EXPORT_DELETED`), the NBD server, snapshot-access, the
  * devices back to their drives, the filters, the fleece nodes, and the fleece files. A step
  * that fails does not stop the later ones, and the error names it.
@@ -83,6 +91,12 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
     if (devicePaths(drive).length === 0) {
       throw new Error(
         `Cannot back up drive "${drive.name}" in pull mode: It has no guest device to redirect (use --mode push)`,
+      );
+    }
+    // Seen in 3 to 7 of 8 tries: a blockdev-add over such a graph kills the VM, so refuse.
+    if (drive.driver === "throttle" && await driveIothread(qmp, drive) !== undefined) {
+      throw new Error(
+        `Cannot back up drive "${drive.name}" in pull mode (nothing was changed): It is a throttle filter in an iothread, and QEMU 7.2 aborts when a copy-before-write filter is added to such a graph (use --mode push)`,
       );
     }
   }

@@ -86,28 +86,34 @@ export async function liveBench(options: LiveBenchOptions): Promise<LiveBenchRes
   const size = sizeMiB * MiB;
   const rows: LiveRow[] = [];
   await Deno.mkdir(options.work, { recursive: true });
-  log(`[live] starting a VM with a ${sizeMiB} MiB qcow2 disk of non-zero data`);
-  const vm = await startVm([{ id: "vda", size, format: "qcow2", data: [[0, noise(size)]] }]);
-  try {
-    log("[live] guest writes without a backup");
-    const alone = await guestWrites(vm, size, { rounds: 8 });
-    rows.push({
-      label: "guest writes, no backup",
-      mode: "none",
-      compress: null,
-      peakRssMiB: null,
-      seconds: null,
-      archiveBytes: null,
-      ...summary(alone),
-    });
-    for (const compress of ["none", "zstd"] as const) {
-      for (const mode of ["push", "pull"] as const) {
-        log(`[live] ${mode} backup (${compress}) into a ${sinkMBps} MB/s reader, guest writing`);
-        rows.push(await backupWhileWriting(vm, size, mode, compress, sinkMBps, options));
-      }
+  // Every row gets a new VM with the same disk: the guest's writes change it.
+  const content = noise(size);
+  const withVm = async <T>(use: (vm: TestVm) => Promise<T>): Promise<T> => {
+    const vm = await startVm([{ id: "vda", size, format: "qcow2", data: [[0, content]] }]);
+    try {
+      return await use(vm);
+    } finally {
+      await vm.stop({ readBack: false }).catch(() => {});
     }
-  } finally {
-    await vm.stop().catch(() => {});
+  };
+  log(`[live] guest writes without a backup (a VM with a ${sizeMiB} MiB qcow2 disk)`);
+  const alone = await withVm((vm) => guestWrites(vm, size, { rounds: 8 }));
+  rows.push({
+    label: "guest writes, no backup",
+    mode: "none",
+    compress: null,
+    peakRssMiB: null,
+    seconds: null,
+    archiveBytes: null,
+    ...summary(alone),
+  });
+  for (const compress of ["none", "zstd"] as const) {
+    for (const mode of ["push", "pull"] as const) {
+      log(`[live] ${mode} backup (${compress}) into a ${sinkMBps} MB/s reader, guest writing`);
+      rows.push(
+        await withVm((vm) => backupWhileWriting(vm, size, mode, compress, sinkMBps, options)),
+      );
+    }
   }
   const backups = rows.filter((row) => row.mode !== "none");
   const rssMet = backups.every((row) => row.peakRssMiB !== null && row.peakRssMiB <= RSS_LIMIT_MIB);

@@ -75,6 +75,11 @@ export class RecordQueue<T> {
     }, { highWaterMark: 0 });
   }
 
+  /** Most records queued at once. */
+  get capacity(): number {
+    return this.#capacity;
+  }
+
   /** Whether pushes are refused now (the reader cancelled, or the queue was failed). */
   get stopped(): boolean {
     return this.#stopped !== undefined;

@@ -68,6 +68,13 @@ export {
   type VmaReaderStats,
   VmaReaderStream,
 } from "./lib/vma/reader_stream.ts";
+export {
+  type VmaExtentPiece,
+  type VmaExtentSlot,
+  VmaExtentStream,
+  type VmaExtentStreamOptions,
+  type VmaHeaderPiece,
+} from "./lib/vma/extent_stream.ts";
 export { rawDiskSource, type RawDiskSourceOptions } from "./lib/sources/raw_disk.ts";
 export { type CombineOptions, combineRecordStreams } from "./lib/sources/combine.ts";
 export { ZeroFilterStream } from "./lib/transforms/zero_filter.ts";
@@ -98,6 +105,12 @@ export {
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
 export {
+  INDEX_FRAME_MAGIC,
+  type SeekableZstdOptions,
+  SeekableZstdStream,
+} from "./lib/transforms/seekable_zstd.ts";
+export {
+  checkLevel,
   type ZstdCompressOptions,
   ZstdCompressStream,
   ZstdDecompressStream,
@@ -146,3 +159,27 @@ export { findDrives, type LiveDrive } from "./lib/live/drives.ts";
 export type { LiveBackup, LiveBackupOptions } from "./lib/live/session.ts";
 export { type PushBackupOptions, startPushBackup } from "./lib/live/push_backup.ts";
 export { type PullBackupOptions, startPullBackup } from "./lib/live/pull_backup.ts";
+export {
+  decodeIndex,
+  type DigestScope,
+  encodeIndex,
+  INDEX_TAG,
+  type VmaIndex,
+  type VmaIndexBase,
+  type VmaIndexDevice,
+  type VmaIndexRuns,
+} from "./lib/index/index_format.ts";
+export { IndexBuilder } from "./lib/index/index_builder.ts";
+export { VmaIndexStream } from "./lib/index/vma_index_stream.ts";
+export {
+  decodeSeekTable,
+  type SeekTable,
+  seekTableSize,
+  SeekTableWriter,
+} from "./lib/index/seek_table.ts";
+export { fileRangeReader, type RangeReader } from "./lib/storage/range_reader.ts";
+export {
+  type ArchiveOutput,
+  archiveOutput,
+  type ArchiveOutputOptions,
+} from "./lib/transforms/archive_output.ts";

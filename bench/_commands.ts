@@ -25,15 +25,19 @@ export function engineLabel({ program = false }: Engine): string {
   return program ? " (--zstd program)" : "";
 }
 
-/** `cli.ts backup --disk DISK -o ARCHIVE`; the archive is the output. */
+/**
+ * `cli.ts backup --disk DISK -o ARCHIVE [ARGS...]`; the outputs are the archive and its sidecar
+ * index `ARCHIVE.idx` (written for a `.vma`, and for a `.vma.zst` with `--zstd program`).
+ */
 export function backup(
   ctx: GroupContext,
   disk: string,
   archive: string,
   engine: Engine = {},
+  args: readonly string[] = [],
 ): Command {
-  const args = ["backup", "--disk", disk, "-o", archive, ...QUIET, ...zstdFlag(engine)];
-  return ctx.ours(args, [archive]);
+  const argv = ["backup", "--disk", disk, "-o", archive, ...QUIET, ...zstdFlag(engine), ...args];
+  return ctx.ours(argv, [archive, `${archive}.idx`]);
 }
 
 /** `cli.ts extract ARCHIVE DIR` into a new directory, the output. */

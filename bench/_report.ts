@@ -15,6 +15,8 @@ export interface SideResult {
   seconds: number[];
   /** Peak RSS of each successful run. */
   rssMiB: number[];
+  /** User + system CPU seconds of each successful run: less sensitive to load than wall time. */
+  cpuSeconds: number[];
   bestSeconds: number | null;
   /** 10^6 bytes of the row's input per best second; `null` without `bytes`. */
   mbPerSecond: number | null;
@@ -27,6 +29,8 @@ export interface PairRun {
   ours: number;
   native: number;
   ratio: number;
+  /** The 1-minute load average when the pair started. */
+  load1: number;
   /** Dirty + Writeback KiB in /proc/meminfo at each side's start (other users' writes too). */
   dirtyKiBAtStart: { ours: number | null; native: number | null };
 }
@@ -105,7 +109,7 @@ export interface RssResult {
  * import { markdown, type PairResult } from "./_report.ts";
  *
  * const side = (kind: "ours" | "native", seconds: number[]) => ({
- *   kind, command: kind, seconds, rssMiB: [10], bestSeconds: Math.min(...seconds),
+ *   kind, command: kind, seconds, rssMiB: [10], cpuSeconds: [1], bestSeconds: Math.min(...seconds),
  *   mbPerSecond: null, peakRssMiB: 10,
  * });
  * const row: PairResult = {
@@ -171,8 +175,8 @@ export function markdown(
       `${rss.largest === null ? "—" : rss.largest.peakRssMiB.toFixed(1)} (worst) | ` +
       `≤ ${rss.targetMiB} | ${status(rss.met)} |`,
     "",
-    "| command | side | best s | MB/s | peak RSS MiB | runs s (in pair order) |",
-    "| --- | --- | ---: | ---: | ---: | --- |",
+    "| command | side | best s | MB/s | peak RSS MiB | least CPU s | runs s (in pair order) |",
+    "| --- | --- | ---: | ---: | ---: | ---: | --- |",
   );
   for (const row of pairs) {
     for (const side of [row.ours, row.native]) {
@@ -181,6 +185,7 @@ export function markdown(
           fixed(side.bestSeconds, 2)
         } | ` +
           `${fixed(side.mbPerSecond, 0)} | ${fixed(side.peakRssMiB, 1)} | ` +
+          `${fixed(side.cpuSeconds.length > 0 ? Math.min(...side.cpuSeconds) : null, 2)} | ` +
           `${side.seconds.map((seconds) => seconds.toFixed(2)).join(", ")} |`,
       );
     }

@@ -2,8 +2,8 @@
 /**
  * One timed run of one command, isolated from the runs around it.
  *
- * Wall seconds are taken around the process (`/usr/bin/time -f %M` writes the peak RSS into a
- * file), so ours includes Deno's start-up. Untimed, before the run: leftover outputs are deleted
+ * Wall seconds are taken around the process (`/usr/bin/time -f '%M %U %S'` writes the peak RSS
+ * and the CPU seconds into a file), so ours includes Deno's start-up. Untimed, before the run: leftover outputs are deleted
  * and `sync` runs; after it: `sync` (the run's dirty pages are written back now, not during the
  * next run), the outputs are deleted, and `sync` again (the deletion's journal commit, and with
  * ext4's `discard` the trims of the freed blocks, happen now too). The page cache is not dropped:
@@ -31,6 +31,8 @@ export interface Timed {
   seconds: number;
   /** Peak resident set of the process, GNU time's `%M`. */
   rssMiB: number;
+  /** User + system CPU seconds of the process and its children (`%U` + `%S`). */
+  cpuSeconds: number;
   /** `Dirty` + `Writeback` of /proc/meminfo right before the start (other users' writes too). */
   dirtyKiBAtStart: number | null;
   stdout: string;
@@ -57,7 +59,7 @@ export async function timeRun(
   const start = performance.now();
   // In its own process group, so that an interruption stops all of it (time, sh, the tool).
   const child = new Deno.Command("/usr/bin/time", {
-    args: ["-f", "%M", "-o", timeFile, ...command.argv],
+    args: ["-f", "%M %U %S", "-o", timeFile, ...command.argv],
     cwd: ROOT,
     env: ENV,
     stdin: "null",
@@ -81,11 +83,14 @@ export async function timeRun(
   signal.throwIfAborted();
   await flushAndDelete(command.outputs, signal);
   const timeLines = (await Deno.readTextFile(timeFile).catch(() => "")).trim().split("\n");
-  const rssMiB = round(Number(timeLines.at(-1)) / KiB, 1);
+  const [maxKiB, user, system] = (timeLines.at(-1) ?? "").split(" ").map(Number);
+  const rssMiB = round(Number(maxKiB) / KiB, 1);
+  const cpuSeconds = round(Number(user) + Number(system), 2);
   const decoder = new TextDecoder();
   const timed: Timed = {
     seconds: round(seconds, 3),
     rssMiB,
+    cpuSeconds,
     dirtyKiBAtStart,
     stdout: decoder.decode(output.stdout),
     stderr: decoder.decode(output.stderr),

@@ -277,6 +277,7 @@ class Measurer {
 
   /** Pair `index` of a row: both sides in `pairOrder(index)`; a failure ends the row. */
   async pair(row: PairRow, result: PairResult, index: number): Promise<void> {
+    const load1 = loadAverage()[0]!;
     const timed: Partial<Record<Side, Timed>> = {};
     for (const side of pairOrder(index)) {
       const outcome = await this.time(`${result.id}.${side}`, row[side]);
@@ -293,6 +294,7 @@ class Measurer {
     for (const [side, outcome] of [[result.ours, ours], [result.native, native]] as const) {
       side.seconds.push(outcome.seconds);
       side.rssMiB.push(outcome.rssMiB);
+      side.cpuSeconds.push(outcome.cpuSeconds);
     }
     const ratio = round(speedRatio({ ours: ours.seconds, native: native.seconds }), 3);
     result.pairs.push({
@@ -300,6 +302,7 @@ class Measurer {
       ours: ours.seconds,
       native: native.seconds,
       ratio,
+      load1,
       dirtyKiBAtStart: { ours: ours.dirtyKiBAtStart, native: native.dirtyKiBAtStart },
     });
     log(
@@ -368,6 +371,7 @@ function emptyResult(group: string, row: Row): RowResult {
     command: command.display,
     seconds: [],
     rssMiB: [],
+    cpuSeconds: [],
     bestSeconds: null,
     mbPerSecond: null,
     peakRssMiB: null,

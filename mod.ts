@@ -63,6 +63,7 @@ export {
   VmaWriterStream,
 } from "./lib/vma/writer_stream.ts";
 export {
+  type VmaExtentInfo,
   type VmaReaderDeviceStats,
   type VmaReaderOptions,
   type VmaReaderStats,
@@ -104,11 +105,7 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
-export {
-  INDEX_FRAME_MAGIC,
-  type SeekableZstdOptions,
-  SeekableZstdStream,
-} from "./lib/transforms/seekable_zstd.ts";
+export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
 export {
   checkLevel,
   type ZstdCompressOptions,
@@ -144,11 +141,25 @@ export {
   parseNbdUri,
 } from "./lib/protocols/nbd_client.ts";
 export {
+  type NbdBlockDescriptor,
+  type NbdBlockSizes,
+  type NbdBlockStatusContext,
+  NbdCmdFlag,
+  NbdErrno,
   type NbdExportHandler,
+  type NbdExports,
+  type NbdListenAddress,
+  type NbdReadChunk,
+  type NbdReadResult,
+  type NbdRequest,
+  type NbdRequestContext,
   NbdServer,
   type NbdServerOptions,
   type NbdServerStats,
+  NbdStateFlag,
+  type NbdTraceEvent,
 } from "./lib/protocols/nbd_server.ts";
+export { NbdMemoryExport, type NbdMemoryExportOptions } from "./lib/protocols/nbd_memory_export.ts";
 export {
   QmpClient,
   type QmpConnectOptions,
@@ -183,3 +194,23 @@ export {
   archiveOutput,
   type ArchiveOutputOptions,
 } from "./lib/transforms/archive_output.ts";
+export {
+  type EmbeddedIndex,
+  INDEX_FRAME_MAGIC,
+  readEmbeddedIndex,
+} from "./lib/index/embedded_index.ts";
+export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
+export {
+  IndexedArchive,
+  type IndexedArchiveOptions,
+  type IndexedArchiveStats,
+  NotSeekableError,
+} from "./lib/access/indexed_archive.ts";
+export { scanPlainArchive } from "./lib/access/scan_plain.ts";
+export {
+  type SeekableDecodeOptions,
+  type SeekableDecodeStats,
+  SeekableZstdDecompressStream,
+} from "./lib/transforms/seekable_zstd_decoder.ts";
+export { IndexChecker } from "./lib/index/index_checker.ts";

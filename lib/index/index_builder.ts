@@ -50,7 +50,7 @@ export class IndexBuilder {
   #headerMd5: string;
   #blockCounts = new Growable(Uint16Array);
   #slotCounts = new Growable(Uint8Array);
-  #digests = new Growable(Uint8Array, 32 * 1024);
+  #digests = new Growable(Uint8Array);
   #open: (OpenRun | undefined)[] = [];
   #runDevIds = new Growable(Uint8Array);
   #runFirst = new Growable(Uint32Array);
@@ -71,6 +71,14 @@ export class IndexBuilder {
   /** Extents added so far. */
   get extents(): number {
     return this.#blockCounts.length;
+  }
+
+  /** Bytes of index state held: about 36 per extent, plus 18 per run. */
+  get memoryBytes(): number {
+    return this.#blockCounts.capacityBytes + this.#slotCounts.capacityBytes +
+      this.#digests.capacityBytes + this.#runDevIds.capacityBytes + this.#runFirst.capacityBytes +
+      this.#runCounts.capacityBytes + this.#runSlots.capacityBytes + this.#runZero.capacityBytes +
+      18 * this.#open.length;
   }
 
   /** Archive bytes covered so far (header and extents). */
@@ -107,7 +115,9 @@ export class IndexBuilder {
   }
 
   /** The finished index; call once, after the last extent. */
-  finish(options: { digestScope: DigestScope; base?: VmaIndexBase }): VmaIndex {
+  finish(
+    options: { digestScope: DigestScope; base?: VmaIndexBase; framesDigest?: string },
+  ): VmaIndex {
     this.#open.forEach((run, devId) => run && this.#close(devId, run));
     this.#open = [];
     const header = this.#header;
@@ -120,6 +130,7 @@ export class IndexBuilder {
       devices: header.devices.map(({ devId, name, size }) => ({ devId, name, size })),
       digestScope: options.digestScope,
       ...(options.base && { base: options.base }),
+      ...(options.framesDigest && { framesDigest: options.framesDigest }),
       blockCounts: this.#blockCounts.view().slice(),
       slotCounts: this.#slotCounts.view().slice(),
       digests: this.#digests.view().slice(),

@@ -5,7 +5,9 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { BufferPool, exclusiveChunk } from "../_pool.ts";
+import { EMPTY_CHECKSUM, INDEX_FRAME_MAGIC } from "../index/embedded_index.ts";
 import { encodeIndex, type VmaIndex, type VmaIndexBase } from "../index/index_format.ts";
 import { IndexBuilder } from "../index/index_builder.ts";
 import { SeekTableWriter } from "../index/seek_table.ts";
@@ -15,10 +17,6 @@ import { FrameEncoder } from "./_frame_encoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
 import { checkLevel } from "./zstd.ts";
 
-/** Magic of the skippable frame that carries the archive index (`0x184D2A50 | 0xB`). */
-export const INDEX_FRAME_MAGIC = 0x184d2a5b;
-/** Seek-table checksum of a frame without content: the low 32 bits of XXH64 of nothing. */
-const EMPTY_CHECKSUM = 0x51d8e999;
 /** Consecutive extents without data share one frame of up to this many bytes. */
 const ZERO_BATCH = 64 * 1024;
 
@@ -99,6 +97,7 @@ export class SeekableZstdStream
     });
     const inputs = new BufferPool(MAX_EXTENT_SIZE, { maxFree: encoder.maxInFlight + 1 });
     const table = new SeekTableWriter();
+    const framesHash = createHash("sha256");
     const jobs: JobEntry[] = [];
     let builder: IndexBuilder | undefined;
     let batch: { bytes: Uint8Array<ArrayBuffer>; fill: number; extents: VmaExtentPiece[] } | null =
@@ -122,6 +121,9 @@ export class SeekableZstdStream
       const { chunk, lengths, checksums, digests } = await encoder.shift();
       const { extents, sizes } = jobs.shift()!;
       if (cancelled !== undefined) throw cancelled.reason;
+      // Every frame but a data frame goes into one digest, so each byte has one.
+      const dataFrame = extents.length === 1 && extents[0]!.blockCount > 0;
+      framesHash.update(chunk.subarray(0, dataFrame ? lengths[0] : chunk.byteLength));
       lengths.forEach((length, i) => table.add(length, sizes[i]!, checksums[i]!));
       for (const extent of extents) {
         builder!.addExtent(extent, extent.blockCount === 0 ? null : digests.shift()!);
@@ -193,6 +195,7 @@ export class SeekableZstdStream
           while (encoder.inFlight > 0) await emitOldest(controller);
           const index = builder.finish({
             digestScope: "zstd-frame",
+            framesDigest: framesHash.digest("hex"),
             ...(options.base && { base: options.base }),
           });
           const payload = encodeIndex(index);

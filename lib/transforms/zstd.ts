@@ -189,11 +189,13 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly readable: ReadableStream<Uint8Array>;
   /** The zstd stream goes in here. */
   readonly writable: WritableStream<Uint8Array>;
+  #framing: ZstdFrameSplitter;
 
   /** A decompressor whose decoding runs in a Worker of its own. */
   constructor() {
     const decoder = new ZstdDecoderWorker();
     const framing = new ZstdFrameSplitter();
+    this.#framing = framing;
     let input!: WritableStreamDefaultController;
     let output!: ReadableStreamDefaultController<Uint8Array>;
     /** Stops the worker, and errors both sides, as a TransformStream would. */
@@ -243,5 +245,11 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
         fail(reason);
       },
     }, { highWaterMark: 0 });
+  }
+
+  /** Frames seen so far: how many, how many carry a checksum, how many were skippable. */
+  get stats(): { frames: number; checksummedFrames: number; skippableFrames: number } {
+    const { frames, checksummedFrames, skippableFrames } = this.#framing;
+    return { frames, checksummedFrames, skippableFrames };
   }
 }

@@ -91,6 +91,8 @@ export interface GroupResult {
   error?: string;
   seconds: number;
   loadAverage: { start: number[]; end: number[] };
+  /** The 1-minute load average at the start of each of the group's pairs. */
+  pairLoads: number[];
 }
 
 /** The peak-RSS bound on every timed run of ours. */

@@ -123,7 +123,7 @@ import {
   type SideResult,
   type ValueResult,
 } from "./_report.ts";
-import { meets, pairOrder, type Side, speedRatio, spread } from "./_stats.ts";
+import { median, meets, pairOrder, type Side, speedRatio, spread } from "./_stats.ts";
 import { type Timed, timeRun } from "./_timing.ts";
 import {
   DENO,
@@ -448,6 +448,7 @@ async function runGroup(
     description: group.description,
     seconds: 0,
     loadAverage: { start: loadAverage(), end: [] },
+    pairLoads: [],
   };
   const rows: RowResult[] = [];
   const checks: CheckResult[] = [];
@@ -495,6 +496,9 @@ async function runGroup(
       }
     }
     rows.forEach(summarize);
+    for (const row of rows) {
+      if (row.kind === "pair") result.pairLoads.push(...row.pairs.map((p) => p.load1));
+    }
     for (const check of group.checks?.(ctx, state.value) ?? []) {
       checks.push(await runCheck(group.name, check, signal));
     }
@@ -644,6 +648,7 @@ function heading(
     `at the end ${endLoad.join(" / ")}`,
     "speed ratio: native s ÷ ours s of one pair (ours, native / native, ours alternating); " +
     "MB/s: 10^6 bytes of the input image per best second; RSS: peak resident set (GNU time %M)",
+    ...loadWarning(env.nproc, groups),
     ...groups.flatMap((group) => [
       ...(group.skipped === undefined ? [] : [`group ${group.name} skipped: ${group.skipped}`]),
       ...(group.error === undefined ? [] : [`group ${group.name} **FAILED**: ${group.error}`]),
@@ -780,6 +785,19 @@ async function main(args: string[]): Promise<number> {
     runs.some((run) => run.group.error !== undefined) ||
     checks.some((check) => !check.ok);
   return failed ? 1 : 0;
+}
+
+/** The median 1-minute load at the pairs' starts, when it was above the CPU count. */
+function loadWarning(cpus: number, groups: readonly GroupResult[]): string[] {
+  const loads = groups.flatMap((group) => group.pairLoads);
+  if (loads.length === 0 || !(median(loads) > cpus)) return [];
+  return [
+    `**noisy**: the 1-minute load at the pairs' starts was ${Math.min(...loads)} to ` +
+    `${Math.max(...loads)} (median ${
+      round(median(loads), 2)
+    }) on ${cpus} CPUs: other processes took most ` +
+    "of the machine, so the seconds are inflated and the ratios uncertain",
+  ];
 }
 
 function plural(n: number, word: string): string {

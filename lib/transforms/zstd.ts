@@ -7,6 +7,7 @@
  */
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
+import { deliver } from "./_deliver.ts";
 import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
 import { frameBound } from "./_zstd_workers.ts";
@@ -89,7 +90,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const emitOldest = async (controller: Output) => {
       const { chunk } = await encoder.shift();
       if (cancelled !== undefined) throw cancelled.reason;
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
 
     super({
@@ -104,7 +105,9 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       async flush(controller) {
         try {
           if (frame !== undefined && fill > 0) await sendFrame();
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
         } finally {
           encoder.stop();
         }
@@ -191,9 +194,13 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly writable: WritableStream<Uint8Array>;
   #framing: ZstdFrameSplitter;
 
-  /** A decompressor whose decoding runs in a Worker of its own. */
-  constructor() {
-    const decoder = new ZstdDecoderWorker();
+  /**
+   * A decompressor whose decoding runs in a Worker of its own. `publicApi` decodes through
+   * node:zlib's public streaming API, which the Worker falls back to by itself when the
+   * native handle fails its start-up self-test (set it to test that path).
+   */
+  constructor(options: { publicApi?: boolean } = {}) {
+    const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
     this.#framing = framing;
     let input!: WritableStreamDefaultController;
@@ -211,8 +218,10 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
       },
       async write(chunk) {
         try {
-          framing.push(chunk); // only to check the framing
-          await decoder.write(chunk);
+          // The worker gets the frames' bytes with where each starts (skippable ones left out).
+          for (const segment of framing.push(chunk)) {
+            await decoder.write(segment.bytes, segment.start);
+          }
         } catch (error) {
           throw fail(error);
         }

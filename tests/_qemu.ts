@@ -51,6 +51,11 @@ export interface DiskSpec {
   /** Data written before the VM starts: [offset, bytes]. */
   data?: [number, Uint8Array][];
   /**
+   * An image of `format` to start from, copied (a benchmark's prepared disk); `data` then only
+   * describes its content for the model.
+   */
+  image?: string;
+  /**
    * The guest device: virtio-blk (default), `scsi`: scsi-hd on the VM's virtio-scsi controller
    * (as Proxmox attaches scsiN), `pflash`: the EFI variable store (Proxmox's efidisk0), with a
    * code flash of HLT instructions in front of it so the CPU halts at once.
@@ -250,9 +255,13 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
     const image = `${dir}/${disk.id}.${format}`;
     const content = new Uint8Array(disk.size);
     for (const [offset, bytes] of disk.data ?? []) content.set(bytes, offset);
-    await Deno.writeFile(`${dir}/${disk.id}.init.raw`, content);
-    await convertImage(`${dir}/${disk.id}.init.raw`, format, image);
-    await Deno.remove(`${dir}/${disk.id}.init.raw`);
+    if (disk.image !== undefined) {
+      await Deno.copyFile(disk.image, image);
+    } else {
+      await Deno.writeFile(`${dir}/${disk.id}.init.raw`, content);
+      await convertImage(`${dir}/${disk.id}.init.raw`, format, image);
+      await Deno.remove(`${dir}/${disk.id}.init.raw`);
+    }
     model.set(disk.id, content);
     args.push(...diskArgs(disk, image, format));
   }

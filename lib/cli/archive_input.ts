@@ -10,6 +10,7 @@ import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { openInput } from "./files.ts";
+import type { StorageOptions } from "./s3_files.ts";
 import { tapStream } from "../transforms/tap.ts";
 import type { Progress } from "./progress.ts";
 
@@ -27,7 +28,7 @@ export interface ArchiveInput {
 }
 
 /**
- * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes.
+ * Opens `path` (or `-`, or `s3://BUCKET/KEY`) as a record stream; `progress`, when given, counts input bytes.
  *
  * @example Read a small archive from a file
  * ```ts
@@ -53,9 +54,11 @@ export async function openArchive(
     reader?: VmaReaderOptions;
     progress?: (size: number | undefined) => Progress;
     zstd?: ZstdEngine;
+    /** How to reach S3 storage, for `s3://` archives. */
+    storage?: StorageOptions;
   },
 ): Promise<ArchiveInput> {
-  const input = await openInput(path);
+  const input = await openInput(path, options.storage);
   let read = 0;
   const progress = options.progress?.(input.size);
   const counted = input.readable.pipeThrough(tapStream<Uint8Array>((chunk) => {

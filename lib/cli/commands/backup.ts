@@ -33,6 +33,7 @@ import {
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
 import { openOutput } from "../files.ts";
+import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
 
@@ -51,11 +52,16 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        bare name such as scsi0 gets the drive- prefix. Without NAME: the
                        first free of drive-scsi0, drive-scsi1, ...
   --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
-  -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
+  -o, --output OUT     the archive; '-' writes to stdout; s3://BUCKET/KEY uploads it (a
+                       multipart upload: the key appears only once complete). A file is
+                       written to OUT.partial first
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
   --force              replace an existing OUT
+  --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 8M, more when the
+                       disks need it to stay within 10,000 parts); memory holds 3 parts
+${S3_HELP}
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
@@ -77,7 +83,9 @@ while the VM keeps running and writing):
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
 also need --allow-run=qemu-nbd and --allow-net (qemu-nbd serves them on a private socket);
-NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets)
+NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets).
+An s3:// OUT needs --allow-net=HOST and --allow-env (credentials), and --allow-read of
+~/.aws/credentials for a profile
 
 example: deno run --allow-read --allow-write cli.ts backup \\
            --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
@@ -216,6 +224,8 @@ export interface BackupPlan {
   force: boolean;
   progress: "auto" | "json" | "none";
   json: boolean;
+  /** How to reach S3 storage, for an `s3://` output. */
+  storage?: StorageOptions | undefined;
 }
 
 /**
@@ -245,7 +255,7 @@ export interface BackupPlan {
  * ```
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
-  const output = await openOutput(plan.output, context, { force: plan.force });
+  const output = await openOutput(plan.output, context, { force: plan.force, ...plan.storage });
   let started: BackupSources;
   try {
     started = await plan.start();
@@ -260,6 +270,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     total: totalBytes,
   });
   const sizes = new Map<number, number>();
+  let expected = 0;
   const uuid = crypto.randomUUID();
   const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const startTime = performance.now();
@@ -271,6 +282,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
+          output.expectSize?.(expected += record.size); // sizes S3 parts; all come first
           if (totalBytes === undefined) progress.addTotal(record.size);
         }
         if (record.type !== "cluster" && record.type !== "zeros") return;
@@ -355,6 +367,8 @@ const OPTIONS = {
   "fleece-dir": { type: "string" },
   "discard-read": { type: "boolean" },
   zstd: { type: "string" },
+  "s3-part-size": { type: "string" },
+  ...S3_OPTIONS,
 } as const;
 
 type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"];
@@ -372,6 +386,7 @@ async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start
     force: values.force ?? false,
     progress: progressMode(values.progress),
     json: values.json ?? false,
+    storage: storageOptions(values),
   };
 }
 

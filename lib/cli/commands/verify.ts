@@ -23,6 +23,7 @@ import {
 import { formatBytes, formatRate, writeText } from "../context.ts";
 import { ExitCode } from "../errors.ts";
 import { Progress } from "../progress.ts";
+import { S3_HELP, S3_OPTIONS, storageOptions } from "../s3_files.ts";
 
 const HELP = `Verify a VMA archive: header and extent checksums, magic, version, blob pointers,
 extent UUIDs, block counts against the masks, device ids, duplicate clusters, clusters past a
@@ -30,11 +31,14 @@ device's end, and, unlike Proxmox's 'vma verify', missing clusters (a truncated 
 
 usage: cli.ts verify ARCHIVE|- [--json] [--progress auto|json|none] [--zstd builtin|program]
 
+  ARCHIVE            a .vma, .vma.zst, .vma.gz or .vma.lzo file, s3://BUCKET/KEY, or '-'
   --json             print a JSON report on stdout (also when the archive is bad)
 ${ZSTD_HELP}
+${S3_HELP}
 
 Exit code 0 when the archive is valid and complete, 3 when it is not.
-permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
+permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo); s3:// needs
+--allow-net=HOST --allow-env (and --allow-read of ~/.aws/credentials for a profile)`;
 
 /**
  * `cli.ts verify`: checks every rule of the format, and that no cluster is missing.
@@ -72,11 +76,13 @@ export const verifyCommand: Command = {
       json: { type: "boolean" },
       progress: { type: "string" },
       zstd: { type: "string" },
+      ...S3_OPTIONS,
     });
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("verify", positionals, 1);
     const mode = progressMode(values.progress);
     const zstd = zstdEngine(values.zstd);
+    const storage = storageOptions(values);
     let progress: Progress | undefined;
     const started = performance.now();
     let archive: ArchiveInput | undefined;
@@ -86,6 +92,7 @@ export const verifyCommand: Command = {
     try {
       archive = await openArchive(positionals[0]!, {
         zstd,
+        storage,
         reader: { skipData: true }, // every check, without copying the data out
         progress: (total) => (progress = new Progress(context, { mode, command: "verify", total })),
       });

@@ -428,16 +428,23 @@ export function rgwTest(name: string, fn: (server: RgwServer) => Promise<void>):
         "Ceph RGW is required under CI=true (apt-get install ceph-mon ceph-osd radosgw ceph-common)",
       );
     }
-    await fn(await rgwServer());
+    try {
+      await fn(await rgwServer());
+    } finally {
+      for (const client of clients.splice(0)) client.close();
+    }
   });
 }
+
+/** Clients made during the current test: {@linkcode rgwTest} closes them after it. */
+const clients: S3Client[] = [];
 
 /** A client of the test server (or of `endpoint`, a proxy in front of it), retrying fast. */
 export function testClient(
   server: RgwServer,
   options: S3ClientOptions & { endpoint?: string; secretAccessKey?: string } = {},
 ): S3Client {
-  return new S3Client({
+  const client = new S3Client({
     endpoint: options.endpoint ?? server.endpoint,
     pathStyle: true,
     region: server.region,
@@ -446,6 +453,8 @@ export function testClient(
       secretAccessKey: options.secretAccessKey ?? server.secretAccessKey,
     },
   }, { retry: { initialDelay: 20, maxDelay: 200, ...options.retry } });
+  clients.push(client);
+  return client;
 }
 
 /** Creates a bucket with a fresh name. */

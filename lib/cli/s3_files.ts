@@ -5,7 +5,6 @@
  *
  * @module
  */
-import { S3Client } from "../storage/s3_client.ts";
 import { parseS3Url } from "../storage/s3_config.ts";
 import { s3Source } from "../storage/s3_download.ts";
 import { MIN_PART_SIZE, s3Sink } from "../storage/s3_upload.ts";
@@ -88,11 +87,11 @@ function parseSize(text: string): number {
   return Number(match[1]) * unit;
 }
 
-async function client(storage: StorageOptions): Promise<S3Client> {
-  return await S3Client.create({
+function clientOptions(storage: StorageOptions) {
+  return {
     endpoint: storage.endpoint,
     retry: storage.attempts === undefined ? {} : { attempts: storage.attempts },
-  });
+  };
 }
 
 function location(url: string): void {
@@ -106,7 +105,7 @@ function location(url: string): void {
 /** Opens an S3 object as an archive input (sequential GETs that resume where they drop). */
 export async function openS3Input(url: string, storage: StorageOptions = {}): Promise<Input> {
   location(url);
-  const source = await s3Source(url, { client: await client(storage) });
+  const source = await s3Source(url, clientOptions(storage));
   return { readable: source, size: source.size, name: url };
 }
 
@@ -122,7 +121,7 @@ export async function openS3Output(
 ): Promise<Output> {
   location(url);
   const sink = await s3Sink(url, {
-    client: await client(options),
+    ...clientOptions(options),
     overwrite: options.force,
     completeOnClose: false,
     partSize: options.partSize,

@@ -143,9 +143,19 @@ export interface S3UploadResult {
 export async function s3Sink(url: string, options: S3SinkOptions = {}): Promise<S3Sink> {
   const location = parseS3Url(url);
   const client = options.client ?? await S3Client.create(options);
-  if (!options.overwrite) await refuseExisting(client, location, "check whether it exists");
-  return new S3Sink(client, location, options);
+  try {
+    if (!options.overwrite) await refuseExisting(client, location, "check whether it exists");
+  } catch (error) {
+    if (!options.client) client.close();
+    throw error;
+  }
+  const sink = new S3Sink(client, location, options);
+  if (!options.client) ownClients.add(sink);
+  return sink;
 }
+
+/** Sinks that close their client's connections once done (they created it). */
+const ownClients = new WeakSet<S3Sink>();
 
 /**
  * A WritableStream of bytes into one S3 object. Bytes are copied into part buffers (and the
@@ -362,7 +372,14 @@ export class S3Sink extends WritableStream<Uint8Array> {
       this.#fail(error);
       await this.#abortUpload();
       throw error;
+    } finally {
+      this.#done();
     }
+  }
+
+  /** Releases the connections of a client this sink created. */
+  #done(): void {
+    if (ownClients.has(this)) this.#client.close();
   }
 
   /** A stream that fit in one part: one PUT, which is atomic. */
@@ -476,6 +493,8 @@ export class S3Sink extends WritableStream<Uint8Array> {
         if (this.#createRetried) await this.#abortOrphans(uploadId);
       } catch (error) {
         throw this.#abortFailed(error, uploadId);
+      } finally {
+        this.#done();
       }
     })();
     return this.#aborted;

@@ -253,3 +253,44 @@ rgwTest("s3RangeReader: ranged reads, a bounded number in flight", async (server
     await proxy.close();
   }
 });
+
+rgwTest("examples/s3_backup.ts backs up to S3 and verifies from there", async (server) => {
+  const client = testClient(server);
+  const bucket = await newBucket(client);
+  const dir = await Deno.makeTempDir();
+  try {
+    const disk = new Uint8Array(20 * MiB);
+    disk.set(randomBytes(12 * MiB, 9), 4 * MiB);
+    await Deno.writeFile(`${dir}/disk.raw`, disk);
+    const script = new URL("../examples/s3_backup.ts", import.meta.url).pathname;
+    const url = `s3://${bucket}/example.vma.zst`;
+    const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-read",
+        `--allow-net=${new URL(server.endpoint).host}`,
+        "--allow-env",
+        script,
+        `${dir}/disk.raw`,
+        url,
+      ],
+      env: {
+        NO_COLOR: "1",
+        AWS_ACCESS_KEY_ID: server.accessKeyId,
+        AWS_SECRET_ACCESS_KEY: server.secretAccessKey,
+        AWS_ENDPOINT_URL: server.endpoint,
+      },
+    }).output();
+    const text = new TextDecoder().decode(stdout);
+    assert.equal(code, 0, new TextDecoder().decode(stderr));
+    assert.match(
+      text,
+      new RegExp(`^${url}: \\d+ bytes in 2 part\\(s\\)\nverified: 320 clusters\n$`),
+    );
+    const source = await s3Source(url, { client });
+    assert.deepEqual(source.size, Number(text.match(/: (\d+) bytes/)![1]));
+    await source.cancel();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -13,13 +13,17 @@ import { S3Error } from "./s3_errors.ts";
 
 /** A bucket and a key: `s3://BUCKET/KEY`. */
 export interface S3Location {
+  /** The bucket name. */
   bucket: string;
+  /** The object key, as written (`pve/vzdump-qemu-100.vma.zst`). */
   key: string;
 }
 
 /** Access keys, as AWS issues them. */
 export interface S3Credentials {
+  /** `AWS_ACCESS_KEY_ID`. */
   accessKeyId: string;
+  /** `AWS_SECRET_ACCESS_KEY`. */
   secretAccessKey: string;
   /** For temporary credentials (STS). */
   sessionToken?: string | undefined;
@@ -48,7 +52,9 @@ export interface S3Config {
   endpoint: string;
   /** `ENDPOINT/BUCKET/KEY` (custom endpoints) instead of `BUCKET.HOST/KEY` (AWS). */
   pathStyle: boolean;
+  /** The region requests are signed for. */
   region: string;
+  /** The keys requests are signed with. */
   credentials: S3Credentials;
 }
 

@@ -20,7 +20,9 @@ const STALL_TIMEOUT = 120_000;
 export interface S3ObjectInfo {
   /** `s3://BUCKET/KEY`. */
   url: string;
+  /** Its bucket and key. */
   location: S3Location;
+  /** Its size in bytes. */
   size: number;
   /** The ETag, quoted as S3 sends it. */
   etag: string;

@@ -75,6 +75,7 @@ export class S3Error extends Error {
   /** What went wrong, without the URL, operation and code. */
   readonly detail: string;
 
+  /** An error from its parts; `options.cause` keeps the underlying error. */
   constructor(init: S3ErrorInit, options?: ErrorOptions) {
     const what = init.status === 0 ? init.code : `${init.status} ${init.code}`;
     const where = init.url ? `${init.url}: ` : "";

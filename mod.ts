@@ -70,6 +70,13 @@ export {
   type VmaReaderStats,
   VmaReaderStream,
 } from "./lib/vma/reader_stream.ts";
+export {
+  type VmaExtentPiece,
+  type VmaExtentSlot,
+  VmaExtentStream,
+  type VmaExtentStreamOptions,
+  type VmaHeaderPiece,
+} from "./lib/vma/extent_stream.ts";
 export { rawDiskSource, type RawDiskSourceOptions } from "./lib/sources/raw_disk.ts";
 export { type CombineOptions, combineRecordStreams } from "./lib/sources/combine.ts";
 export { ZeroFilterStream } from "./lib/transforms/zero_filter.ts";
@@ -99,7 +106,9 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
+export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
 export {
+  checkLevel,
   type ZstdCompressOptions,
   ZstdCompressStream,
   ZstdDecompressStream,
@@ -148,7 +157,44 @@ export { findDrives, type LiveDrive } from "./lib/live/drives.ts";
 export type { LiveBackup, LiveBackupOptions } from "./lib/live/session.ts";
 export { type PushBackupOptions, startPushBackup } from "./lib/live/push_backup.ts";
 export { type PullBackupOptions, startPullBackup } from "./lib/live/pull_backup.ts";
+export {
+  decodeIndex,
+  type DigestScope,
+  encodeIndex,
+  INDEX_TAG,
+  type VmaIndex,
+  type VmaIndexBase,
+  type VmaIndexDevice,
+  type VmaIndexRuns,
+} from "./lib/index/index_format.ts";
+export { IndexBuilder } from "./lib/index/index_builder.ts";
+export { VmaIndexStream } from "./lib/index/vma_index_stream.ts";
+export {
+  decodeSeekTable,
+  type SeekTable,
+  seekTableSize,
+  SeekTableWriter,
+} from "./lib/index/seek_table.ts";
 export { fileRangeReader, type RangeReader } from "./lib/storage/range_reader.ts";
+export {
+  type ArchiveOutput,
+  archiveOutput,
+  type ArchiveOutputOptions,
+} from "./lib/transforms/archive_output.ts";
+export {
+  type EmbeddedIndex,
+  INDEX_FRAME_MAGIC,
+  readEmbeddedIndex,
+} from "./lib/index/embedded_index.ts";
+export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
+export {
+  IndexedArchive,
+  type IndexedArchiveOptions,
+  type IndexedArchiveStats,
+  NotSeekableError,
+} from "./lib/access/indexed_archive.ts";
+export { scanPlainArchive } from "./lib/access/scan_plain.ts";
 export {
   formatS3Url,
   isS3Url,

@@ -11,12 +11,13 @@ import { QmpClient } from "../../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../../sources/combine.ts";
 import { imageDiskSource } from "../../sources/image_disk.ts";
 import { nbdDiskSource } from "../../sources/nbd_disk.ts";
+import { archiveOutput } from "../../transforms/archive_output.ts";
 import {
   compressionForPath,
-  compressor,
   type WritableCompression,
   type ZstdEngine,
 } from "../../transforms/compression.ts";
+import { encodeIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
 import { CLUSTER_SIZE, configName } from "../../vma/format.ts";
 import type { VmaRecord } from "../../vma/records.ts";
@@ -58,7 +59,10 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
-  --force              replace an existing OUT
+  --no-index           write no archive index (see "Archive index" in the README)
+  --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
+                       with -o - none unless given). A .vma.zst carries its index inside
+  --force              replace an existing OUT (and its sidecar index)
   --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 8M, more when the
                        disks need it to stay within 10,000 parts); memory holds 3 parts
 ${S3_HELP}
@@ -224,7 +228,11 @@ export interface BackupPlan {
   force: boolean;
   progress: "auto" | "json" | "none";
   json: boolean;
-  /** How to reach S3 storage, for an `s3://` output. */
+  /** Build the archive index (default true): embedded in `.vma.zst`, else a sidecar. */
+  index?: boolean | undefined;
+  /** Where a sidecar index goes (default `OUT.idx`; with `-o -` only when given). */
+  indexPath?: string | undefined;
+  /** How to reach S3 storage, for `s3://` outputs. */
   storage?: StorageOptions | undefined;
 }
 
@@ -255,12 +263,21 @@ export interface BackupPlan {
  * ```
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
-  const output = await openOutput(plan.output, context, { force: plan.force, ...plan.storage });
+  const sidecarPath = plan.index === false || plan.compression === "zstd" && plan.zstd !== "program"
+    ? undefined
+    : plan.indexPath ?? (plan.output === "-" ? undefined : `${plan.output}.idx`);
+  const outputOptions = { force: plan.force, ...plan.storage };
+  const output = await openOutput(plan.output, context, outputOptions);
+  let sidecar: Awaited<ReturnType<typeof openOutput>> | undefined;
   let started: BackupSources;
   try {
+    if (sidecarPath !== undefined) {
+      sidecar = await openOutput(sidecarPath, context, outputOptions);
+    }
     started = await plan.start();
   } catch (error) {
     await output.discard();
+    await sidecar?.discard();
     throw error;
   }
   const { live, disks, totalBytes } = started;
@@ -275,7 +292,17 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
-  const onAbort = () => output.discardSync();
+  const onAbort = () => {
+    output.discardSync();
+    sidecar?.discardSync();
+  };
+  const encoded = archiveOutput({
+    compression: plan.compression,
+    level: plan.level,
+    zstd: plan.zstd,
+    mainThread: !started.servesQemu,
+    index: plan.index !== false,
+  });
   context.signal.addEventListener("abort", onAbort);
   try {
     await combineRecordStreams(started.sources, { configs: plan.configs })
@@ -292,17 +319,18 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       }))
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)
-      .pipeThrough(
-        compressor(plan.compression, plan.level, plan.zstd, {
-          mainThread: !started.servesQemu,
-        }),
-      )
+      .pipeThrough(encoded)
       .pipeTo(output.writable, { signal: context.signal });
     await live?.finished;
+    if (sidecar !== undefined) {
+      await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
+    }
     await output.commit();
+    await sidecar?.commit();
     await progress.finish(true);
   } catch (error) {
     await output.discard();
+    await sidecar?.discard();
     // Whatever failed, QEMU's graph is put back before the command ends.
     await live?.abort(error);
     await progress.finish(false);
@@ -321,6 +349,10 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     output: plan.output,
     uuid,
     compression: plan.compression,
+    index: encoded.indexPlace === "sidecar"
+      ? (sidecarPath === undefined ? "none" : "sidecar")
+      : encoded.indexPlace,
+    ...(sidecarPath !== undefined && { indexPath: sidecarPath }),
     disks: disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
     configs: plan.configs.map((config) => configName(config.name)),
     diskBytes,
@@ -367,6 +399,8 @@ const OPTIONS = {
   "fleece-dir": { type: "string" },
   "discard-read": { type: "boolean" },
   zstd: { type: "string" },
+  "no-index": { type: "boolean" },
+  index: { type: "string" },
   "s3-part-size": { type: "string" },
   ...S3_OPTIONS,
 } as const;
@@ -377,15 +411,26 @@ type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"
 async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start">> {
   if (values.output === undefined) throw new UsageError("backup needs -o OUT (or -o - for stdout)");
   const { compression, level } = parseCompression(values.output, values.compress, values.level);
+  const zstd = zstdEngine(values.zstd);
+  if (values.index !== undefined && values["no-index"]) {
+    throw new UsageError("--index FILE and --no-index cannot be combined");
+  }
+  if (values.index !== undefined && compression === "zstd" && zstd === "builtin") {
+    throw new UsageError(
+      "a .vma.zst carries its index inside; --index FILE is for .vma and .vma.gz archives",
+    );
+  }
   return {
     configs: await readConfigs(values.config ?? []),
     output: values.output,
     compression,
     level,
-    zstd: zstdEngine(values.zstd),
+    zstd,
     force: values.force ?? false,
     progress: progressMode(values.progress),
     json: values.json ?? false,
+    index: !(values["no-index"] ?? false),
+    indexPath: values.index,
     storage: storageOptions(values),
   };
 }

@@ -151,6 +151,8 @@ osd objectstore = memstore
 memstore device bytes = 8589934592
 osd memory target = 939524096
 osd crush update on start = true
+# a starved OSD (a loaded CI machine) would kill itself after 150 s: let it wait instead
+osd op thread suicide timeout = 0
 [client]
 rgw data = ${dir}/rgw
 # reclaim deleted and aborted data within seconds instead of hours (memstore is RAM)

@@ -36,6 +36,8 @@ export interface FaultProxy {
   bytesForwarded(): number;
   /** The most requests that were in progress at once. */
   maxConcurrent(): number;
+  /** Bytes of answers (heads and bodies) passed back to clients. */
+  bytesReturned(): number;
   close(): Promise<void>;
 }
 
@@ -58,6 +60,7 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
   const open = new Set<Deno.Conn>();
   const handlers = new Set<Promise<void>>();
   let forwarded = 0;
+  let returned = 0;
   let active = 0;
   let maxActive = 0;
 
@@ -133,6 +136,7 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
         const count = await server.read(buffer);
         if (count === null) break;
         await writeAll(client, buffer.subarray(0, count));
+        returned += count;
       }
     } finally {
       open.delete(server);
@@ -161,6 +165,7 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
     requests,
     bytesForwarded: () => forwarded,
     maxConcurrent: () => maxActive,
+    bytesReturned: () => returned,
     async close() {
       listener.close();
       for (const conn of open) {

@@ -199,7 +199,7 @@ rgwTest(
       assert.equal(noEnv.code, 5);
       assert.match(noEnv.stderr, /"AWS_ACCESS_KEY_ID" .*--allow-env/);
       // A plain .vma has its index beside it, as KEY.idx.
-    assert.deepEqual((await listKeys(client, bucket)).sort(), ["vm.vma", "vm.vma.idx"]);
+      assert.deepEqual((await listKeys(client, bucket)).sort(), ["vm.vma", "vm.vma.idx"]);
     });
   },
 );

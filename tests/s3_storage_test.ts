@@ -9,7 +9,14 @@ import { S3Error } from "../lib/storage/s3_errors.ts";
 import { MIN_PART_SIZE, s3Sink } from "../lib/storage/s3_upload.ts";
 import { type FaultAction, startFaultProxy } from "./_fault_proxy.ts";
 import { listKeys, newBucket, pendingUploads, rgwTest, testClient } from "./_rgw.ts";
-import { randomBytes, sha256Hex } from "./_utils.ts";
+import { diskClusters, randomBytes, sha256Hex } from "./_utils.ts";
+import {
+  archiveOutput,
+  IndexedArchive,
+  type VmaRecord,
+  VmaWriterStream,
+  ZeroFilterStream,
+} from "../mod.ts";
 
 const MiB = 1 << 20;
 
@@ -294,3 +301,46 @@ rgwTest("examples/s3_backup.ts backs up to S3 and verifies from there", async (s
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+rgwTest(
+  "IndexedArchive over s3RangeReader reads one disk of a .vma.zst with few GET bytes",
+  async (server) => {
+    const direct = testClient(server);
+    const bucket = await newBucket(direct);
+    const url = `s3://${bucket}/two-disks.vma.zst`;
+    const disks = [randomBytes(16 * MiB, 10), randomBytes(MiB, 11)];
+    const records: VmaRecord[] = [
+      ...disks.map((bytes, i) => ({
+        type: "device" as const,
+        devId: i + 1,
+        name: `drive-scsi${i}`,
+        size: bytes.byteLength,
+      })),
+      ...disks.flatMap((bytes, i) => diskClusters(i + 1, bytes)),
+    ];
+    await ReadableStream.from(records)
+      .pipeThrough(new ZeroFilterStream())
+      .pipeThrough(new VmaWriterStream({ reuseBuffers: true }))
+      .pipeThrough(archiveOutput({ compression: "zstd" }))
+      .pipeTo(await s3Sink(url, { client: direct }));
+    const proxy = startFaultProxy(server.endpoint);
+    try {
+      const client = testClient(server, { endpoint: proxy.endpoint });
+      const archive = await IndexedArchive.open(await s3RangeReader(url, { client }));
+      try {
+        const drive = archive.device("scsi1")!;
+        assert.deepEqual(await archive.read(drive.devId, 0, MiB), disks[1]);
+        const stored = (await s3Source(url, { client: direct })).size;
+        // The index, the header and the frames of the small disk: a fraction of the object.
+        assert.ok(
+          proxy.bytesReturned() < stored / 4,
+          `${proxy.bytesReturned()} of ${stored} bytes`,
+        );
+      } finally {
+        archive.close();
+      }
+    } finally {
+      await proxy.close();
+    }
+  },
+);

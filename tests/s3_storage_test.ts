@@ -292,7 +292,7 @@ rgwTest("examples/s3_backup.ts backs up to S3 and verifies from there", async (s
     assert.equal(code, 0, new TextDecoder().decode(stderr));
     assert.match(
       text,
-      new RegExp(`^${url}: \\d+ bytes in 2 part\\(s\\)\nverified: 320 clusters\n$`),
+      new RegExp(`^${url}: \\d+ bytes in 3 part\\(s\\)\nverified: 320 clusters\n$`),
     );
     const source = await s3Source(url, { client });
     assert.deepEqual(source.size, Number(text.match(/: (\d+) bytes/)![1]));

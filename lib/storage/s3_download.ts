@@ -13,6 +13,12 @@ import { isNetworkError, retryDelay, S3Client, type S3ClientOptions } from "./s3
 import { formatS3Url, parseS3Url, type S3Location, type S3Options } from "./s3_config.ts";
 import { S3Error } from "./s3_errors.ts";
 
+/**
+ * Chunks (of up to 1 MiB) read ahead of the consumer, so the network and the stages after
+ * it work at the same time.
+ */
+const READ_AHEAD_CHUNKS = 16;
+
 /** A body that delivers nothing for this long is taken for a dropped connection. */
 const STALL_TIMEOUT = 120_000;
 
@@ -212,7 +218,7 @@ export class S3ByteSource extends ReadableStream<Uint8Array> {
         stop.abort(reason);
         await reader?.cancel(reason).catch(() => {});
       },
-    }, { highWaterMark: 0 });
+    }, { highWaterMark: READ_AHEAD_CHUNKS });
     this.info = info;
   }
 

@@ -19,8 +19,11 @@ export const MIN_PART_SIZE: number = 5 * MiB;
 export const MAX_PART_SIZE: number = 5 * 1024 * MiB;
 /** The most parts one upload may have. */
 export const MAX_PARTS = 10_000;
-/** The part size unless the expected size needs larger ones. */
-export const DEFAULT_PART_SIZE: number = 8 * MiB;
+/**
+ * The part size unless the expected size needs larger ones: S3's minimum, because memory
+ * holds three parts (two sent, one filling) and a 1 GiB backup was no faster with 8 or 16 MiB.
+ */
+export const DEFAULT_PART_SIZE: number = 5 * MiB;
 /** Parts sent at once, by default. */
 export const DEFAULT_QUEUE_SIZE = 2;
 /** Parts of the base size; the last 1,000 grow, for a stream larger than expected. */
@@ -36,13 +39,14 @@ const ABORT_RETRY = { attempts: 16, initialDelay: 250, maxDelay: 5000 };
  * The base part size: `minimum`, or larger (in whole MiB) where the expected size would need
  * more than 9,000 parts of it.
  *
- * @example 8 MiB parts up to about 70 GiB
+ * @example 5 MiB parts up to about 44 GiB
  * ```ts
  * import assert from "node:assert/strict";
  * import { basePartSize } from "./s3_upload.ts";
  *
- * assert.equal(basePartSize(undefined), 8 << 20);
- * assert.equal(basePartSize(32 * 2 ** 30), 8 << 20);
+ * assert.equal(basePartSize(undefined), 5 << 20);
+ * assert.equal(basePartSize(40 * 2 ** 30), 5 << 20);
+ * assert.equal(basePartSize(64 * 2 ** 30), 8 << 20);
  * assert.equal(basePartSize(2 ** 40), 117 << 20); // 1 TiB: 9,000 parts of 117 MiB
  * ```
  */
@@ -81,7 +85,7 @@ export interface S3SinkOptions extends S3Options, S3ClientOptions {
   /** A client to share (its endpoint and credentials win over the other options). */
   client?: S3Client | undefined;
   /**
-   * Base part size in bytes, at least 5 MiB (default 8 MiB, or larger to fit `expectedSize`).
+   * Base part size in bytes, at least 5 MiB (default 5 MiB, or larger to fit `expectedSize`).
    * Parts are buffered in memory: the sink holds up to `queueSize + 1` of them.
    */
   partSize?: number | undefined;

@@ -63,7 +63,7 @@ ${ZSTD_HELP}
   --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
                        with -o - none unless given). A .vma.zst carries its index inside
   --force              replace an existing OUT (and its sidecar index)
-  --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 8M, more when the
+  --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 5M, more when the
                        disks need it to stay within 10,000 parts); memory holds 3 parts
 ${S3_HELP}
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none

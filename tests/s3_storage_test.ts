@@ -5,6 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { s3RangeReader, s3Source } from "../lib/storage/s3_download.ts";
+import { md5 } from "../lib/_bytes.ts";
+import { S3Client } from "../lib/storage/s3_client.ts";
 import { S3Error } from "../lib/storage/s3_errors.ts";
 import { MIN_PART_SIZE, s3Sink } from "../lib/storage/s3_upload.ts";
 import { type FaultAction, startFaultProxy } from "./_fault_proxy.ts";
@@ -344,3 +346,95 @@ rgwTest(
     }
   },
 );
+
+/** An S3 stand-in for answers RGW does not give but AWS may: see the tests below. */
+function fakeS3(handle: (request: Request, url: URL) => Promise<Response> | Response) {
+  const server = Deno.serve({ port: 0, onListen() {} }, (request) => {
+    const url = new URL(request.url);
+    if (request.method === "HEAD" && url.pathname === "/bucket/") return new Response(null);
+    return handle(request, url);
+  });
+  const client = new S3Client({
+    endpoint: `http://127.0.0.1:${server.addr.port}`,
+    pathStyle: true,
+    region: "us-east-1",
+    credentials: { accessKeyId: "AKID", secretAccessKey: "secret" },
+  }, { retry: { initialDelay: 10, maxDelay: 20, attempts: 3 }, timeout: 300 });
+  return {
+    client,
+    async close() {
+      client.close();
+      await server.shutdown();
+    },
+  };
+}
+
+Deno.test("s3Sink: a completion answered with 200 and an error, then lost, still completes", async () => {
+  const parts: Uint8Array[] = [];
+  let completes = 0;
+  let stored: string | undefined;
+  const s3 = fakeS3(async (request, url) => {
+    if (request.method === "HEAD") {
+      return new Response(null, {
+        status: stored ? 200 : 404,
+        headers: stored ? { etag: stored } : {},
+      });
+    }
+    if (request.method === "POST" && url.search === "?uploads") {
+      return new Response(
+        "<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>",
+      );
+    }
+    if (request.method === "PUT") {
+      const body = await request.bytes();
+      parts[Number(url.searchParams.get("partNumber")) - 1] = md5(body);
+      return new Response(null, { headers: { etag: `"${md5(body).toHex()}"` } });
+    }
+    if (request.method === "POST" && ++completes === 1) {
+      return new Response("<Error><Code>InternalError</Code><Message>try again</Message></Error>");
+    }
+    // The second completion went through, but its answer is "lost": the retry finds no upload.
+    const joined = new Uint8Array(parts.length * 16);
+    parts.forEach((digest, i) => joined.set(digest, i * 16));
+    stored = `"${md5(joined).toHex()}-${parts.length}"`;
+    return new Response("<Error><Code>NoSuchUpload</Code></Error>", { status: 404 });
+  });
+  try {
+    const sink = await s3Sink("s3://bucket/vm.vma", { client: s3.client, partSize: MIN_PART_SIZE });
+    await chunked(randomBytes(2 * MIN_PART_SIZE + 5, 12)).pipeTo(sink);
+    assert.deepEqual(await sink.complete(), {
+      url: "s3://bucket/vm.vma",
+      size: 2 * MIN_PART_SIZE + 5,
+      parts: 3,
+    });
+    assert.equal(completes, 2);
+  } finally {
+    await s3.close();
+  }
+});
+
+Deno.test("S3Client: a server that never answers times out, and is retried", async () => {
+  let requests = 0;
+  const s3 = fakeS3(() => {
+    requests++;
+    // An answer only long after the client gave up (the server's shutdown waits for it).
+    return new Promise((resolve) => setTimeout(() => resolve(new Response(null)), 1500));
+  });
+  try {
+    await assert.rejects(
+      s3.client.send({
+        operation: "read",
+        method: "GET",
+        location: { bucket: "bucket", key: "k" },
+      }),
+      {
+        name: "S3Error",
+        code: "TimedOut",
+        message: "s3://bucket/k: read: no answer within 0.3 s after 3 attempts (TimedOut)",
+      },
+    );
+    assert.equal(requests, 3);
+  } finally {
+    await s3.close();
+  }
+});

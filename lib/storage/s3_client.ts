@@ -81,7 +81,10 @@ export interface S3Request {
 export interface S3ClientOptions {
   /** Retries of every request (default {@linkcode DEFAULT_RETRY}). */
   retry?: Partial<RetryPolicy> | undefined;
-  /** ms to wait for the response headers of one attempt before trying again (default 120 s). */
+  /**
+   * ms to wait for the response headers of one attempt before trying again (default 120 s),
+   * plus 1 s per MiB of body, which must be sent first.
+   */
   timeout?: number | undefined;
 }
 
@@ -254,16 +257,18 @@ export class S3Client {
     }
   }
 
-  /** One signed attempt; the timeout covers the wait for the response headers only. */
+  /** One signed attempt; the timeout covers sending the body and the wait for the headers. */
   async #attempt(url: string, request: S3Request): Promise<Response> {
     const signed = await this.#signer.sign(url, {
       method: request.method,
       headers: request.headers ?? {},
     });
     const timeout = new AbortController();
+    const bodyBytes = request.body instanceof Uint8Array ? request.body.byteLength : 0;
+    const limit = this.#timeout + Math.ceil(bodyBytes / (1 << 20)) * 1000;
     const timer = setTimeout(
-      () => timeout.abort(new Deno.errors.TimedOut(`no answer within ${this.#timeout / 1000} s`)),
-      this.#timeout,
+      () => timeout.abort(new Deno.errors.TimedOut(`no answer within ${limit / 1000} s`)),
+      limit,
     );
     const signals = request.signal ? [timeout.signal, request.signal] : [timeout.signal];
     const signal = AbortSignal.any(signals);

@@ -163,10 +163,10 @@ const ownClients = new WeakSet<S3Sink>();
 
 /**
  * A WritableStream of bytes into one S3 object. Bytes are copied into part buffers (and the
- * chunks released, see `releaseChunk`); a full part is sent while the next one fills, with up
- * to `queueSize` parts in flight, so memory stays at about `(queueSize + 1) × partSize` plus
- * the copy `fetch` makes of each part in flight. A stream that fits in one part is stored
- * with one PUT. Every request is retried on 5xx, 429, network errors and timeouts.
+ * chunks released, see `releaseChunk`); a full part is sent, straight from its buffer, while
+ * the next one fills, with up to `queueSize` parts in flight, so memory stays at
+ * `(queueSize + 1) × partSize` (the buffers are reused). A stream that fits in one part is
+ * stored with one PUT. Every request is retried on 5xx, 429, network errors and timeouts.
  *
  * The object appears only when the upload completes. On a failed part, an abort of the
  * stream (a pipe that fails or whose signal fires) or {@linkcode S3Sink.discard}, the

@@ -65,6 +65,7 @@ export {
   VmaWriterStream,
 } from "./lib/vma/writer_stream.ts";
 export {
+  type VmaExtentInfo,
   type VmaReaderDeviceStats,
   type VmaReaderOptions,
   type VmaReaderStats,
@@ -142,11 +143,25 @@ export {
   parseNbdUri,
 } from "./lib/protocols/nbd_client.ts";
 export {
+  type NbdBlockDescriptor,
+  type NbdBlockSizes,
+  type NbdBlockStatusContext,
+  NbdCmdFlag,
+  NbdErrno,
   type NbdExportHandler,
+  type NbdExports,
+  type NbdListenAddress,
+  type NbdReadChunk,
+  type NbdReadResult,
+  type NbdRequest,
+  type NbdRequestContext,
   NbdServer,
   type NbdServerOptions,
   type NbdServerStats,
+  NbdStateFlag,
+  type NbdTraceEvent,
 } from "./lib/protocols/nbd_server.ts";
+export { NbdMemoryExport, type NbdMemoryExportOptions } from "./lib/protocols/nbd_memory_export.ts";
 export {
   QmpClient,
   type QmpConnectOptions,
@@ -195,6 +210,13 @@ export {
   NotSeekableError,
 } from "./lib/access/indexed_archive.ts";
 export { scanPlainArchive } from "./lib/access/scan_plain.ts";
+export {
+  type SeekableDecodeOptions,
+  type SeekableDecodeStats,
+  SeekableZstdDecompressStream,
+} from "./lib/transforms/seekable_zstd_decoder.ts";
+export { IndexChecker } from "./lib/index/index_checker.ts";
+export { archiveRecords } from "./lib/access/archive_records.ts";
 export {
   formatS3Url,
   isS3Url,

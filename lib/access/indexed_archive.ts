@@ -17,6 +17,7 @@ import type { RangeReader } from "../storage/range_reader.ts";
 import { FrameDecoderPool } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { decodeExtentHeader } from "../vma/extent_header.ts";
+import { type DecodedVmaHeader, decodeHeader } from "../vma/header.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
@@ -117,6 +118,7 @@ export class IndexedArchive {
   #frameDecoded = new Float64Array(0);
   #reads: { active: number; waiting: (() => void)[]; limit: number };
   #lastExtent = -2;
+  #header: DecodedVmaHeader | undefined;
 
   private constructor(
     reader: RangeReader,
@@ -205,6 +207,27 @@ export class IndexedArchive {
   /** The archive's devices. */
   get devices(): VmaIndexDevice[] {
     return this.index.devices;
+  }
+
+  /** The archive header: identity, configs and devices. */
+  get header(): DecodedVmaHeader {
+    return this.#header!;
+  }
+
+  /**
+   * Cluster `cluster` of `devId` as a record would carry it: its mask and its 64 KiB (zeros
+   * where no block is stored), or `null` data for a zero cluster.
+   */
+  async cluster(
+    devId: number,
+    cluster: number,
+  ): Promise<{ mask: number; data: Uint8Array | null }> {
+    const place = this.#map.locate(devId, cluster);
+    if (place === null) return { mask: 0, data: null };
+    const extent = await this.#extent(place.extent);
+    const data = new Uint8Array(CLUSTER_SIZE);
+    copyCluster(extent, place.slot, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name);
+    return { mask: extent.masks[place.slot]!, data };
   }
 
   /** The device of `name` (exactly, or with the `drive-` prefix added), if there is one. */
@@ -461,10 +484,8 @@ export class IndexedArchive {
 
   /** The stored header must be the one the index was made for. */
   async #checkHeader(): Promise<void> {
-    const [header] = await this.#archiveBytes(0, this.index.headerSize);
-    const bytes = header!.byteLength >= this.index.headerSize
-      ? header!
-      : concat(await this.#archiveBytes(0, this.index.headerSize), this.index.headerSize);
+    const pieces = await this.#archiveBytes(0, this.index.headerSize);
+    const bytes = pieces.length === 1 ? pieces[0]! : concat(pieces, this.index.headerSize);
     const uuid = bytes.subarray(HeaderOffset.uuid, HeaderOffset.uuid + 16).toHex();
     const md5 = bytes.subarray(HeaderOffset.md5, HeaderOffset.md5 + 16).toHex();
     const want = this.index.uuid.replaceAll("-", "");
@@ -484,6 +505,7 @@ export class IndexedArchive {
         "the index does not match this archive's header (a stale index of an archive with the same UUID)",
       );
     }
+    this.#header = decodeHeader(bytes); // checks its MD5, and gives the configs
   }
 }
 

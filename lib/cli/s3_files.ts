@@ -6,7 +6,8 @@
  * @module
  */
 import { parseS3Url } from "../storage/s3_config.ts";
-import { s3Source } from "../storage/s3_download.ts";
+import { s3RangeReader, s3Source } from "../storage/s3_download.ts";
+import type { RangeReader } from "../storage/range_reader.ts";
 import { MIN_PART_SIZE, s3Sink } from "../storage/s3_upload.ts";
 import type { CliContext } from "./context.ts";
 import { UsageError } from "./errors.ts";
@@ -107,6 +108,21 @@ export async function openS3Input(url: string, storage: StorageOptions = {}): Pr
   location(url);
   const source = await s3Source(url, clientOptions(storage));
   return { readable: source, size: source.size, name: url };
+}
+
+/** Opens an S3 object for random reads (an embedded index at its end). */
+export async function openS3RangeReader(
+  url: string,
+  storage: StorageOptions = {},
+): Promise<RangeReader> {
+  location(url);
+  return await s3RangeReader(url, clientOptions(storage));
+}
+
+/** The whole of a small S3 object (a sidecar index). */
+export async function readS3Object(url: string, storage: StorageOptions = {}): Promise<Uint8Array> {
+  location(url);
+  return await new Response(await s3Source(url, clientOptions(storage))).bytes();
 }
 
 /**

@@ -115,7 +115,9 @@ export class IndexBuilder {
   }
 
   /** The finished index; call once, after the last extent. */
-  finish(options: { digestScope: DigestScope; base?: VmaIndexBase }): VmaIndex {
+  finish(
+    options: { digestScope: DigestScope; base?: VmaIndexBase; framesDigest?: string },
+  ): VmaIndex {
     this.#open.forEach((run, devId) => run && this.#close(devId, run));
     this.#open = [];
     const header = this.#header;
@@ -128,6 +130,7 @@ export class IndexBuilder {
       devices: header.devices.map(({ devId, name, size }) => ({ devId, name, size })),
       digestScope: options.digestScope,
       ...(options.base && { base: options.base }),
+      ...(options.framesDigest && { framesDigest: options.framesDigest }),
       blockCounts: this.#blockCounts.view().slice(),
       slotCounts: this.#slotCounts.view().slice(),
       digests: this.#digests.view().slice(),

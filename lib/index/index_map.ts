@@ -109,22 +109,36 @@ export class IndexMap {
     return lo;
   }
   /**
-   * Where cluster `cluster` of `devId` is stored: its extent and its position among that
-   * extent's used slots; `null` for a zero cluster, which is not stored.
+   * The archive-wide used-slot number of cluster `cluster` of `devId`, and whether the
+   * index says it is a zero cluster. Throws a `VmaFormatError` for a cluster it does not map.
    */
-  locate(devId: number, cluster: number): { extent: number; slot: number } | null {
+  slotOf(devId: number, cluster: number): { slot: number; zero: boolean } {
     const [lo, hi] = this.#runRanges.get(devId) ?? [0, 0];
-    const r = this.#runAt(lo, hi, cluster);
     const { firstClusters, counts, slots, zero } = this.index.runs;
-    if (cluster < firstClusters[r]! || cluster >= firstClusters[r]! + counts[r]!) {
+    const r = lo < hi ? this.#runAt(lo, hi, cluster) : -1;
+    if (r < 0 || cluster < firstClusters[r]! || cluster >= firstClusters[r]! + counts[r]!) {
       throw new VmaFormatError(
         "bad-index",
         0,
         `the index does not map cluster ${cluster} of device ${devId}`,
       );
     }
-    if (zero[r] === 1) return null;
-    const slot = slots[r]! + cluster - firstClusters[r]!;
+    return { slot: slots[r]! + cluster - firstClusters[r]!, zero: zero[r] === 1 };
+  }
+
+  /**
+   * Where cluster `cluster` of `devId` is stored: its extent and its position among that
+   * extent's used slots; `null` for a zero cluster, which is not stored.
+   */
+  locate(devId: number, cluster: number): { extent: number; slot: number } | null {
+    const { slot, zero } = this.slotOf(devId, cluster);
+    if (zero) return null;
+    const extent = this.extentOfSlot(slot);
+    return { extent, slot: slot - this.slotStarts[extent]! };
+  }
+
+  /** The extent that holds archive-wide used slot `slot`. */
+  extentOfSlot(slot: number): number {
     let e0 = 0;
     let e1 = this.slotStarts.length - 1;
     while (e1 - e0 > 1) {
@@ -132,7 +146,20 @@ export class IndexMap {
       if (this.slotStarts[mid]! <= slot) e0 = mid;
       else e1 = mid;
     }
-    return { extent: e0, slot: slot - this.slotStarts[e0]! };
+    return e0;
+  }
+
+  /** The extent whose bytes include archive offset `offset` (-1 inside the header). */
+  extentAt(offset: number): number {
+    if (offset < this.index.headerSize) return -1;
+    let e0 = 0;
+    let e1 = this.extentOffsets.length - 1;
+    while (e1 - e0 > 1) {
+      const mid = (e0 + e1) >>> 1;
+      if (this.extentOffsets[mid]! <= offset) e0 = mid;
+      else e1 = mid;
+    }
+    return e0;
   }
   /** `" (drive-scsi0 clusters 58-115)"`: what extent `e` holds, for messages. */
   describe(e: number | undefined): string {

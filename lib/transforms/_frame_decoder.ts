@@ -22,13 +22,15 @@ export interface DecodeJob {
   size: number;
   /** Also compute the SHA-256 of the compressed frame. */
   digest?: boolean;
+  /** A buffer of at least `size` bytes to decode into (lent, and given back as `output`). */
+  output?: Uint8Array<ArrayBuffer>;
 }
 
 /** A decoded frame. */
 export interface DecodeResult {
   /** The compressed frame, given back. */
   input: Uint8Array<ArrayBuffer>;
-  /** The frame's content, `size` bytes. */
+  /** The frame's content, `size` bytes (at the start of the lent buffer, if one was lent). */
   output: Uint8Array<ArrayBuffer>;
   /** SHA-256 of the compressed frame, when asked for. */
   digest?: Uint8Array;
@@ -151,16 +153,17 @@ import { createHash } from "node:crypto";
 let fallback;
 const decode = (${frameDecoder})(zlib, (why) => (fallback = why));
 self.onmessage = ({ data }) => {
-  const { id, input, size, digest } = data;
+  const { id, input, size, digest, output: lent } = data;
   try {
-    const output = new Uint8Array(size);
+    const output = lent ? new Uint8Array(lent.buffer, 0, size) : new Uint8Array(size);
     decode(input, output);
     const result = { input, output };
     if (digest) result.digest = new Uint8Array(createHash("sha256").update(input).digest());
     self.postMessage({ id, result, fallback }, [input.buffer, output.buffer]);
     fallback = undefined;
   } catch (error) {
-    self.postMessage({ id, error: String(error?.message ?? error), input }, [input.buffer]);
+    const transfer = lent ? [input.buffer, lent.buffer] : [input.buffer];
+    self.postMessage({ id, error: String(error?.message ?? error), input }, transfer);
   }
 };
 `;
@@ -222,7 +225,9 @@ export class FrameDecoderPool {
     if (job.size <= INLINE_SIZE) {
       try {
         this.#here ??= frameDecoder(zlib, this.#onFallback);
-        const output = new Uint8Array(job.size);
+        const output = job.output === undefined
+          ? new Uint8Array(job.size)
+          : new Uint8Array(job.output.buffer, 0, job.size);
         this.#here(job.input, output);
         const result: DecodeResult = { input: job.input, output };
         if (job.digest) {
@@ -238,7 +243,10 @@ export class FrameDecoderPool {
     const pending = Promise.withResolvers<DecodeResult>();
     pending.promise.catch(() => {});
     this.#waiting.set(id, pending);
-    worker.postMessage({ id, ...job }, [job.input.buffer]);
+    const transfer = job.output === undefined
+      ? [job.input.buffer]
+      : [job.input.buffer, job.output.buffer];
+    worker.postMessage({ id, ...job }, transfer);
     return pending.promise;
   }
 

@@ -24,6 +24,17 @@ const INPUTS_IN_FLIGHT = 2;
 /** Output buffers lent to the worker or decoded and not yet read. */
 const OUTPUTS_AHEAD = 3;
 
+/**
+ * Buffers shared by every decoder of this process, so that stream after stream (a
+ * long-running server, a library user) reuses them: a pool per stream left each one's
+ * megabytes to the allocator, about 0.4 MiB of RSS per stream that was never given back.
+ */
+const SHARED_INPUTS = new BufferPool(INPUT_SIZE, { maxFree: 2 * (INPUTS_IN_FLIGHT + 1) });
+const SHARED_OUTPUTS = new BufferPool(OUTPUT_SIZE, {
+  maxFree: 2 * (OUTPUTS_AHEAD + 2),
+  trackChunks: true,
+});
+
 const WORKER_SOURCE = `
 import { createZstdDecompress } from "node:zlib";
 const decoder = createZstdDecompress();
@@ -128,8 +139,8 @@ type Reply =
  */
 export class ZstdDecoderWorker {
   #worker: Worker | undefined;
-  #inputs = new BufferPool(INPUT_SIZE, { maxFree: INPUTS_IN_FLIGHT + 1 });
-  #outputs = new BufferPool(OUTPUT_SIZE, { maxFree: OUTPUTS_AHEAD + 2, trackChunks: true });
+  #inputs = SHARED_INPUTS;
+  #outputs = SHARED_OUTPUTS;
   #inputsInFlight = 0;
   /** An input buffer being filled from small chunks while the worker is busy. */
   #gathering: Uint8Array<ArrayBuffer> | undefined;

@@ -62,7 +62,12 @@ export function archiveOutput(options: ArchiveOutputOptions): ArchiveOutput {
   const { compression, level, zstd = "builtin" } = options;
   if (options.index === false) {
     const pair = compressor(compression, level, zstd, { mainThread: options.mainThread ?? true });
-    return { ...pair, indexPlace: "none", index: () => undefined };
+    return {
+      readable: pair.readable,
+      writable: pair.writable,
+      indexPlace: "none",
+      index: () => undefined,
+    };
   }
   const base = options.base && { base: options.base };
   const pieces = new VmaExtentStream();

@@ -5,8 +5,9 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { BufferPool, exclusiveChunk } from "../_pool.ts";
-import { INDEX_FRAME_MAGIC } from "../index/embedded_index.ts";
+import { EMPTY_CHECKSUM, INDEX_FRAME_MAGIC } from "../index/embedded_index.ts";
 import { encodeIndex, type VmaIndex, type VmaIndexBase } from "../index/index_format.ts";
 import { IndexBuilder } from "../index/index_builder.ts";
 import { SeekTableWriter } from "../index/seek_table.ts";
@@ -14,10 +15,9 @@ import type { VmaExtentPiece, VmaHeaderPiece } from "../vma/extent_stream.ts";
 import { EXTENT_HEADER_SIZE, MAX_EXTENT_SIZE } from "../vma/format.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
+import { deliver } from "./_deliver.ts";
 import { checkLevel } from "./zstd.ts";
 
-/** Seek-table checksum of a frame without content: the low 32 bits of XXH64 of nothing. */
-const EMPTY_CHECKSUM = 0x51d8e999;
 /** Consecutive extents without data share one frame of up to this many bytes. */
 const ZERO_BATCH = 64 * 1024;
 
@@ -98,6 +98,7 @@ export class SeekableZstdStream
     });
     const inputs = new BufferPool(MAX_EXTENT_SIZE, { maxFree: encoder.maxInFlight + 1 });
     const table = new SeekTableWriter();
+    const framesHash = createHash("sha256");
     const jobs: JobEntry[] = [];
     let builder: IndexBuilder | undefined;
     let batch: { bytes: Uint8Array<ArrayBuffer>; fill: number; extents: VmaExtentPiece[] } | null =
@@ -121,11 +122,14 @@ export class SeekableZstdStream
       const { chunk, lengths, checksums, digests } = await encoder.shift();
       const { extents, sizes } = jobs.shift()!;
       if (cancelled !== undefined) throw cancelled.reason;
+      // Every frame but a data frame goes into one digest, so each byte has one.
+      const dataFrame = extents.length === 1 && extents[0]!.blockCount > 0;
+      framesHash.update(chunk.subarray(0, dataFrame ? lengths[0] : chunk.byteLength));
       lengths.forEach((length, i) => table.add(length, sizes[i]!, checksums[i]!));
       for (const extent of extents) {
         builder!.addExtent(extent, extent.blockCount === 0 ? null : digests.shift()!);
       }
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
     const flushBatch = async (controller: Output) => {
       if (batch === null) return;
@@ -189,9 +193,12 @@ export class SeekableZstdStream
             throw new TypeError("Cannot compress the archive: It has no header");
           }
           await flushBatch(controller);
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
           const index = builder.finish({
             digestScope: "zstd-frame",
+            framesDigest: framesHash.digest("hex"),
             ...(options.base && { base: options.base }),
           });
           const payload = encodeIndex(index);
@@ -201,9 +208,7 @@ export class SeekableZstdStream
           view.setUint32(4, payload.byteLength, true);
           frame.set(payload, 8);
           table.add(frame.byteLength, 0, EMPTY_CHECKSUM);
-          controller.enqueue(frame);
-          controller.enqueue(table.encode());
-          done.index = index;
+          if (deliver(controller, frame) && deliver(controller, table.encode())) done.index = index;
         } finally {
           encoder.stop();
         }

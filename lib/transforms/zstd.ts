@@ -7,6 +7,7 @@
  */
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
+import { deliver } from "./_deliver.ts";
 import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
 import { frameBound } from "./_zstd_workers.ts";
@@ -89,7 +90,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const emitOldest = async (controller: Output) => {
       const { chunk } = await encoder.shift();
       if (cancelled !== undefined) throw cancelled.reason;
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
 
     super({
@@ -104,7 +105,9 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       async flush(controller) {
         try {
           if (frame !== undefined && fill > 0) await sendFrame();
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
         } finally {
           encoder.stop();
         }
@@ -189,11 +192,13 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly readable: ReadableStream<Uint8Array>;
   /** The zstd stream goes in here. */
   readonly writable: WritableStream<Uint8Array>;
+  #framing: ZstdFrameSplitter;
 
   /** A decompressor whose decoding runs in a Worker of its own. */
   constructor() {
     const decoder = new ZstdDecoderWorker();
     const framing = new ZstdFrameSplitter();
+    this.#framing = framing;
     let input!: WritableStreamDefaultController;
     let output!: ReadableStreamDefaultController<Uint8Array>;
     /** Stops the worker, and errors both sides, as a TransformStream would. */
@@ -243,5 +248,11 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
         fail(reason);
       },
     }, { highWaterMark: 0 });
+  }
+
+  /** Frames seen so far: how many, how many carry a checksum, how many were skippable. */
+  get stats(): { frames: number; checksummedFrames: number; skippableFrames: number } {
+    const { frames, checksummedFrames, skippableFrames } = this.#framing;
+    return { frames, checksummedFrames, skippableFrames };
   }
 }

@@ -6,6 +6,7 @@
  * @module
  */
 import { ClusterBitmap } from "../_bitmap.ts";
+import { createHash, type Hash } from "node:crypto";
 import { popcount16 } from "../_bytes.ts";
 import { BufferPool, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { detectCompression } from "../_compression_magic.ts";
@@ -17,6 +18,7 @@ import {
   EXTENT_HEADER_SIZE,
   ExtentOffset,
   HEADER_FIXED_SIZE,
+  HeaderOffset,
   MAX_EXTENT_SIZE,
   READER_MAX_HEADER_SIZE,
   SLOTS_PER_EXTENT,
@@ -54,6 +56,10 @@ export interface VmaReaderStats {
   bytes: number;
   /** Header size in bytes (0 until the header was read). */
   headerSize: number;
+  /** The archive UUID ("" until the header was read). */
+  uuid: string;
+  /** The header's MD5 as stored, in hex ("" until the header was read). */
+  headerMd5: string;
   /** Extents read. */
   extents: number;
   /** Cluster slots read. */
@@ -105,6 +111,22 @@ export interface ArchiveParserOptions {
   requireComplete?: boolean | ((device: VmaDeviceRecord) => boolean);
   /** Records mode: check everything but do not copy cluster data out. */
   skipData?: boolean;
+  /** Told of every extent once it passed every check. */
+  onExtent?: ((extent: VmaExtentInfo) => void) | undefined;
+  /** Give `onExtent` the SHA-256 of each extent's data blocks. */
+  digestData?: boolean | undefined;
+}
+
+/** An extent that was read: where it is, what it holds, and the digest of its data. */
+export interface VmaExtentInfo {
+  /** Byte offset of the extent in the (decompressed) archive. */
+  offset: number;
+  /** 4 KiB data blocks after its header. */
+  blockCount: number;
+  /** The used slots, in slot order. */
+  slots: VmaExtentSlot[];
+  /** SHA-256 of its data blocks when asked for (`digestData`), else or without data `null`. */
+  digest: Uint8Array | null;
 }
 
 type Output = ParserOutput;
@@ -149,6 +171,8 @@ export class ArchiveParser {
   stats: VmaReaderStats = {
     bytes: 0,
     headerSize: 0,
+    uuid: "",
+    headerMd5: "",
     extents: 0,
     clusters: 0,
     zeroClusters: 0,
@@ -157,6 +181,10 @@ export class ArchiveParser {
   };
   #requireComplete: (device: VmaDeviceRecord) => boolean;
   #skipData: boolean;
+  #onExtent: ((extent: VmaExtentInfo) => void) | undefined;
+  #digestData: boolean;
+  /** Hash of the current extent's data, when someone wants to know it. */
+  #hash: Hash | undefined;
   #phase = Phase.Header;
   /** Header bytes collected so far; grows once the header size is known. */
   #header = new Uint8Array(HEADER_FIXED_SIZE);
@@ -193,6 +221,8 @@ export class ArchiveParser {
     const require = options.requireComplete ?? true;
     this.#requireComplete = typeof require === "function" ? require : () => require;
     this.#skipData = options.skipData ?? false;
+    this.#onExtent = options.onExtent;
+    this.#digestData = options.digestData ?? false;
   }
 
   /** Parses `chunk`; what it completes goes to `output`. */
@@ -309,6 +339,8 @@ export class ArchiveParser {
     const header = decodeHeader(this.#header);
     this.#uuid.set(this.#header.subarray(8, 24));
     this.stats.headerSize = header.headerSize;
+    this.stats.uuid = header.uuid;
+    this.stats.headerMd5 = this.#header.subarray(HeaderOffset.md5, HeaderOffset.md5 + 16).toHex();
     if (output.kind === "pieces") output.enqueue({ type: "header", bytes: this.#header, header });
     else {
       output.enqueue({ type: "header", uuid: header.uuid, ctime: header.ctime });
@@ -382,6 +414,10 @@ export class ArchiveParser {
       this.#dataFill += used;
       if (this.#dataFill === total) this.#finishExtent(output);
       return used;
+    }
+    if (this.#digestData) {
+      this.#hash ??= createHash("sha256");
+      this.#hash.update(chunk.subarray(0, used));
     }
     if (this.#skipData) {
       this.#dataFill += used;
@@ -471,6 +507,11 @@ export class ArchiveParser {
         at + ExtentOffset.blockCount,
         `vma extent error - missing blocks (masks name ${claimed}, block_count is ${this.#blockCount})`,
       );
+    }
+    if (this.#onExtent !== undefined) {
+      const digest = this.#hash === undefined ? null : new Uint8Array(this.#hash.digest());
+      this.#hash = undefined;
+      this.#onExtent({ offset: at, blockCount: this.#blockCount, slots: this.#slots, digest });
     }
     if (output.kind === "pieces") this.#emitPiece(output);
     else this.#emitClusters(output);

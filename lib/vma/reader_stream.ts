@@ -7,7 +7,9 @@
 import { ArchiveParser, type VmaReaderStats } from "./_archive_parser.ts";
 import type { VmaDeviceRecord, VmaRecord } from "./records.ts";
 
-export type { VmaReaderDeviceStats, VmaReaderStats } from "./_archive_parser.ts";
+import type { VmaExtentInfo } from "./_archive_parser.ts";
+
+export type { VmaExtentInfo, VmaReaderDeviceStats, VmaReaderStats } from "./_archive_parser.ts";
 
 /** Options of {@linkcode VmaReaderStream}. */
 export interface VmaReaderOptions {
@@ -23,6 +25,13 @@ export interface VmaReaderOptions {
    * structure matters.
    */
   skipData?: boolean;
+  /** Called for every extent once it passed every check: what verify compares with an index. */
+  onExtent?: ((extent: VmaExtentInfo) => void) | undefined;
+  /**
+   * Give `onExtent` the SHA-256 of each extent's data blocks, hashed as they stream by,
+   * without a copy (default false).
+   */
+  digestData?: boolean | undefined;
 }
 
 /**

@@ -107,7 +107,13 @@ rgwTest(
 
       const verify = await cli(["verify", url, "--json"], options);
       assert.equal(verify.code, 0, verify.stderr);
-      assert.deepEqual(JSON.parse(verify.text).ok, true);
+      const report = JSON.parse(verify.text);
+      // The index inside the .vma.zst was found through ranged GETs: the data was checked.
+      assert.deepEqual([report.ok, report.checked.level, report.checked.index.source], [
+        true,
+        "sha256",
+        "embedded",
+      ]);
       const list = await cli(["list", url], options);
       assert.match(
         list.text,
@@ -198,7 +204,12 @@ rgwTest(
       });
       assert.equal(noEnv.code, 5);
       assert.match(noEnv.stderr, /"AWS_ACCESS_KEY_ID" .*--allow-env/);
-      // A plain .vma has its index beside it, as KEY.idx.
+      // A plain .vma has its index beside it, as KEY.idx, and verify finds it there.
+      const sidecar = await cli(["verify", `s3://${bucket}/vm.vma`, "--json"], options);
+      assert.deepEqual(JSON.parse(sidecar.text).checked.index, {
+        source: "sidecar",
+        path: `s3://${bucket}/vm.vma.idx`,
+      });
       assert.deepEqual((await listKeys(client, bucket)).sort(), ["vm.vma", "vm.vma.idx"]);
     });
   },

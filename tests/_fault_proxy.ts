@@ -47,6 +47,8 @@ export interface FaultProxyOptions {
   decide?: (index: number, method: string, target: string) => FaultAction;
   /** Delay before each request is forwarded, in ms (to make an upload take a while). */
   delay?: number;
+  /** Awaited before each request is acted on (to change the server's state in between). */
+  before?: (index: number, method: string, target: string) => Promise<void>;
 }
 
 const encoder = new TextEncoder();
@@ -76,6 +78,7 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
     const action = options.decide?.(index, method, path) ?? "pass";
     requests.push({ method, target: path, action });
     if (options.delay) await new Promise((resolve) => setTimeout(resolve, options.delay));
+    await options.before?.(index, method, path);
     if (action === "503") {
       await readBody(client, head.rest, length);
       const body =

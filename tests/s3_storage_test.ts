@@ -228,13 +228,31 @@ rgwTest("s3Source: resumes with Range GETs where the connection drops", async (s
 });
 
 rgwTest("s3Source: an object replaced while it is read fails the read", async (server) => {
-  const client = testClient(server);
-  const bucket = await newBucket(client);
+  const direct = testClient(server);
+  const bucket = await newBucket(direct);
   const url = `s3://${bucket}/changing.vma`;
-  await chunked(randomBytes(4 * MiB, 6)).pipeTo(await s3Sink(url, { client }));
-  const source = await s3Source(url, { client });
-  await chunked(randomBytes(4 * MiB, 8)).pipeTo(await s3Sink(url, { client, overwrite: true }));
-  await assert.rejects(new Response(source).bytes(), { code: "PreconditionFailed" });
+  await chunked(randomBytes(4 * MiB, 6)).pipeTo(await s3Sink(url, { client: direct }));
+  // The first GET drops halfway; before the resuming GET, another writer replaces the object.
+  let gets = 0;
+  const proxy = startFaultProxy(server.endpoint, {
+    decide: (_, method) => method === "GET" && ++gets === 1 ? "drop-response" : "pass",
+    before: async (_, method) => {
+      if (method !== "GET" || gets !== 2) return;
+      const replacement = await s3Sink(url, { client: direct, overwrite: true });
+      await chunked(randomBytes(4 * MiB, 8)).pipeTo(replacement);
+    },
+  });
+  try {
+    const source = await s3Source(url, {
+      client: testClient(server, { endpoint: proxy.endpoint }),
+    });
+    await assert.rejects(new Response(source).bytes(), {
+      code: "PreconditionFailed",
+      message: /: read at byte [1-9]\d*: the object was replaced while it was read \(412/,
+    });
+  } finally {
+    await proxy.close();
+  }
 });
 
 rgwTest("s3RangeReader: ranged reads, a bounded number in flight", async (server) => {

@@ -409,27 +409,36 @@ export function rgwServer(): Promise<RgwServer> {
   return shared;
 }
 
+/** The AWS CLI of Debian (`aws` on PATH may be a pyenv shim of another version). */
+export const AWS_CLI = "/usr/bin/aws";
+const AWS_CLI_INSTALLED = await Deno.stat(AWS_CLI).then(() => true, () => false);
+
 /**
- * `Deno.test` for tests that need RGW: skipped (and saying so) on a machine without Ceph,
- * failing instead under CI=true, where `.ci/run` installs and starts it.
+ * `Deno.test` for tests that need RGW (and, with `awsCli`, the AWS CLI as an independent
+ * client): skipped (and saying so) on a machine without them, failing instead under CI=true,
+ * where `.ci/run` installs them and starts RGW.
  */
-export function rgwTest(name: string, fn: (server: RgwServer) => Promise<void>): void {
+export function rgwTest(
+  name: string,
+  fn: (server: RgwServer) => Promise<void>,
+  options: { awsCli?: boolean } = {},
+): void {
   const ci = Deno.env.get("CI") === "true";
-  const available = CEPH_INSTALLED || serverFromEnv() !== undefined;
-  if (!available && !ci) {
+  const missing = !(CEPH_INSTALLED || serverFromEnv() !== undefined)
+    ? "Ceph RGW (apt-get install ceph-mon ceph-osd radosgw ceph-common)"
+    : options.awsCli && !AWS_CLI_INSTALLED
+    ? `${AWS_CLI} (apt-get install awscli)`
+    : undefined;
+  if (missing && !ci) {
     Deno.test({
-      name: `${name} (skipped: Ceph RGW is not installed)`,
+      name: `${name} (skipped: ${missing.replace(/ \(.*/, "")} is not installed)`,
       ignore: true,
       fn: () => {},
     });
     return;
   }
   Deno.test(name, async () => {
-    if (!available) {
-      throw new Error(
-        "Ceph RGW is required under CI=true (apt-get install ceph-mon ceph-osd radosgw ceph-common)",
-      );
-    }
+    if (missing) throw new Error(`${missing} is required under CI=true`);
     try {
       await fn(await rgwServer());
     } finally {

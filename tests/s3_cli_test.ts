@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { cli, type CliOptions, spawnCli, tool, withTempDir } from "./_cli.ts";
 import { startFaultProxy } from "./_fault_proxy.ts";
 import {
+  AWS_CLI,
   freePort,
   listKeys,
   newBucket,
@@ -138,7 +139,7 @@ rgwTest(
 
       // Independent readers: the AWS CLI downloads the object, the zstd CLI decodes it.
       await tool(
-        "/usr/bin/aws",
+        AWS_CLI,
         [
           "--endpoint-url",
           server.endpoint,
@@ -158,6 +159,7 @@ rgwTest(
       assert.equal(sha256Hex(again), sha256Hex(disks[0]!));
     });
   },
+  { awsCli: true },
 );
 
 rgwTest(

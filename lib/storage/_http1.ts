@@ -212,7 +212,7 @@ class ConnReader {
 
   async readHead(): Promise<string> {
     for (;;) {
-      const end = decoder.decode(this.#buffer).indexOf("\r\n\r\n");
+      const end = blankLine(this.#buffer);
       if (end >= 0) {
         const head = decoder.decode(this.#take(end));
         this.#take(4);
@@ -258,6 +258,18 @@ class ConnReader {
     while (await this.#fill());
     return this.#take(this.#buffer.byteLength);
   }
+}
+
+/** Where the first `\r\n\r\n` starts, or -1. */
+function blankLine(bytes: Uint8Array): number {
+  for (
+    let i = bytes.indexOf(13);
+    i >= 0 && i + 3 < bytes.byteLength;
+    i = bytes.indexOf(13, i + 1)
+  ) {
+    if (bytes[i + 1] === 10 && bytes[i + 2] === 13 && bytes[i + 3] === 10) return i;
+  }
+  return -1;
 }
 
 function concat(parts: Uint8Array[]): Uint8Array {

@@ -456,3 +456,22 @@ Deno.test("S3Client: a server that never answers times out, and is retried", asy
     await s3.close();
   }
 });
+
+Deno.test("S3Client: a refusal before the body of a large PUT was read is the refusal", async () => {
+  const s3 = fakeS3(() =>
+    new Response("<Error><Code>AccessDenied</Code><Message>no</Message></Error>", { status: 403 })
+  );
+  try {
+    await assert.rejects(
+      s3.client.send({
+        operation: "upload part 1",
+        method: "PUT",
+        location: { bucket: "bucket", key: "k" },
+        body: new Uint8Array(16 * MiB), // sent straight to the socket, not through fetch
+      }),
+      { name: "S3Error", status: 403, code: "AccessDenied" },
+    );
+  } finally {
+    await s3.close();
+  }
+});

@@ -16,7 +16,7 @@ import type { SeekTable } from "../index/seek_table.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
 import { FrameDecoderPool } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { decodeExtentHeader } from "../vma/extent_header.ts";
+import { decodeExtentHeader, type VmaExtentSlot } from "../vma/extent_header.ts";
 import { type DecodedVmaHeader, decodeHeader } from "../vma/header.ts";
 import {
   BLOCK_SIZE,
@@ -209,6 +209,11 @@ export class IndexedArchive {
     return this.index.devices;
   }
 
+  /** Lookups over the index. */
+  get map(): IndexMap {
+    return this.#map;
+  }
+
   /** The archive header: identity, configs and devices. */
   get header(): DecodedVmaHeader {
     return this.#header!;
@@ -274,6 +279,43 @@ export class IndexedArchive {
     }
     await Promise.all(reads);
     return out;
+  }
+
+  /**
+   * Extent `e` as stored in a seekable `.vma.zst`, for a copy that does not re-encode it:
+   * its decoded 512-byte header and slots, and its data frame exactly as stored, with the
+   * frame's checksum and SHA-256 (checked against the index). `undefined` when the
+   * extent's data is not one frame of its own (a plain archive, another layout) or it has
+   * no data.
+   */
+  async storedExtent(e: number): Promise<StoredExtent | undefined> {
+    const table = this.#seekTable;
+    if (table === undefined || this.index.digestScope !== "zstd-frame") return undefined;
+    if (this.index.blockCounts[e] === 0) return undefined;
+    const start = this.#map.extentOffsets[e]!;
+    const end = this.#map.extentOffsets[e + 1]!;
+    const headerFrame = this.#frameAt(start);
+    const dataFrame = headerFrame + 1;
+    if (
+      this.#frameDecoded[headerFrame] !== start ||
+      this.#frameDecoded[dataFrame] !== start + EXTENT_HEADER_SIZE ||
+      this.#frameDecoded[dataFrame + 1] !== end
+    ) return undefined;
+    const [header] = await this.#archiveBytes(start, start + EXTENT_HEADER_SIZE);
+    const { slots } = decodeExtentHeader(header!, start, this.#uuidBytes());
+    const from = this.#frameStored[dataFrame]!;
+    const frame = await this.#reader.read(from, this.#frameStored[dataFrame + 1]! - from);
+    this.stats.storedBytesRead += frame.byteLength;
+    this.#checkFrameChecksum(frame, dataFrame);
+    const digest = new Uint8Array(createHash("sha256").update(frame).digest());
+    this.#checkDigest(e, digest);
+    return {
+      blockCount: this.index.blockCounts[e]!,
+      slots,
+      frame,
+      checksum: table.checksums?.[dataFrame] ?? 0,
+      digest,
+    };
   }
 
   /** Which parts of `devId`'s range `offset`..`offset + length` are zero, by the index alone. */
@@ -507,6 +549,20 @@ export class IndexedArchive {
     }
     this.#header = decodeHeader(bytes); // checks its MD5, and gives the configs
   }
+}
+
+/** An extent of a seekable archive as stored, for a verbatim copy. */
+export interface StoredExtent {
+  /** Its 4 KiB data blocks. */
+  blockCount: number;
+  /** Its used slots, from its header. */
+  slots: VmaExtentSlot[];
+  /** Its data frame, compressed, exactly as stored. */
+  frame: Uint8Array;
+  /** The frame's content checksum (low 32 bits of XXH64). */
+  checksum: number;
+  /** SHA-256 of `frame`, as the index lists it. */
+  digest: Uint8Array;
 }
 
 /** The archive cannot be read at random (it is not seekable). */

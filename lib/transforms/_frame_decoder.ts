@@ -13,6 +13,7 @@
  */
 import { createHash } from "node:crypto";
 import * as zlib from "node:zlib";
+import { noteFallback } from "./_zstd_note.ts";
 
 /** A frame to decode. */
 export interface DecodeJob {
@@ -209,7 +210,7 @@ export class FrameDecoderPool {
   /** A pool of at most `size` workers (default one per core). */
   constructor(
     size = navigator.hardwareConcurrency ?? 1,
-    onFallback: (why: string) => void = () => {},
+    onFallback: (why: string) => void = noteFallback,
   ) {
     this.size = Math.max(1, size);
     this.#onFallback = onFallback;

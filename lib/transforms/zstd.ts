@@ -194,9 +194,13 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly writable: WritableStream<Uint8Array>;
   #framing: ZstdFrameSplitter;
 
-  /** A decompressor whose decoding runs in a Worker of its own. */
-  constructor() {
-    const decoder = new ZstdDecoderWorker();
+  /**
+   * A decompressor whose decoding runs in a Worker of its own. `publicApi` decodes through
+   * node:zlib's public streaming API, which the Worker falls back to by itself when the
+   * native handle fails its start-up self-test (set it to test that path).
+   */
+  constructor(options: { publicApi?: boolean } = {}) {
+    const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
     this.#framing = framing;
     let input!: WritableStreamDefaultController;
@@ -214,8 +218,10 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
       },
       async write(chunk) {
         try {
-          framing.push(chunk); // only to check the framing
-          await decoder.write(chunk);
+          // The worker gets the frames' bytes with where each starts (skippable ones left out).
+          for (const segment of framing.push(chunk)) {
+            await decoder.write(segment.bytes, segment.start);
+          }
         } catch (error) {
           throw fail(error);
         }

@@ -333,3 +333,44 @@ rgwTest("backup -o s3://: SIGINT mid-upload aborts it and leaves nothing", async
     }
   });
 });
+
+rgwTest("index and convert read and write s3:// archives", async (server) => {
+  await withTempDir(async (dir) => {
+    const client = testClient(server);
+    const bucket = await newBucket(client);
+    const disk = await writeDisk(`${dir}/disk.raw`, 6 * MiB, 7);
+    const options = s3Cli(server);
+    const gz = `s3://${bucket}/vm.vma.gz`;
+    const run = async (args: string[]) => {
+      const result = await cli(args, options);
+      assert.equal(result.code, 0, result.stderr);
+      return result;
+    };
+    await run(["backup", "--disk", `${dir}/disk.raw`, "-o", gz, "--no-index"]);
+    assert.deepEqual(await listKeys(client, bucket), ["vm.vma.gz"]);
+
+    await run(["index", gz]);
+    assert.deepEqual((await listKeys(client, bucket)).sort(), ["vm.vma.gz", "vm.vma.gz.idx"]);
+    const sidecar = JSON.parse((await run(["verify", gz, "--json"])).text);
+    assert.deepEqual([sidecar.checked.level, sidecar.checked.index.path], [
+      "sha256",
+      `${gz}.idx`,
+    ]);
+
+    const zst = `s3://${bucket}/vm.vma.zst`;
+    await run(["convert", gz, zst]);
+    const embedded = JSON.parse((await run(["verify", zst, "--json"])).text);
+    assert.deepEqual([embedded.checked.level, embedded.checked.index.source], [
+      "sha256",
+      "embedded",
+    ]);
+    const again = await run(["index", zst]);
+    assert.match(again.stderr, /carries its index inside; nothing written/);
+    await run(["extract", zst, `${dir}/out`]);
+    assert.equal(
+      sha256Hex(await Deno.readFile(`${dir}/out/disk-drive-scsi0.raw`)),
+      sha256Hex(disk),
+    );
+    assert.deepEqual(await pendingUploads(client, bucket), []);
+  });
+});

@@ -60,6 +60,7 @@ export {
   type VmaHeader,
 } from "./lib/vma/header.ts";
 export {
+  VmaExtentWriterStream,
   type VmaWriterOptions,
   type VmaWriterStats,
   VmaWriterStream,
@@ -199,6 +200,10 @@ export {
   type ArchiveOutput,
   archiveOutput,
   type ArchiveOutputOptions,
+  encodeArchive,
+  type EncodedArchive,
+  type IndexedOutput,
+  indexedOutput,
 } from "./lib/transforms/archive_output.ts";
 export {
   type EmbeddedIndex,
@@ -209,6 +214,8 @@ export {
   type DecodedExtentHeader,
   decodeExtentHeader,
   encodeExtentHeader,
+  type SlotRun,
+  slotRuns,
 } from "./lib/vma/extent_header.ts";
 export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
 export {

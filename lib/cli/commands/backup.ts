@@ -11,7 +11,7 @@ import { QmpClient } from "../../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../../sources/combine.ts";
 import { imageDiskSource } from "../../sources/image_disk.ts";
 import { nbdDiskSource } from "../../sources/nbd_disk.ts";
-import { archiveOutput } from "../../transforms/archive_output.ts";
+import { encodeArchive, type EncodedArchive } from "../../transforms/archive_output.ts";
 import {
   compressionForPath,
   type WritableCompression,
@@ -21,7 +21,6 @@ import { encodeIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
 import { CLUSTER_SIZE, configName } from "../../vma/format.ts";
 import type { VmaRecord } from "../../vma/records.ts";
-import { VmaWriterStream } from "../../vma/writer_stream.ts";
 import {
   type Command,
   jsonLine,
@@ -289,23 +288,16 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const sizes = new Map<number, number>();
   let expected = 0;
   const uuid = crypto.randomUUID();
-  const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
   const onAbort = () => {
     output.discardSync();
     sidecar?.discardSync();
   };
-  const encoded = archiveOutput({
-    compression: plan.compression,
-    level: plan.level,
-    zstd: plan.zstd,
-    mainThread: !started.servesQemu,
-    index: plan.index !== false,
-  });
   context.signal.addEventListener("abort", onAbort);
+  let encoded: EncodedArchive | undefined;
   try {
-    await combineRecordStreams(started.sources, { configs: plan.configs })
+    const records = combineRecordStreams(started.sources, { configs: plan.configs })
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
@@ -317,10 +309,16 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
         const size = sizes.get(record.devId) ?? 0;
         progress.add(Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE));
       }))
-      .pipeThrough(new ZeroFilterStream())
-      .pipeThrough(writer)
-      .pipeThrough(encoded)
-      .pipeTo(output.writable, { signal: context.signal });
+      .pipeThrough(new ZeroFilterStream());
+    encoded = encodeArchive(records, {
+      uuid,
+      compression: plan.compression,
+      level: plan.level,
+      zstd: plan.zstd,
+      mainThread: !started.servesQemu,
+      index: plan.index !== false,
+    });
+    await encoded.readable.pipeTo(output.writable, { signal: context.signal });
     await live?.finished;
     if (sidecar !== undefined) {
       await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
@@ -340,7 +338,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   }
 
   const seconds = (performance.now() - startTime) / 1000;
-  const stats = writer.stats;
+  const stats = encoded!.stats();
   const diskBytes = [...sizes.values()].reduce((a, b) => a + b, 0);
   const written = output.writable.bytesWritten;
   const result = {
@@ -349,9 +347,9 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     output: plan.output,
     uuid,
     compression: plan.compression,
-    index: encoded.indexPlace === "sidecar"
+    index: encoded!.indexPlace === "sidecar"
       ? (sidecarPath === undefined ? "none" : "sidecar")
-      : encoded.indexPlace,
+      : encoded!.indexPlace,
     ...(sidecarPath !== undefined && { indexPath: sidecarPath }),
     disks: disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
     configs: plan.configs.map((config) => configName(config.name)),

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { S3Error } from "../storage/s3_errors.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 
 /**
@@ -38,6 +39,11 @@ export const ExitCode = {
   exists: 6,
   /** The archive has no config or disk of the requested name. */
   notFound: 7,
+  /**
+   * The object storage refused the credentials or the access (S3 403: a wrong key or secret,
+   * no permission for the bucket), or no credentials were found.
+   */
+  denied: 8,
   /** Interrupted by SIGINT (128 + 2). */
   interrupted: 130,
   /** Stopped by SIGTERM (128 + 15). */
@@ -155,6 +161,7 @@ const IO_ERRORS = [
  * @example Exit codes and messages of a few errors
  * ```ts
  * import assert from "node:assert/strict";
+ * import { S3Error } from "../storage/s3_errors.ts";
  * import { describeError, ExitCode } from "./errors.ts";
  *
  * const missing = new Deno.errors.NotFound("No such file or directory (os error 2)");
@@ -163,6 +170,9 @@ const IO_ERRORS = [
  *   message: "No such file or directory (os error 2)",
  * });
  * assert.equal(describeError(new Error("first line\nsecond line")).message, "first line");
+ * const denied = { url: "s3://b/k", operation: "open", status: 403, code: "Forbidden", detail: "x" };
+ * assert.equal(describeError(new S3Error(denied)).exitCode, ExitCode.denied);
+ * assert.equal(describeError(new S3Error({ ...denied, status: 0, code: "NetworkError" })).exitCode, 4);
  * assert.equal(describeError("not an Error").exitCode, ExitCode.failure);
  * ```
  */
@@ -170,6 +180,10 @@ export function describeError(error: unknown): { exitCode: number; message: stri
   if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
   if (error instanceof VmaFormatError) {
     return { exitCode: ExitCode.corrupt, message: error.message };
+  }
+  // Storage failures are I/O errors, a missing bucket or key as much as a missing file.
+  if (error instanceof S3Error) {
+    return { exitCode: error.denied ? ExitCode.denied : ExitCode.io, message: error.message };
   }
   if (error instanceof Deno.errors.NotCapable) {
     return { exitCode: ExitCode.permission, message: `permission denied: ${error.message}` };

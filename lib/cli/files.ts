@@ -7,20 +7,22 @@
  */
 import { fileByteSource } from "../sources/file_bytes.ts";
 import { ByteSink } from "../sinks/file_sink.ts";
+import { isS3Url } from "../storage/s3_config.ts";
 import type { CliContext } from "./context.ts";
 import { CliError, ExitCode } from "./errors.ts";
+import { openS3Input, openS3Output, type StorageOptions } from "./s3_files.ts";
 
 /** An archive opened for reading. */
 export interface Input {
   readable: ReadableStream<Uint8Array>;
   /** Size in bytes when the input is a regular file. */
   size?: number | undefined;
-  /** Shown in messages: the path, or `stdin`. */
+  /** Shown in messages: the path, `stdin`, or the `s3://` URL. */
   name: string;
 }
 
 /**
- * Opens `path` for reading, or stdin for `-`.
+ * Opens `path` for reading, stdin for `-`, or an S3 object for `s3://BUCKET/KEY`.
  *
  * @example Read a file
  * ```ts
@@ -35,8 +37,9 @@ export interface Input {
  * await Deno.remove(path);
  * ```
  */
-export async function openInput(path: string): Promise<Input> {
+export async function openInput(path: string, storage: StorageOptions = {}): Promise<Input> {
   if (path === "-") return { readable: fileByteSource(Deno.stdin), name: "stdin" };
+  if (isS3Url(path)) return await openS3Input(path, storage);
   const file = await Deno.open(path, { read: true });
   const info = await file.stat();
   if (info.isDirectory) {
@@ -122,11 +125,13 @@ export async function exists(path: string): Promise<boolean> {
   }
 }
 
-/** An output that is either stdout or a file that only appears once complete. */
+/** An output that is stdout, or a file or S3 object that only appears once complete. */
 export interface Output {
-  writable: ByteSink;
-  /** Final path, or `-` for stdout. */
+  writable: WritableStream<Uint8Array> & { readonly bytesWritten: number };
+  /** Final path, `-` for stdout, or the `s3://` URL. */
   path: string;
+  /** Tells the output how many bytes to expect (S3 sizes its upload parts by it). */
+  expectSize?(bytes: number): void;
   /** Makes the output final (renames `NAME.partial` to `NAME`). */
   commit(): Promise<void>;
   /** Removes the partial output; safe to call more than once, and after commit. */
@@ -136,8 +141,9 @@ export interface Output {
 }
 
 /**
- * Opens an output: stdout for `-`, otherwise `PATH.partial`, which {@linkcode Output.commit}
- * renames to `PATH`. An existing `PATH` is refused unless `force`.
+ * Opens an output: stdout for `-`, an S3 upload for `s3://BUCKET/KEY` (see `openS3Output`),
+ * otherwise `PATH.partial`, which {@linkcode Output.commit} renames to `PATH`. An existing
+ * `PATH` is refused unless `force`.
  *
  * @example The file appears only on commit
  * ```ts
@@ -159,8 +165,9 @@ export interface Output {
 export async function openOutput(
   path: string,
   context: CliContext,
-  options: { force: boolean },
+  options: { force: boolean } & StorageOptions,
 ): Promise<Output> {
+  if (isS3Url(path)) return await openS3Output(path, context, options);
   if (path === "-") {
     const noop = () => Promise.resolve();
     return {

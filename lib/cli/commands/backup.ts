@@ -34,6 +34,7 @@ import {
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
 import { openOutput } from "../files.ts";
+import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
 
@@ -53,7 +54,9 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        bare name such as scsi0 gets the drive- prefix. Without NAME: the
                        first free of drive-scsi0, drive-scsi1, ...
   --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
-  -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
+  -o, --output OUT     the archive; '-' writes to stdout; s3://BUCKET/KEY uploads it (a
+                       multipart upload: the key appears only once complete). A file is
+                       written to OUT.partial first
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
@@ -61,6 +64,9 @@ ${ZSTD_HELP}
   --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
                        with -o - none unless given). A .vma.zst carries its index inside
   --force              replace an existing OUT (and its sidecar index)
+  --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 5M, more when the
+                       disks need it to stay within 10,000 parts); memory holds 3 parts
+${S3_HELP}
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
@@ -87,7 +93,9 @@ while the VM keeps running and writing):
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
 also need --allow-run=qemu-nbd and --allow-net (qemu-nbd serves them on a private socket);
-NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets)
+NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets).
+An s3:// OUT needs --allow-net=HOST and --allow-env (credentials), and --allow-read of
+~/.aws/credentials for a profile
 
 example: deno run --allow-read --allow-write cli.ts backup \\
            --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
@@ -230,6 +238,8 @@ export interface BackupPlan {
   index?: boolean | undefined;
   /** Where a sidecar index goes (default `OUT.idx`; with `-o -` only when given). */
   indexPath?: string | undefined;
+  /** How to reach S3 storage, for `s3://` outputs. */
+  storage?: StorageOptions | undefined;
 }
 
 /**
@@ -262,12 +272,13 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const sidecarPath = plan.index === false || plan.compression === "zstd" && plan.zstd !== "program"
     ? undefined
     : plan.indexPath ?? (plan.output === "-" ? undefined : `${plan.output}.idx`);
-  const output = await openOutput(plan.output, context, { force: plan.force });
+  const outputOptions = { force: plan.force, ...plan.storage };
+  const output = await openOutput(plan.output, context, outputOptions);
   let sidecar: Awaited<ReturnType<typeof openOutput>> | undefined;
   let started: BackupSources;
   try {
     if (sidecarPath !== undefined) {
-      sidecar = await openOutput(sidecarPath, context, { force: plan.force });
+      sidecar = await openOutput(sidecarPath, context, outputOptions);
     }
     started = await plan.start();
   } catch (error) {
@@ -282,6 +293,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     total: totalBytes,
   });
   const sizes = new Map<number, number>();
+  let expected = 0;
   const uuid = crypto.randomUUID();
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
@@ -296,6 +308,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
+          output.expectSize?.(expected += record.size); // sizes S3 parts; all come first
           if (totalBytes === undefined) progress.addTotal(record.size);
         }
         if (record.type !== "cluster" && record.type !== "zeros") return;
@@ -399,6 +412,8 @@ const OPTIONS = {
   zstd: { type: "string" },
   "no-index": { type: "boolean" },
   index: { type: "string" },
+  "s3-part-size": { type: "string" },
+  ...S3_OPTIONS,
 } as const;
 
 type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"];
@@ -427,6 +442,7 @@ async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start
     json: values.json ?? false,
     index: !(values["no-index"] ?? false),
     indexPath: values.index,
+    storage: storageOptions(values),
   };
 }
 

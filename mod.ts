@@ -175,6 +175,19 @@ export {
 } from "./lib/protocols/qmp_client.ts";
 export { findDrives, type LiveDrive } from "./lib/live/drives.ts";
 export type { LiveBackup, LiveBackupOptions } from "./lib/live/session.ts";
+export {
+  CHECKPOINT_GRANULARITY,
+  CHECKPOINT_PREFIX,
+  checkpointName,
+  type CheckpointNode,
+  checkpointNodes,
+  type CheckpointPlan,
+  checkpointProblem,
+  deviceSetProblem,
+  type DirtyBitmapInfo,
+  NewCheckpoint,
+  planCheckpoints,
+} from "./lib/live/checkpoints.ts";
 export { type PushBackupOptions, startPushBackup } from "./lib/live/push_backup.ts";
 export { type PullBackupOptions, startPullBackup } from "./lib/live/pull_backup.ts";
 export {
@@ -234,6 +247,9 @@ export {
 export { IndexChecker } from "./lib/index/index_checker.ts";
 export { archiveRecords } from "./lib/access/archive_records.ts";
 export {
+  type EncodedSyntheticFull,
+  encodeSyntheticFull,
+  type EncodeSyntheticOptions,
   type SyntheticFull,
   syntheticFull,
   type SyntheticFullOptions,

@@ -7,8 +7,11 @@
  * @module
  */
 import { ClusterBitmap } from "../_bitmap.ts";
-import type { StoredExtentPiece } from "../transforms/seekable_zstd.ts";
-import { encodeExtentHeader } from "../vma/extent_header.ts";
+import type { VmaIndex } from "../index/index_format.ts";
+import { indexedOutput } from "../transforms/archive_output.ts";
+import type { WritableCompression, ZstdEngine } from "../transforms/compression.ts";
+import { SeekableZstdStream, type StoredExtentPiece } from "../transforms/seekable_zstd.ts";
+import { encodeExtentHeader, type SlotRun, slotRuns } from "../vma/extent_header.ts";
 import type { VmaExtentPiece, VmaHeaderPiece } from "../vma/extent_stream.ts";
 import { VmaExtentStream } from "../vma/extent_stream.ts";
 import type { VmaRecord } from "../vma/records.ts";
@@ -241,4 +244,121 @@ export function syntheticFull(options: SyntheticFullOptions): SyntheticFull {
     },
   });
   return { writable, readable: merged.readable, stats };
+}
+
+/** Options of {@linkcode encodeSyntheticFull}. */
+export interface EncodeSyntheticOptions {
+  /** The previous archive, open for random access. */
+  base: IndexedArchive;
+  /** The new archive's UUID (default a random one). */
+  uuid?: string | undefined;
+  /** How the new archive is stored. */
+  compression: WritableCompression;
+  /** Compression level. */
+  level?: number | undefined;
+  /** zstd from node:zlib (default; unchanged extents are then copied as stored) or the system program. */
+  zstd?: ZstdEngine | undefined;
+  /** Whether zstd may compress on this thread (see `ZstdCompressStream`). */
+  mainThread?: boolean | undefined;
+  /** Recorded in the new index: the checkpoint the changed clusters came from. */
+  checkpoint?: string | undefined;
+  /** Recorded in the new index: incrementals since the last full, this one included. */
+  depth?: number | undefined;
+  /** Called with the clusters of each extent of the new archive as it goes out (progress). */
+  onExtent?: ((runs: SlotRun[]) => void) | undefined;
+}
+
+/** A synthetic full archive being written: its stored bytes, counters and index. */
+export interface EncodedSyntheticFull {
+  /** The stored bytes (with the index inside a seekable `.vma.zst`). */
+  readable: ReadableStream<Uint8Array>;
+  /** Counters of the synthetic full; final once `readable` has ended. */
+  stats: SyntheticFullStats;
+  /** Inside a seekable `.vma.zst`, or for a sidecar beside the archive. */
+  readonly indexPlace: "embedded" | "sidecar";
+  /** The new index (it records the base), once `readable` has ended. */
+  index(): VmaIndex | undefined;
+}
+
+/**
+ * Writes the changed clusters in `records` (device records first, as a live backup's) and
+ * the rest of `base` as one new archive, the way `backup --base` does: for a seekable
+ * `.vma.zst` (built-in zstd) the unchanged extents' frames are copied as stored; for every
+ * other output (`.vma`, `.vma.gz`, `--zstd program`) all clusters are written again, with
+ * a sidecar index. The index records the base's UUID, the checkpoint and the depth.
+ *
+ * @example An incremental of one changed cluster, as a .vma.gz
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { archiveOutput, encodeSyntheticFull, fileRangeReader, IndexedArchive, VmaWriterStream } from "../../mod.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const device = { type: "device" as const, devId: 1, name: "drive-scsi0", size: 2 * 65536 };
+ * const cluster = (index: number, fill: number) =>
+ *   ({ type: "cluster" as const, devId: 1, cluster: index, mask: 0xffff, data: new Uint8Array(65536).fill(fill) });
+ * await Deno.writeFile(`${dir}/base.vma.zst`, ReadableStream.from([device, cluster(0, 1), cluster(1, 2)])
+ *   .pipeThrough(new VmaWriterStream()).pipeThrough(archiveOutput({ compression: "zstd" })));
+ * const base = await IndexedArchive.open(await fileRangeReader(`${dir}/base.vma.zst`));
+ * const encoded = encodeSyntheticFull(ReadableStream.from([device, cluster(1, 9)]), {
+ *   base, compression: "gzip", checkpoint: `vmabackup-${base.index.uuid}`, depth: 1,
+ * });
+ * const bytes = await new Response(encoded.readable).bytes();
+ * assert.deepEqual(bytes.subarray(0, 2), Uint8Array.of(0x1f, 0x8b));
+ * assert.deepEqual(encoded.index()?.base, { uuid: base.index.uuid, checkpoint: `vmabackup-${base.index.uuid}`, depth: 1 });
+ * assert.equal(encoded.stats.changedClusters, 1);
+ * base.close();
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export function encodeSyntheticFull(
+  records: ReadableStream<VmaRecord>,
+  options: EncodeSyntheticOptions,
+): EncodedSyntheticFull {
+  const { base, compression, level, zstd = "builtin" } = options;
+  const copyFrames = compression === "zstd" && zstd === "builtin";
+  const synthetic = syntheticFull({ base, uuid: options.uuid, copyFrames });
+  const recorded = {
+    uuid: base.index.uuid,
+    ...(options.checkpoint !== undefined && { checkpoint: options.checkpoint }),
+    ...(options.depth !== undefined && { depth: options.depth }),
+  };
+  const feeding = records.pipeTo(synthetic.writable);
+  feeding.catch(() => {}); // its failure aborts the pieces, whose stream then fails
+  const onExtent = options.onExtent;
+  const pieces = onExtent === undefined ? synthetic.readable : synthetic.readable.pipeThrough(
+    new TransformStream<SyntheticPiece, SyntheticPiece>({
+      transform(piece, controller) {
+        if (piece.type === "extent") onExtent(piece.runs);
+        else if (piece.type === "stored-extent") onExtent(slotRuns(piece.slots));
+        controller.enqueue(piece);
+      },
+    }),
+  );
+  if (copyFrames) {
+    const seekable = new SeekableZstdStream({
+      ...(level !== undefined && { level }),
+      ...(options.mainThread !== undefined && { mainThread: options.mainThread }),
+      base: recorded,
+    });
+    return {
+      readable: pieces.pipeThrough(seekable),
+      stats: synthetic.stats,
+      indexPlace: "embedded",
+      index: () => seekable.index,
+    };
+  }
+  const output = indexedOutput({
+    compression,
+    level,
+    zstd,
+    mainThread: options.mainThread,
+    base: recorded,
+  });
+  return {
+    // Without copies, the pieces are only a header and extents.
+    readable: (pieces as ReadableStream<VmaHeaderPiece | VmaExtentPiece>).pipeThrough(output),
+    stats: synthetic.stats,
+    indexPlace: output.indexPlace,
+    index: output.index,
+  };
 }

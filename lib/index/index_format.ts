@@ -62,6 +62,11 @@ export interface VmaIndexBase {
   uuid: string;
   /** The dirty bitmap the changed clusters came from. */
   checkpoint?: string;
+  /**
+   * Incremental backups since the last full one, this one included (1 for the first
+   * incremental after a full), for `backup --full-every`.
+   */
+  depth?: number;
 }
 
 /** Runs of clusters: parallel arrays, one entry per run. */

@@ -17,6 +17,7 @@ import {
   findDrives,
   type LiveDrive,
 } from "./drives.ts";
+import { planCheckpoints } from "./checkpoints.ts";
 import { SnapshotReadError, snapshotSource } from "./snapshot_source.ts";
 import {
   type LiveBackup,
@@ -49,7 +50,11 @@ export const DEFAULT_FLEECE_PARENT = "/var/tmp";
  * 2. a `copy-before-write` filter over the drive with `on-cbw-error: break-snapshot`, so a
  *    failed copy breaks the backup, never a guest write (guest discards pass through it);
  * 3. the snapshot point: the guest devices are pointed at the filters (`qom-set ... drive`),
- *    all in one pause of the VM (`stop` … `cont`) so several drives are consistent;
+ *    all in one pause of the VM (`stop` … `cont`) so several drives are consistent; in the
+ *    same pause, one `transaction` adds the `checkpoint` (if asked for) and, for an
+ *    incremental, a disabled copy of the `since` checkpoint (`block-dirty-bitmap-add`
+ *    `disabled`, `-merge`), which the export then carries as `qemu:dirty-bitmap:NAME` so
+ *    only the dirty clusters are read;
  * 4. a `snapshot-access` node and an NBD export of it on a private unix socket, read with
  *    `base:allocation` block status, TRIMmed behind the reader when `discardRead` is set;
  * 5. a read-only NBD export of the fleece node itself, so {@linkcode snapshotSource} can
@@ -100,6 +105,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       );
     }
   }
+  const plan = await planCheckpoints(qmp, drives, options);
   const ownDir = options.workDir === undefined;
   const dir = options.workDir ?? await Deno.makeTempDir({ prefix: `${PREFIX}-` });
   const ownFleeceDir = options.fleeceDir === undefined;
@@ -123,6 +129,10 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
     fleeceExportId: `${PREFIX}-${tag}-fleece-export-${index}`,
     fleeceExportName: `${PREFIX}-${index}-fleece`,
     devicePath: undefined as string | undefined,
+    /** An incremental: the frozen copy of the `since` checkpoint, and where it is. */
+    dirty: plan.since === undefined
+      ? undefined
+      : { node: plan.nodes[index]!.node, name: `${PREFIX}-${tag}-dirty-${index}` },
     added: {
       fleece: false,
       cbw: false,
@@ -130,6 +140,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       access: false,
       exported: false,
       fleeceExported: false,
+      dirty: false,
     },
   }));
   const uri = (name: string) => `nbd+unix:///${name}?socket=${socket}`;
@@ -159,6 +170,10 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
         if (serverStarted) await qmp.execute("nbd-server-stop");
         serverStarted = false;
       },
+      ...nodes.map((node) => async () => {
+        if (node.added.dirty) await qmp.execute("block-dirty-bitmap-remove", node.dirty!);
+        node.added.dirty = false;
+      }),
       ...nodes.flatMap((node) => [
         async () => {
           if (node.added.access) await qmp.execute("blockdev-del", { "node-name": node.access });
@@ -217,6 +232,28 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
     const { running } = await qmp.execute("query-status") as { running: boolean };
     if (running) await qmp.execute("stop");
     try {
+      // No guest write in the pause: the new checkpoint starts, and the dirty copy is
+      // frozen, exactly at the snapshot point.
+      const actions = [
+        ...plan.checkpoint?.addActions() ?? [],
+        ...nodes.flatMap((node) =>
+          node.dirty === undefined ? [] : [
+            {
+              type: "block-dirty-bitmap-add",
+              data: { ...node.dirty, persistent: false, disabled: true, granularity: 65536 },
+            },
+            {
+              type: "block-dirty-bitmap-merge",
+              data: { node: node.dirty.node, target: node.dirty.name, bitmaps: [plan.since] },
+            },
+          ]
+        ),
+      ];
+      if (actions.length > 0) {
+        await qmp.execute("transaction", { actions });
+        plan.checkpoint?.added();
+        for (const node of nodes) node.added.dirty = node.dirty !== undefined;
+      }
       for (const node of nodes) {
         node.devicePath = await redirectDevice(qmp, node.drive, node.cbw);
         node.added.redirected = true;
@@ -242,6 +279,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
         "node-name": node.access,
         name: node.exportName,
         writable: options.discardRead ?? false,
+        ...(node.dirty && { bitmaps: [node.dirty] }),
       });
       node.added.exported = true;
       await qmp.execute("block-export-add", {
@@ -256,6 +294,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
   } catch (error) {
     try {
       await teardown();
+      await plan.checkpoint?.discard();
     } catch (teardownError) {
       // Both matter: why the setup failed, and that the graph could not be restored.
       throw new Error(`${messageOf(error)}; ${messageOf(teardownError)}`, { cause: error });
@@ -270,6 +309,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       snapshot: uri(node.exportName),
       fleece: uri(node.fleeceExportName),
       trimAfterRead: options.discardRead ?? false,
+      ...(node.dirty && { dirtyBitmap: `qemu:dirty-bitmap:${node.dirty.name}` }),
     })
   );
   /** Connections QEMU must drop before we close them (see SnapshotReader.close). */
@@ -288,6 +328,7 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
     done = true;
     try {
       await teardown();
+      if (failure !== undefined) await plan.checkpoint?.discard();
       if (failure === undefined) finished.resolve();
       else finished.reject(failure);
     } catch (error) {
@@ -333,10 +374,19 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
     snapshot: Promise.resolve(),
     finished: finished.promise,
     fleeceDir,
+    kind: plan.kind,
+    fullReason: plan.fullReason,
+    checkpoint: plan.checkpoint?.name,
+    async commitCheckpoint() {
+      await finished.promise;
+      return await plan.checkpoint?.commit() ?? [];
+    },
     async abort(reason?: unknown) {
       abortReason ??= reason ?? new Error("The backup was aborted");
       await combined.cancel(abortReason).catch(() => {});
       await finish(abortReason).catch(() => {});
+      // Also after a backup that finished but whose archive did not land (see push mode).
+      await plan.checkpoint?.discard().catch(() => {});
     },
   };
 }

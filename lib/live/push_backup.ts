@@ -8,6 +8,7 @@
 import { NbdServer } from "../protocols/nbd_server.ts";
 import type { QmpEvent } from "../protocols/qmp_client.ts";
 import type { VmaRecord } from "../vma/records.ts";
+import { planCheckpoints } from "./checkpoints.ts";
 import { checkArchiveLimits, findDrives } from "./drives.ts";
 import { PushTarget } from "./push_target.ts";
 import { RecordQueue } from "./record_queue.ts";
@@ -27,10 +28,18 @@ const PREFIX = "vmabackup";
  * 1. one NBD server of ours per drive, on a private unix socket;
  * 2. `blockdev-add driver=nbd` nodes pointing at them;
  * 3. one `transaction` of `blockdev-backup sync=full` for all drives: the snapshot point;
+ *    with `checkpoint`, the same transaction first adds it to every drive
+ *    (`block-dirty-bitmap-add`; QEMU 7.2 refuses that action with `completion-mode:
+ *    grouped`, which `bitmap-mode: never` does not need: no job touches a bitmap when it
+ *    ends, and a failed job fails the whole backup anyway);
  * 4. QEMU writes each cluster exactly once, out of order where copy-before-write forces it,
  *    and the servers turn WRITE / WRITE_ZEROES / TRIM into records: one read and two writes
  *    per cluster, no snapshot and no temporary image;
  * 5. after `BLOCK_JOB_COMPLETED` for every job: `blockdev-del` of the nodes we added.
+ *
+ * An incremental (`since`, when its checkpoint can be trusted) runs `blockdev-backup
+ * sync=bitmap bitmap=<since> bitmap-mode=never` instead: QEMU sends only the dirty
+ * clusters, and the `since` checkpoint is left as it was, whatever happens to this backup.
  *
  * The drive count and sizes are checked against the archive's limits (and by
  * `checkDrives`) before anything in the VM changes. If the record stream is cancelled (the
@@ -56,6 +65,7 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
   const drives = await findDrives(qmp, options.drives);
   checkArchiveLimits(drives);
   await options.checkDrives?.(drives);
+  const plan = await planCheckpoints(qmp, drives, options);
   const ownDir = options.workDir === undefined;
   const dir = options.workDir ?? await Deno.makeTempDir({ prefix: `${PREFIX}-` });
   const tag = crypto.randomUUID().slice(0, 8); // unique node and job names per backup
@@ -95,20 +105,28 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
         entry.nodeAdded = true;
       }
       aborted.signal.throwIfAborted();
+      // The checkpoint first: a write between the two is then in the next incremental too.
       await qmp.execute("transaction", {
-        actions: jobs.map((entry) => ({
-          type: "blockdev-backup",
-          data: {
-            "job-id": entry.job,
-            device: entry.drive.node,
-            target: entry.node,
-            sync: "full",
-            "auto-finalize": true,
-            "auto-dismiss": true,
-            ...(options.speed && { speed: options.speed }),
-          },
-        })),
+        actions: [
+          ...plan.checkpoint?.addActions() ?? [],
+          ...jobs.map((entry, index) => ({
+            type: "blockdev-backup",
+            data: {
+              "job-id": entry.job,
+              // The bitmap must be on the job's node: below a throttle filter, if any.
+              device: plan.since === undefined ? entry.drive.node : plan.nodes[index]!.node,
+              target: entry.node,
+              ...(plan.since === undefined
+                ? { sync: "full" }
+                : { sync: "bitmap", bitmap: plan.since, "bitmap-mode": "never" }),
+              "auto-finalize": true,
+              "auto-dismiss": true,
+              ...(options.speed && { speed: options.speed }),
+            },
+          })),
+        ],
       });
+      plan.checkpoint?.added();
       for (const entry of jobs) entry.state = "running";
       snapshot.resolve();
       for (const entry of jobs) {
@@ -134,7 +152,7 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
       snapshot.reject(error);
       const reason = aborted.signal.aborted ? aborted.signal.reason : error;
       try {
-        await cancelAndRemove();
+        await tearDownAll();
       } catch (teardown) {
         // Both matter: what went wrong, and that the graph could not be restored.
         throw new Error(`${messageOf(reason)}; ${messageOf(teardown)}`, { cause: reason });
@@ -155,6 +173,14 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
       entry.nodeAdded = false;
     }
     await Promise.all(jobs.map((entry) => entry.server?.disconnected));
+  };
+
+  /** The jobs and nodes, then the new checkpoint: the VM as before, but for the base's. */
+  const tearDownAll = async () => {
+    let failure: unknown;
+    await cancelAndRemove().catch((error) => failure = error);
+    await plan.checkpoint?.discard().catch((error) => failure ??= error);
+    if (failure !== undefined) throw failure;
   };
 
   const cancelAndRemove = async () => {
@@ -186,6 +212,13 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
     records: queue.readable,
     snapshot: snapshot.promise,
     finished,
+    kind: plan.kind,
+    fullReason: plan.fullReason,
+    checkpoint: plan.checkpoint?.name,
+    async commitCheckpoint() {
+      await finished;
+      return await plan.checkpoint?.commit() ?? [];
+    },
     async abort(reason?: unknown) {
       const error = reason ?? new Error("The backup was aborted");
       // First every write QEMU has pending or still sends is answered, so its jobs never
@@ -194,6 +227,9 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
       queue.fail(error);
       aborted.abort(error);
       await finished.catch(() => {});
+      // Also after a backup that finished but whose archive did not land. Left behind, it
+      // would do no harm: the next backup's commit removes it.
+      await plan.checkpoint?.discard().catch(() => {});
     },
   };
 }

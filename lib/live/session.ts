@@ -24,6 +24,21 @@ export interface LiveBackupOptions {
    * archive's own limits on the drives (at most 254) are always checked.
    */
   checkDrives?: (drives: LiveDrive[]) => void | Promise<void>;
+  /**
+   * Adds a checkpoint of this name (see `checkpointName`) to every drive at the snapshot
+   * point, in the same transaction: a dirty bitmap of 64 KiB granularity, persistent in
+   * qcow2 images, kept only while QEMU runs on other formats. It stays until
+   * {@linkcode LiveBackup.commitCheckpoint} (which removes the drives' older checkpoints)
+   * or a failure or {@linkcode LiveBackup.abort} (which removes it). Default: none.
+   */
+  checkpoint?: string | undefined;
+  /**
+   * An incremental backup: only the clusters the checkpoint `checkpoint` marks dirty are
+   * read, for a base archive with `devices`. Checked before the VM changes: when any drive
+   * lacks a trustworthy checkpoint, or the drives are not the base's (added, removed,
+   * resized), the backup is a full one, and {@linkcode LiveBackup.fullReason} says why.
+   */
+  since?: { checkpoint: string; devices: { name: string; size: number }[] } | undefined;
 }
 
 /** A live backup in progress. */
@@ -42,9 +57,25 @@ export interface LiveBackup {
   /** Pull mode: the directory of the fleece images. */
   readonly fleeceDir?: string;
   /**
+   * `incremental`: the records hold the device records and only the clusters changed since
+   * the `since` checkpoint; `full`: every cluster.
+   */
+  readonly kind: "full" | "incremental";
+  /** Why the backup is a full one although `since` asked for an incremental. */
+  readonly fullReason?: string | undefined;
+  /** The checkpoint added at the snapshot point, if one was asked for. */
+  readonly checkpoint?: string | undefined;
+  /**
+   * Once the archive is durable (written, synced, renamed): keeps the new checkpoint and
+   * removes every other checkpoint of the drives, the previous one included. Resolves to
+   * notes on any that could not be removed; does nothing without a checkpoint.
+   */
+  commitCheckpoint(): Promise<string[]>;
+  /**
    * Stops the backup: every write QEMU has pending or sends from now on is answered at once
    * (push mode), then QEMU's work is cancelled and the graph restored; resolves when done,
-   * also while the record stream is not being read.
+   * also while the record stream is not being read. The new checkpoint is removed, also
+   * after the backup finished, unless it was committed.
    */
   abort(reason?: unknown): Promise<void>;
 }

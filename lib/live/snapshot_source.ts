@@ -21,6 +21,11 @@ export interface SnapshotSourceOptions {
   snapshot: string;
   /** A read-only export of the fleece node (the copy-before-write target) itself. */
   fleece: string;
+  /**
+   * An incremental: the metadata context of a dirty bitmap the snapshot export carries
+   * (`qemu:dirty-bitmap:NAME`); only the clusters it marks dirty are read and emitted.
+   */
+  dirtyBitmap?: string | undefined;
   /** TRIM every range once it has been read, to free the fleece image (default `false`). */
   trimAfterRead?: boolean;
   /** Connections reading in parallel (default 4). */
@@ -76,9 +81,10 @@ export interface SnapshotReader {
  *   A cluster not copied when its status was taken was unchanged then, so its status was
  *   right.
  *
- * Emits a `device` record, then the clusters in order (`zeros` records for the holes). A
- * failed read or status request rejects with a {@linkcode SnapshotReadError}. The
- * connections stay open until {@linkcode SnapshotReader.close}.
+ * Emits a `device` record, then the clusters in order (`zeros` records for the holes); with
+ * `dirtyBitmap`, only the dirty clusters, by the same rules. A failed read or status
+ * request rejects with a {@linkcode SnapshotReadError}. The connections stay open until
+ * {@linkcode SnapshotReader.close}.
  *
  * @example Read a drive's snapshot (set up by startPullBackup)
  * ```ts ignore
@@ -104,6 +110,9 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
   let fleece: NbdClient;
   let readers: NbdClient[];
   let extents: AsyncGenerator<NbdExtent>;
+  let dirtyExtents: AsyncGenerator<NbdExtent> | undefined;
+  /** The dirty range at or after `offset`; `null` once there is none left. */
+  let dirty: { start: number; end: number } | null | undefined;
   const pool = new BufferPool(BATCH_CLUSTERS * CLUSTER_SIZE);
   let size = 0;
   let offset = 0;
@@ -114,6 +123,7 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
   /** Stops reading; the connections stay open for close(). */
   const stop = async () => {
     await extents?.return(undefined).catch(() => {});
+    await dirtyExtents?.return(undefined).catch(() => {});
   };
   const close = async () => {
     await stop();
@@ -139,6 +149,18 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
     return current;
   };
 
+  /** The next dirty range that ends after `position`, or `null`. */
+  const dirtyAt = async (position: number) => {
+    while (dirty === undefined || (dirty !== null && dirty.end <= position)) {
+      const next = await dirtyExtents!.next();
+      if (next.done) dirty = null;
+      else if (next.value.flags & NbdStateFlag.DIRTY) {
+        dirty = { start: next.value.offset, end: next.value.offset + next.value.length };
+      }
+    }
+    return dirty;
+  };
+
   /** Whether the fleece image has a hole at `position`, and how far that holds. */
   const fleeceHole = async (position: number, end: number) => {
     const length = Math.min(end - position, fleece.maxRequestSize);
@@ -158,6 +180,11 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
         clients.push(status);
         fleece = await connect(options.fleece, [BASE_ALLOCATION]);
         clients.push(fleece);
+        if (options.dirtyBitmap !== undefined) {
+          const client = await connect(options.snapshot, [options.dirtyBitmap]);
+          clients.push(client);
+          dirtyExtents = client.extents(options.dirtyBitmap);
+        }
         readers = [];
         for (let i = 0; i < (options.connections ?? 4); i++) {
           readers.push(await connect(options.snapshot, []));
@@ -172,15 +199,24 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
     },
     async pull(controller) {
       try {
+        let limit = size;
+        if (dirtyExtents !== undefined && offset < size) {
+          const range = await dirtyAt(offset);
+          if (range === null) offset = size;
+          else {
+            offset = Math.max(offset, range.start); // dirty ranges are whole clusters
+            limit = Math.min(size, range.end);
+          }
+        }
         if (offset >= size) {
           await stop();
           controller.close();
           return;
         }
         const extent = await extentAt(offset);
-        let dataEnd = extent.end;
+        let dataEnd = Math.min(extent.end, limit);
         if (extent.zero) {
-          const checked = await fleeceHole(offset, extent.end);
+          const checked = await fleeceHole(offset, dataEnd);
           if (checked.hole) {
             const zeros = zeroRun({ devId, deviceSize: size, offset, zeroEnd: checked.end });
             if (zeros !== undefined) {

@@ -13,12 +13,14 @@ import { combineRecordStreams } from "../../sources/combine.ts";
 import { imageDiskSource } from "../../sources/image_disk.ts";
 import { nbdDiskSource } from "../../sources/nbd_disk.ts";
 import { encodeArchive, type EncodedArchive } from "../../transforms/archive_output.ts";
+import { type EncodedSyntheticFull, encodeSyntheticFull } from "../../access/synthetic_full.ts";
+import type { VmaWriterStats } from "../../vma/writer_stream.ts";
 import {
   compressionForPath,
   type WritableCompression,
   type ZstdEngine,
 } from "../../transforms/compression.ts";
-import { encodeIndex } from "../../index/index_format.ts";
+import { encodeIndex, type VmaIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
 import { CLUSTER_SIZE, configName } from "../../vma/format.ts";
 import type { VmaRecord } from "../../vma/records.ts";
@@ -34,6 +36,8 @@ import {
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
 import { openOutput } from "../files.ts";
+import { type BaseArchive, openBaseArchive } from "../base_archive.ts";
+import { checkpointName } from "../../live/checkpoints.ts";
 import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
@@ -44,7 +48,8 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                      [--compress zstd|gzip|none] [--level N] [--force]
                      [--progress auto|json|none] [--json]
        cli.ts backup --qmp SOCKET [--drive ID]... [--mode push|pull] [--config FILE]...
-                     -o OUT|- [--speed BYTES] [--fleece-dir DIR] [--discard-read]
+                     -o OUT|- [--base PREVIOUS] [--no-checkpoint] [--full-every N]
+                     [--speed BYTES] [--fleece-dir DIR] [--discard-read]
                      [--cbw-timeout SECONDS] [...]
 
   --disk [NAME=]PATH   a disk: an image file of any format QEMU reads (raw, qcow2, vmdk,
@@ -89,6 +94,18 @@ while the VM keeps running and writing):
   --cbw-timeout SECONDS  pull mode: how long a guest write may wait for its old data to be
                        copied before the snapshot breaks (the write then goes on, the backup
                        fails; default 30)
+
+Incremental backups (each archive is still complete on its own; see the README):
+  --base PREVIOUS      read from the VM only the clusters written since PREVIOUS was made
+                       (a seekable .vma.zst, or a .vma with its PREVIOUS.idx; a file or
+                       s3://) and take every other cluster from PREVIOUS. When the
+                       checkpoint cannot be trusted, a full backup, with one line saying why
+  --no-checkpoint      add no checkpoint: the next backup cannot be an incremental of this
+                       one, and the previous checkpoint is kept. By default each live backup
+                       adds checkpoint vmabackup-<UUID> at its snapshot point and, once the
+                       archive is complete, removes the previous one
+  --full-every N       a full backup when the base is the full or incremental backup N-1 of
+                       its chain (a qcow2 snapshot revert does not update checkpoints)
 
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
@@ -206,6 +223,19 @@ export async function readConfigs(paths: string[]): Promise<{ name: string; data
   );
 }
 
+/** Checkpoint hooks of a backup: a dirty bitmap that the next incremental starts from. */
+export interface BackupCheckpoint {
+  /** Its name, `vmabackup-<archive UUID>`. */
+  name: string;
+  /**
+   * Once the archive is durable: keep the new checkpoint, remove the previous ones;
+   * resolves to notes on what could not be removed.
+   */
+  commit(): Promise<string[]>;
+  /** On failure: remove the new checkpoint (the previous one stays). */
+  discard(): Promise<void>;
+}
+
 /** What a backup reads: started only once the output is open and every flag was checked. */
 export interface BackupSources {
   sources: ReadableStream<VmaRecord>[];
@@ -220,12 +250,24 @@ export interface BackupSources {
    * guest's writes wait for a frame.
    */
   servesQemu?: boolean;
+  /**
+   * An incremental: `sources` hold the device records and only the changed clusters; every
+   * other cluster comes from this base archive.
+   */
+  base?: BaseArchive | undefined;
+  /** Why the backup is a full one although `--base` asked for an incremental. */
+  fullReason?: string | undefined;
+  /** The checkpoint this backup adds, committed or discarded with the archive. */
+  checkpoint?: BackupCheckpoint | undefined;
 }
 
 /** What {@linkcode runBackup} needs: where the archive goes, how it is written, what it reads. */
 export interface BackupPlan {
-  /** Starts the sources (qemu-nbd children, a live backup): only after the output is open. */
-  start(): Promise<BackupSources>;
+  /**
+   * Starts the sources (qemu-nbd children, a live backup): only after the output is open.
+   * `uuid` is the new archive's, chosen first so a checkpoint can be named after it.
+   */
+  start(identity: { uuid: string }): Promise<BackupSources>;
   configs: { name: string; data: Uint8Array }[];
   output: string;
   compression: WritableCompression;
@@ -276,17 +318,24 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const output = await openOutput(plan.output, context, outputOptions);
   let sidecar: Awaited<ReturnType<typeof openOutput>> | undefined;
   let started: BackupSources;
+  const uuid = crypto.randomUUID();
   try {
     if (sidecarPath !== undefined) {
       sidecar = await openOutput(sidecarPath, context, outputOptions);
     }
-    started = await plan.start();
+    started = await plan.start({ uuid });
   } catch (error) {
     await output.discard();
     await sidecar?.discard();
     throw error;
   }
-  const { live, disks, totalBytes } = started;
+  const { live, disks, totalBytes, base } = started;
+  if (started.fullReason !== undefined) {
+    await writeText(
+      context.stderr,
+      `note: a full backup, not an incremental: ${started.fullReason}\n`,
+    );
+  }
   const progress = new Progress(context, {
     mode: plan.progress,
     command: "backup",
@@ -294,7 +343,8 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   });
   const sizes = new Map<number, number>();
   let expected = 0;
-  const uuid = crypto.randomUUID();
+  /** Bytes of the disks the sources gave: all of them for a full, the changes otherwise. */
+  let readBytes = 0;
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
   const onAbort = () => {
@@ -302,7 +352,8 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     sidecar?.discardSync();
   };
   context.signal.addEventListener("abort", onAbort);
-  let encoded: EncodedArchive | undefined;
+  let encoded: EncodedArchive | EncodedSyntheticFull | undefined;
+  let checkpointNotes: string[] = [];
   try {
     const records = combineRecordStreams(started.sources, { configs: plan.configs })
       .pipeThrough(tapStream<VmaRecord>((record) => {
@@ -313,18 +364,32 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
         }
         if (record.type !== "cluster" && record.type !== "zeros") return;
         const count = record.type === "zeros" ? record.count : 1;
-        const size = sizes.get(record.devId) ?? 0;
-        progress.add(Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE));
+        const bytes = clusterBytes(sizes, record.devId, record.cluster, count);
+        readBytes += bytes;
+        if (base === undefined) progress.add(bytes);
       }))
       .pipeThrough(new ZeroFilterStream());
-    encoded = encodeArchive(records, {
-      uuid,
+    const outputOptions = {
       compression: plan.compression,
       level: plan.level,
       zstd: plan.zstd,
       mainThread: !started.servesQemu,
-      index: plan.index !== false,
-    });
+    };
+    encoded = base === undefined
+      ? encodeArchive(records, { uuid, ...outputOptions, index: plan.index !== false })
+      : encodeSyntheticFull(records, {
+        base: base.archive,
+        uuid,
+        ...outputOptions,
+        checkpoint: base.checkpoint,
+        depth: base.depth + 1,
+        // Every cluster of the new archive, changed or from the base, in one extent.
+        onExtent: (runs) => {
+          for (const run of runs) {
+            progress.add(clusterBytes(sizes, run.devId, run.cluster, run.count));
+          }
+        },
+      });
     const pipeline = encoded.readable.pipeTo(output.writable, { signal: context.signal });
     // A live backup is aborted straight from the signal, not once the pipeline noticed it:
     // the pipeline may wait forever for a write to a stalled pipe, and QEMU must not.
@@ -337,27 +402,59 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     }
     await output.commit();
     await sidecar?.commit();
+    // Only now, with the archive durable, may the previous checkpoint go.
+    checkpointNotes = await started.checkpoint?.commit().catch((error) => [
+      `the archive is complete, but the checkpoints could not be rotated: ${
+        error instanceof Error ? error.message : error
+      }`,
+    ]) ?? [];
     await progress.finish(true);
   } catch (error) {
     await output.discard();
     await sidecar?.discard();
-    // Whatever failed, QEMU's graph is put back before the command ends.
+    // Whatever failed, QEMU's graph is put back before the command ends, and the new
+    // checkpoint is removed: the previous one stays the base of the next incremental.
     await live?.abort(error);
+    await started.checkpoint?.discard().catch(() => {});
     await progress.finish(false);
     throw context.signal.aborted ? context.signal.reason : error;
   } finally {
     context.signal.removeEventListener("abort", onAbort);
   }
+  for (const note of checkpointNotes) await writeText(context.stderr, `note: ${note}\n`);
 
   const seconds = (performance.now() - startTime) / 1000;
-  const stats = encoded!.stats();
+  const index = encoded!.index();
+  const stats = "stats" in encoded! && typeof encoded.stats === "function"
+    ? encoded.stats()
+    : statsOfIndex(index!);
   const diskBytes = [...sizes.values()].reduce((a, b) => a + b, 0);
   const written = output.writable.bytesWritten;
+  const synthetic = base === undefined ? undefined : (encoded as EncodedSyntheticFull).stats;
   const result = {
     ok: true,
     command: "backup",
     output: plan.output,
     uuid,
+    kind: base === undefined ? "full" : "incremental",
+    ...(started.fullReason !== undefined && { fullReason: started.fullReason }),
+    checkpoint: started.checkpoint?.name ?? null,
+    ...(base !== undefined && {
+      base: {
+        path: base.path,
+        uuid: base.archive.index.uuid,
+        checkpoint: base.checkpoint,
+        depth: base.depth + 1,
+      },
+    }),
+    readBytes,
+    baseBytes: diskBytes - readBytes,
+    ...(synthetic !== undefined && {
+      copiedExtents: synthetic.copiedExtents,
+      copiedBytes: synthetic.copiedBytes,
+      rewrittenClusters: synthetic.rewrittenClusters,
+      baseBytesRead: base!.archive.stats.storedBytesRead,
+    }),
     compression: plan.compression,
     index: encoded!.indexPlace === "sidecar"
       ? (sidecarPath === undefined ? "none" : "sidecar")
@@ -381,13 +478,18 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       ? Math.max(0, 100 * (1 - result.dataBytes / diskBytes)).toFixed(1)
       : "0";
     const name = plan.output === "-" ? "stdout" : plan.output;
+    const from = base === undefined
+      ? ""
+      : `; ${formatBytes(readBytes)} read, ${formatBytes(diskBytes - readBytes)} from the base (${
+        synthetic!.copiedExtents
+      } extents copied as stored)`;
     await writeText(
       context.stderr,
-      `${name}: ${disks.length} disk(s), ${formatBytes(diskBytes)} (${sparse}% sparse) → ${
-        formatBytes(written)
-      } ${plan.compression === "none" ? "" : `${plan.compression} `}in ${seconds.toFixed(1)} s, ${
-        formatRate(diskBytes, seconds)
-      }\n`,
+      `${name}: ${result.kind} backup, ${disks.length} disk(s), ${
+        formatBytes(diskBytes)
+      } (${sparse}% sparse) → ${formatBytes(written)} ${
+        plan.compression === "none" ? "" : `${plan.compression} `
+      }in ${seconds.toFixed(1)} s, ${formatRate(diskBytes, seconds)}${from}\n`,
     );
   }
   return 0;
@@ -409,6 +511,9 @@ const OPTIONS = {
   "fleece-dir": { type: "string" },
   "discard-read": { type: "boolean" },
   "cbw-timeout": { type: "string" },
+  base: { type: "string" },
+  "no-checkpoint": { type: "boolean" },
+  "full-every": { type: "string" },
   zstd: { type: "string" },
   "no-index": { type: "boolean" },
   index: { type: "string" },
@@ -483,10 +588,11 @@ export const backupCommand: Command = {
     }
     if (
       values.drive || values.mode || values.speed || values["fleece-dir"] ||
-      values["cbw-timeout"]
+      values["cbw-timeout"] || values.base !== undefined || values["no-checkpoint"] ||
+      values["full-every"] !== undefined
     ) {
       throw new UsageError(
-        "--drive, --mode, --speed, --fleece-dir and --cbw-timeout need --qmp SOCKET",
+        "--drive, --mode, --speed, --fleece-dir, --cbw-timeout, --base, --no-checkpoint and --full-every need --qmp SOCKET",
       );
     }
     if (!values.disk?.length && !values.config?.length) {
@@ -543,41 +649,105 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
   ) {
     throw new UsageError("--fleece-dir, --discard-read and --cbw-timeout are for --mode pull");
   }
+  const incremental = incrementalOptions(values);
   const plan = await outputPlan(values);
   // Every flag is checked before QMP is connected; the VM is touched only in start(), once
   // the output is open, and only after the drives and configs were found to fit an archive.
   using qmp = await QmpClient.connect(values.qmp!);
-  const options = {
-    qmp,
-    ...(values.drive && { drives: values.drive }),
-    checkDrives: (drives: LiveDrive[]) => checkArchiveLimits(drives, plan.configs),
-  };
-  return await runBackup({
-    ...plan,
-    async start() {
-      const live = mode === "push"
-        ? await startPushBackup({ ...options, ...(speed && { speed }) })
-        : await startPullBackup({
-          ...options,
-          ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
-          ...(cbwTimeout && { cbwTimeoutSeconds: cbwTimeout }),
-          discardRead: values["discard-read"] ?? false,
-        });
-      if (live.fleeceDir !== undefined && values["fleece-dir"] === undefined) {
-        await writeText(
-          context.stderr,
-          `note: the fleece images (the old data of clusters the guest overwrites during the backup) go to ${live.fleeceDir}, removed afterwards; choose with --fleece-dir\n`,
-        );
-      }
-      return {
-        sources: [live.records],
-        totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
-        disks: live.drives.map((drive) => ({ name: drive.name, path: `qmp:${drive.node}` })),
-        live,
-        servesQemu: mode === "push",
-      };
-    },
-  }, context);
+  const chosen = await chooseBase(incremental, plan);
+  try {
+    const options = {
+      qmp,
+      ...(values.drive && { drives: values.drive }),
+      checkDrives: (drives: LiveDrive[]) => checkArchiveLimits(drives, plan.configs),
+    };
+    return await runBackup({
+      ...plan,
+      async start({ uuid }) {
+        const base = chosen.base;
+        const checkpoints = {
+          checkpoint: incremental.checkpoint ? checkpointName(uuid) : undefined,
+          since: base && { checkpoint: base.checkpoint, devices: base.archive.devices },
+        };
+        const live = mode === "push"
+          ? await startPushBackup({ ...options, ...checkpoints, ...(speed && { speed }) })
+          : await startPullBackup({
+            ...options,
+            ...checkpoints,
+            ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
+            ...(cbwTimeout && { cbwTimeoutSeconds: cbwTimeout }),
+            discardRead: values["discard-read"] ?? false,
+          });
+        if (live.fleeceDir !== undefined && values["fleece-dir"] === undefined) {
+          await writeText(
+            context.stderr,
+            `note: the fleece images (the old data of clusters the guest overwrites during the backup) go to ${live.fleeceDir}, removed afterwards; choose with --fleece-dir\n`,
+          );
+        }
+        return {
+          sources: [live.records],
+          totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
+          disks: live.drives.map((drive) => ({ name: drive.name, path: `qmp:${drive.node}` })),
+          live,
+          servesQemu: mode === "push",
+          base: live.kind === "incremental" ? base : undefined,
+          fullReason: live.fullReason ?? chosen.fullReason,
+          checkpoint: live.checkpoint === undefined ? undefined : {
+            name: live.checkpoint,
+            commit: () => live.commitCheckpoint(),
+            discard: () => live.abort(),
+          },
+        };
+      },
+    }, context);
+  } finally {
+    chosen.base?.archive.close();
+  }
+}
+
+/** The flags of incremental backups: `--base`, `--no-checkpoint`, `--full-every`. */
+interface IncrementalOptions {
+  base?: string | undefined;
+  /** Add a checkpoint for the next incremental (not with `--no-checkpoint`). */
+  checkpoint: boolean;
+  fullEvery?: number | undefined;
+}
+
+function incrementalOptions(values: BackupValues): IncrementalOptions {
+  const fullEvery = values["full-every"] === undefined ? undefined : Number(values["full-every"]);
+  if (fullEvery !== undefined && (!Number.isSafeInteger(fullEvery) || fullEvery < 1)) {
+    throw new UsageError("--full-every must be a whole number of backups, at least 1");
+  }
+  if (values.base !== undefined && values["no-index"]) {
+    throw new UsageError(
+      "--base and --no-index cannot be combined (the archive's index finds what the base holds)",
+    );
+  }
+  return { base: values.base, checkpoint: !(values["no-checkpoint"] ?? false), fullEvery };
+}
+
+/**
+ * Opens the `--base` archive, or says why the backup will be a full one: the base cannot
+ * be used, or `--full-every` says so. Without `--config`, the base's configs are kept.
+ */
+async function chooseBase(
+  options: IncrementalOptions,
+  plan: Omit<BackupPlan, "start">,
+): Promise<{ base?: BaseArchive; fullReason?: string }> {
+  if (options.base === undefined) return {};
+  const opened = await openBaseArchive(options.base, plan.storage);
+  if ("problem" in opened) return { fullReason: opened.problem };
+  const { base } = opened;
+  if (plan.configs.length === 0) plan.configs = base.archive.header.configs;
+  if (options.fullEvery !== undefined && base.depth + 1 >= options.fullEvery) {
+    base.archive.close();
+    return {
+      fullReason: `--full-every ${options.fullEvery}: the base is ${
+        base.depth === 0 ? "a full backup" : `incremental ${base.depth} after a full one`
+      }`,
+    };
+  }
+  return { base };
 }
 
 /**
@@ -601,6 +771,25 @@ function abortOnSignal(
     const forget = () => signal.removeEventListener("abort", abort);
     pipeline.then(forget, forget);
   });
+}
+
+/** Bytes of `count` clusters from `cluster` on, within the device's size. */
+function clusterBytes(sizes: Map<number, number>, devId: number, cluster: number, count: number) {
+  const size = sizes.get(devId) ?? 0;
+  return Math.max(0, Math.min(count * CLUSTER_SIZE, size - cluster * CLUSTER_SIZE));
+}
+
+/** A synthetic full's counters as the writer's would be, from its index. */
+function statsOfIndex(index: VmaIndex): VmaWriterStats {
+  let zeroClusters = 0;
+  index.runs.counts.forEach((count, r) => zeroClusters += index.runs.zero[r] ? count : 0);
+  return {
+    bytes: index.archiveBytes,
+    extents: index.blockCounts.length,
+    clusters: index.slotCounts.reduce((sum, count) => sum + count, 0),
+    zeroClusters,
+    dataBlocks: index.blockCounts.reduce((sum, count) => sum + count, 0),
+  };
 }
 
 function isNbdUri(path: string): boolean {

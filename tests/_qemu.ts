@@ -131,6 +131,14 @@ export interface TestVm {
   status(): Promise<string>;
   /** What QEMU printed on stdout and stderr so far (HMP qemu-io output may land there). */
   output(): string;
+  /** The named dirty bitmaps of each node that has any: node name → bitmap names, sorted. */
+  bitmaps(): Promise<Map<string, string[]>>;
+  /**
+   * Stops QEMU (with `quit`, or with SIGKILL as a crash does: persistent bitmaps are then
+   * left `in-use`) and starts it again on the same images, with `addDisks` attached too.
+   * The model stays: before a kill, the guest's writes are flushed.
+   */
+  restart(options?: { kill?: boolean; addDisks?: DiskSpec[] }): Promise<void>;
   /**
    * Quits QEMU and returns each disk's content read back with qemu-img (none with
    * `readBack: false`, for big disks whose content does not matter).
@@ -250,60 +258,77 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
       "pflash0=pflash0-code",
     );
   }
-  for (const disk of disks) {
-    const format = disk.format ?? "qcow2";
-    const image = `${dir}/${disk.id}.${format}`;
-    const content = new Uint8Array(disk.size);
-    for (const [offset, bytes] of disk.data ?? []) content.set(bytes, offset);
-    if (disk.image !== undefined) {
-      await Deno.copyFile(disk.image, image);
-    } else {
-      await Deno.writeFile(`${dir}/${disk.id}.init.raw`, content);
-      await convertImage(`${dir}/${disk.id}.init.raw`, format, image);
-      await Deno.remove(`${dir}/${disk.id}.init.raw`);
-    }
-    model.set(disk.id, content);
-    args.push(...diskArgs(disk, image, format));
-  }
-  args.push(...options.extraArgs ?? []);
-  const process = new Deno.Command("qemu-system-x86_64", { args, stdout: "piped", stderr: "piped" })
-    .spawn();
-  let printed = "";
-  const collect = (stream: ReadableStream<Uint8Array>) =>
-    stream.pipeThrough(new TextDecoderStream()).pipeTo(
-      new WritableStream({ write: (text) => void (printed += text) }),
-    );
-  const collected = Promise.all([collect(process.stdout), collect(process.stderr)]);
-  let qmp: QmpClient;
-  let ioQmp: QmpClient;
-  try {
-    for (let i = 0; !(await Deno.stat(`${dir}/io.qmp`).then(() => true, () => false)); i++) {
-      if (i === 200 || printed.includes("qemu-system-x86_64:")) {
-        throw new Error("QEMU did not open its QMP socket within 5 s");
+  const addDisks = async (added: DiskSpec[]) => {
+    for (const disk of added) {
+      const format = disk.format ?? "qcow2";
+      const image = `${dir}/${disk.id}.${format}`;
+      const content = new Uint8Array(disk.size);
+      for (const [offset, bytes] of disk.data ?? []) content.set(bytes, offset);
+      if (disk.image !== undefined) {
+        await Deno.copyFile(disk.image, image);
+      } else {
+        await Deno.writeFile(`${dir}/${disk.id}.init.raw`, content);
+        await convertImage(`${dir}/${disk.id}.init.raw`, format, image);
+        await Deno.remove(`${dir}/${disk.id}.init.raw`);
       }
-      await new Promise((resolve) => setTimeout(resolve, 25));
+      model.set(disk.id, content);
+      args.push(...diskArgs(disk, image, format));
     }
-    qmp = await QmpClient.connect(`${dir}/test.qmp`);
-    ioQmp = await QmpClient.connect(`${dir}/io.qmp`, { timeoutMs: 600_000 });
-  } catch (error) {
+  };
+  await addDisks(disks);
+  args.push(...options.extraArgs ?? []);
+  let printed = "";
+  let process: Deno.ChildProcess;
+  let collected: Promise<unknown>;
+  let qmp!: QmpClient;
+  let ioQmp!: QmpClient;
+  const launch = async () => {
+    await Deno.remove(`${dir}/io.qmp`).catch(() => {});
+    process = new Deno.Command("qemu-system-x86_64", { args, stdout: "piped", stderr: "piped" })
+      .spawn();
+    const collect = (stream: ReadableStream<Uint8Array>) =>
+      stream.pipeThrough(new TextDecoderStream()).pipeTo(
+        new WritableStream({ write: (text) => void (printed += text) }),
+      );
+    collected = Promise.all([collect(process.stdout), collect(process.stderr)]);
     try {
-      process.kill();
-    } catch { /* it exited on its own */ }
-    await Promise.all([process.status, collected]);
-    await Deno.remove(dir, { recursive: true });
-    throw new Error(`${error instanceof Error ? error.message : error}: ${printed.trim()}`);
-  }
+      for (let i = 0; !(await Deno.stat(`${dir}/io.qmp`).then(() => true, () => false)); i++) {
+        if (i === 200 || printed.includes("qemu-system-x86_64:")) {
+          throw new Error("QEMU did not open its QMP socket within 5 s");
+        }
+        await new Promise((resolve) => setTimeout(resolve, 25));
+      }
+      qmp = await QmpClient.connect(`${dir}/test.qmp`);
+      ioQmp = await QmpClient.connect(`${dir}/io.qmp`, { timeoutMs: 600_000 });
+    } catch (error) {
+      try {
+        process.kill();
+      } catch { /* it exited on its own */ }
+      await Promise.all([process.status, collected]);
+      await Deno.remove(dir, { recursive: true });
+      throw new Error(`${error instanceof Error ? error.message : error}: ${printed.trim()}`);
+    }
+  };
+  await launch();
   let stopped = false;
+  const quit = async (kill = false) => {
+    if (kill) {
+      process.kill("SIGKILL");
+    } else {
+      await qmp.execute("quit").catch(() => {});
+    }
+    qmp.close();
+    ioQmp.close();
+    await process.status;
+    await collected;
+  };
   const stop = async () => {
     if (!stopped) {
       stopped = true;
-      await qmp.execute("quit").catch(() => {});
-      qmp.close();
-      ioQmp.close();
-      await process.status;
-      await collected;
+      await quit();
     }
   };
+  const attached = [...disks];
   const specs = new Map(disks.map((disk) => [disk.id, disk]));
   /** Per disk: discarded clusters and what they held before, kept up to date by later writes. */
   const discarded = new Map(disks.map((disk) => [disk.id, new Map<number, Uint8Array>()]));
@@ -352,7 +377,9 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
   };
   return {
     dir,
-    qmp,
+    get qmp() {
+      return qmp;
+    },
     toolQmp: `${dir}/tool.qmp`,
     model,
     async write(id, offset, length, pattern) {
@@ -412,10 +439,36 @@ export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promi
       return ((await qmp.execute("query-status")) as { status: string }).status;
     },
     output: () => printed,
+    async bitmaps() {
+      const nodes = await qmp.execute("query-named-block-nodes", { flat: true }) as {
+        "node-name": string;
+        "dirty-bitmaps"?: { name?: string }[];
+      }[];
+      const found = new Map<string, string[]>();
+      for (const node of nodes) {
+        const names = (node["dirty-bitmaps"] ?? []).flatMap((bitmap) => bitmap.name ?? []);
+        if (names.length > 0) found.set(node["node-name"], names.sort());
+      }
+      return found;
+    },
+    async restart(options = {}) {
+      if (options.kill) {
+        for (const id of specs.keys()) await io(id, "flush");
+      }
+      await quit(options.kill);
+      const added = options.addDisks ?? [];
+      await addDisks(added);
+      for (const disk of added) {
+        specs.set(disk.id, disk);
+        discarded.set(disk.id, new Map());
+        attached.push(disk);
+      }
+      await launch();
+    },
     async stop(options = {}) {
       await stop();
       const contents = new Map<string, Uint8Array>();
-      for (const disk of options.readBack === false ? [] : disks) {
+      for (const disk of options.readBack === false ? [] : attached) {
         const format = disk.format ?? "qcow2";
         await run("qemu-img", [
           "convert",

@@ -673,3 +673,54 @@ for (const mode of ["push", "pull"] as const) {
     },
   );
 }
+
+qemuTest(
+  "incremental push and pull of a VM started as Proxmox VE 9 does (throttle filters; push with an iothread)",
+  async () => {
+    for (const mode of ["push", "pull"] as const) {
+      // Pull mode refuses a throttle filter in an iothread (see live_backup_test.ts).
+      const vm = await startVm([
+        {
+          id: "scsi0",
+          bus: "scsi",
+          throttle: true,
+          size: 16 * MiB,
+          data: diskContent(16 * MiB, 8),
+        },
+        { id: "efidisk0", bus: "pflash", throttle: true, format: "raw", size: 540672 },
+      ], { iothread: mode === "push" });
+      await withTempDir(async (dir) => {
+        try {
+          const before = await vm.nodes();
+          const a = await backup(vm, mode, ["-o", `${dir}/a.vma.zst`]);
+          assert.equal(a.code, 0, a.stderr);
+          // The checkpoints are on the format nodes below the filters.
+          const bitmaps = await vm.bitmaps();
+          assert.ok(
+            ![...bitmaps.keys()].some((node) => node.startsWith("drive-")),
+            [...bitmaps].join(),
+          );
+          await assertOneCheckpoint(vm, `vmabackup-${a.result.uuid}`, 2);
+          const dirty: Dirty = new Map();
+          await guestWrites(vm, 8, 77, dirty, []);
+          const snapshot = snapshotOf(vm);
+          const b = await backup(vm, mode, [
+            "--base",
+            `${dir}/a.vma.zst`,
+            "-o",
+            `${dir}/b.vma.zst`,
+          ]);
+          assert.equal(b.code, 0, b.stderr);
+          assert.equal(b.result.kind, "incremental", b.stderr);
+          assert.equal(b.result.readBytes, dirtyBytes(vm, dirty, true));
+          assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, `${mode}: b`);
+          await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 2);
+          assert.deepEqual(await vm.nodes(), before);
+          assert.equal(await vm.status(), "running");
+        } finally {
+          await vm.stop().catch(() => {});
+        }
+      });
+    }
+  },
+);

@@ -85,11 +85,13 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const stats: SeekableDecodeStats = { frames: 0, checksummedFrames: 0, digestsChecked: 0 };
     const table = options.seekTable;
     const frames = table.compressedSizes.length;
-    // Workers for the cores but one, and this thread decodes when they all have two frames
-    // queued: each frame in flight holds its input and output (about 5 MB for a full
-    // extent), and each Worker about 15 MiB.
+    // Workers for the cores but one, and this thread decodes when they are all busy: each
+    // frame in flight holds its input and output (about 5 MB for a full extent), and each
+    // Worker about 15 MiB.
     const decoders = new FrameDecoderPool(options.workers, undefined, { mainThread: true });
-    const maxInFlight = 2 * decoders.size + 1;
+    // A data frame for each worker and one for this thread; twice that many entries, since
+    // every data frame comes after its small header frame (decoded at once).
+    const maxInFlight = 2 * (decoders.size + 1);
     // Buffers of the sizes this file needs: its largest frame, compressed and decoded.
     let largest = 0;
     let largestDecoded = 0;

@@ -27,7 +27,9 @@ export interface ArchiveInput {
 }
 
 /**
- * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes.
+ * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes. The
+ * records' buffers are recycled: each record must reach one final consumer, which releases
+ * it (no `tee()`).
  *
  * @example Read a small archive from a file
  * ```ts
@@ -55,15 +57,16 @@ export async function openArchive(
     zstd?: ZstdEngine;
   },
 ): Promise<ArchiveInput> {
-  const input = await openInput(path);
+  // The CLI's pipelines give every chunk and record one final consumer: buffers are reused.
+  const input = await openInput(path, { reuseBuffers: true });
   let read = 0;
   const progress = options.progress?.(input.size);
   const counted = input.readable.pipeThrough(tapStream<Uint8Array>((chunk) => {
     read += chunk.byteLength;
     progress?.add(chunk.byteLength);
   }));
-  const decompressed = await decompressInput(counted, options.zstd);
-  const reader = new VmaReaderStream(options.reader);
+  const decompressed = await decompressInput(counted, options.zstd, { reuseBuffers: true });
+  const reader = new VmaReaderStream({ ...options.reader, reuseBuffers: true });
   return {
     records: asArchiveErrors(decompressed.readable, decompressed.compression, () => read)
       .pipeThrough(reader),

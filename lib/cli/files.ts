@@ -20,7 +20,8 @@ export interface Input {
 }
 
 /**
- * Opens `path` for reading, or stdin for `-`.
+ * Opens `path` for reading, or stdin for `-`. With `reuseBuffers`, the chunks are recycled
+ * once their final consumer calls `releaseChunk` (for a pipeline without fan-out).
  *
  * @example Read a file
  * ```ts
@@ -35,15 +36,20 @@ export interface Input {
  * await Deno.remove(path);
  * ```
  */
-export async function openInput(path: string): Promise<Input> {
-  if (path === "-") return { readable: fileByteSource(Deno.stdin), name: "stdin" };
+export async function openInput(
+  path: string,
+  options: { reuseBuffers?: boolean } = {},
+): Promise<Input> {
+  const chunks = { reuseBuffers: options.reuseBuffers ?? false };
+  if (path === "-") return { readable: fileByteSource(Deno.stdin, chunks), name: "stdin" };
   const file = await Deno.open(path, { read: true });
   const info = await file.stat();
   if (info.isDirectory) {
     file.close();
     throw new Deno.errors.IsADirectory(`Cannot read archive ${path}: It is a directory`);
   }
-  return { readable: fileByteSource(file), size: info.isFile ? info.size : undefined, name: path };
+  const size = info.isFile ? info.size : undefined;
+  return { readable: fileByteSource(file, chunks), size, name: path };
 }
 
 /**

@@ -24,6 +24,11 @@ export interface NbdDiskSourceOptions {
   onConnect?: (client: NbdClient) => void;
   /** Milliseconds any NBD wait may last (default 30 s). */
   timeoutMs?: number;
+  /**
+   * Recycle the read buffers (default `false`); only for a pipeline in which every record
+   * reaches exactly one final consumer that releases its lease (see `rawDiskSource`).
+   */
+  reuseBuffers?: boolean;
 }
 
 const BASE_ALLOCATION = "base:allocation";
@@ -32,8 +37,9 @@ const BASE_ALLOCATION = "base:allocation";
  * Connects to an NBD export (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`) and
  * emits a `device` record and then the export's clusters in order. With the server's
  * `base:allocation` block status, ranges that read as zeros become `zeros` records and are
- * never read; the rest is read in large requests into recycled buffers. Servers without
- * block status are read in full (zero blocks are still found by the zero filter).
+ * never read; the rest is read in large requests (into recycled buffers with
+ * `reuseBuffers`). Servers without block status are read in full (zero blocks are still
+ * found by the zero filter).
  *
  * @example Back up an export served by qemu-nbd
  * ```ts ignore
@@ -112,7 +118,7 @@ export function nbdDiskSource(
         Math.floor(Math.min(options.readSize ?? 1 << 20, client.maxRequestSize) / CLUSTER_SIZE) *
           CLUSTER_SIZE,
       );
-      pool = new BufferPool(readSize);
+      pool = new BufferPool(readSize, { recycle: options.reuseBuffers ?? false });
       controller.enqueue({ type: "device", devId, name, size });
     },
     async pull(controller) {

@@ -104,8 +104,8 @@ type Reply =
 
 /**
  * This side of the decoding worker: {@linkcode write} compressed bytes, {@linkcode end},
- * and {@linkcode read} decoded chunks. Decoded chunks come from a pool; the final consumer
- * gives each back with `releaseChunk`.
+ * and {@linkcode read} decoded chunks. With `reuseBuffers`, decoded chunks come from a pool
+ * and the final consumer gives each back with `releaseChunk`.
  *
  * @example Decode two frames written in two pieces
  * ```ts
@@ -129,7 +129,7 @@ type Reply =
 export class ZstdDecoderWorker {
   #worker: Worker | undefined;
   #inputs = new BufferPool(INPUT_SIZE, { maxFree: INPUTS_IN_FLIGHT + 1 });
-  #outputs = new BufferPool(OUTPUT_SIZE, { maxFree: OUTPUTS_AHEAD + 2, trackChunks: true });
+  #outputs: BufferPool;
   #inputsInFlight = 0;
   /** An input buffer being filled from small chunks while the worker is busy. */
   #gathering: Uint8Array<ArrayBuffer> | undefined;
@@ -139,6 +139,15 @@ export class ZstdDecoderWorker {
   #ended = false;
   #failure: { reason: unknown } | undefined;
   #change = Promise.withResolvers<void>();
+
+  /** A decoder; `reuseBuffers` recycles the decoded chunks that consumers release. */
+  constructor(options: { reuseBuffers?: boolean } = {}) {
+    this.#outputs = new BufferPool(OUTPUT_SIZE, {
+      maxFree: OUTPUTS_AHEAD + 2,
+      trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
+    });
+  }
 
   /**
    * Copies `chunk` towards the worker; resolves once few enough inputs wait there. Small

@@ -32,6 +32,11 @@ export interface ZstdCompressOptions {
   mainThread?: boolean;
   /** Bytes per independent zstd frame (default 4 MiB). */
   frameSize?: number;
+  /**
+   * Recycle the output buffers (default `false`); only for a pipeline in which every output
+   * chunk reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean;
 }
 
 type Output = TransformStreamDefaultController<Uint8Array>;
@@ -42,7 +47,8 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * order. Concatenated frames are one valid zstd stream: `zstd -d` and every zstd decoder
  * read it. At most two frames per worker and two more are in flight, so memory stays
  * bounded; input and output buffers travel to the workers and back without copies and are
- * reused (an output chunk returns to the pool once its final consumer calls `releaseChunk`).
+ * reused (with `reuseBuffers`, an output chunk returns to the pool once its final consumer
+ * calls `releaseChunk`).
  * A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
  *
@@ -84,6 +90,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const outputs = new BufferPool(frameBound(frameSize), {
       maxFree: maxInFlight + 5, // and the chunks queued downstream
       trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
     });
     let compressHere: ReturnType<typeof frameCompressor> | undefined;
     /** Frames being compressed, oldest first, each with where its input buffer goes back. */
@@ -182,8 +189,8 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
  * ones) in one Worker, in order, as `zstd -d` does; this thread stays free for the stages
  * after it. The frames are also walked here by their headers, which names the byte offset
  * of bad framing and finds a stream that ends inside a frame. Decoded chunks (up to 1 MiB)
- * come from a pool: a final consumer that calls `releaseChunk` lets the next chunk reuse
- * the memory. Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
+ * are fresh, or with `reuseBuffers` come from a pool: a final consumer that calls
+ * `releaseChunk` lets the next chunk reuse the memory (only without `tee()` or fan-out). Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
  * both sides: however far a frame expands, at most three decoded chunks wait.
  *
  * @example Round trip
@@ -207,8 +214,8 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly writable: WritableStream<Uint8Array>;
 
   /** A decompressor whose decoding runs in a Worker of its own. */
-  constructor() {
-    const decoder = new ZstdDecoderWorker();
+  constructor(options: { reuseBuffers?: boolean } = {}) {
+    const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
     let input!: WritableStreamDefaultController;
     let output!: ReadableStreamDefaultController<Uint8Array>;

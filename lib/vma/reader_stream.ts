@@ -24,7 +24,7 @@ import {
   VMSTATE_NAME,
 } from "./format.ts";
 import { decodeHeader, headerSizeOf } from "./header.ts";
-import type { VmaDeviceRecord, VmaRecord } from "./records.ts";
+import type { VmaClusterRecord, VmaDeviceRecord, VmaRecord } from "./records.ts";
 
 /** Options of {@linkcode VmaReaderStream}. */
 export interface VmaReaderOptions {
@@ -40,6 +40,13 @@ export interface VmaReaderOptions {
    * structure matters.
    */
   skipData?: boolean;
+  /**
+   * Recycle the extent buffers behind cluster data (default `false`). Only for a pipeline in
+   * which every cluster record reaches exactly one final consumer that releases it (its
+   * `lease`, or `releaseChunk` on the data passed on as bytes), and no `tee()`. Off, every
+   * extent's data are a fresh buffer that belongs to the records' receiver.
+   */
+  reuseBuffers?: boolean;
 }
 
 /** Per-device counters of {@linkcode VmaReaderStats}. */
@@ -88,7 +95,7 @@ export interface VmaReaderStats {
  * duplicate clusters, writes beyond the end) and more: clusters past a device's end, and,
  * at the end, missing clusters. Every problem is a {@linkcode VmaFormatError} that carries
  * the byte offset. Extents are emitted only once complete and valid; cluster data are views
- * of a recycled extent buffer, so memory stays at about one extent.
+ * of one buffer per extent, recycled with `reuseBuffers`, so memory stays at about one extent.
  *
  * @example Read an archive back into records
  * ```ts
@@ -183,10 +190,15 @@ class ArchiveParser {
    * Extent data. Tracked, so that a cluster passed on as bytes (`DeviceBytesStream`) comes
    * back through the final byte consumer's `releaseChunk`, instead of its lease.
    */
-  #pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, { maxFree: 2, trackChunks: true });
+  #pool: BufferPool;
   #layout: PooledBuffer | null = null;
 
   constructor(options: VmaReaderOptions) {
+    this.#pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, {
+      maxFree: 2,
+      trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
+    });
     const require = options.requireComplete ?? true;
     this.#requireComplete = typeof require === "function" ? require : () => require;
     this.#skipData = options.skipData ?? false;
@@ -484,8 +496,11 @@ class ArchiveParser {
   #emitClusters(output: Output): void {
     const layout = this.#layout;
     this.#layout = null;
-    // Hold before the first enqueue: a pipe may run its sink, and release, during enqueue.
-    layout?.hold(this.#slots.reduce((holders, slot) => holders + (slot.mask === 0 ? 0 : 1), 0));
+    // Lend before the first enqueue: a pipe may run its sink, and release, during enqueue.
+    const leases = layout?.lend(
+      this.#slots.reduce((holders, slot) => holders + (slot.mask === 0 ? 0 : 1), 0),
+    );
+    let lent = 0;
     for (const { index, mask, devId, cluster } of this.#slots) {
       const device = this.#devices[devId]!;
       const blocks = popcount16(mask);
@@ -500,14 +515,16 @@ class ArchiveParser {
         output.enqueue({ type: "cluster", devId, cluster, mask, data: null });
         continue;
       }
-      const data = layout!.bytes.subarray(index * CLUSTER_SIZE, (index + 1) * CLUSTER_SIZE);
+      const data = layout!.view(index * CLUSTER_SIZE, (index + 1) * CLUSTER_SIZE);
       if (mask !== 0xffff) {
         // The recycled buffer holds stale bytes where no block was stored.
         for (let block = 0; block < 16; block++) {
           if (!(mask & (1 << block))) data.fill(0, block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE);
         }
       }
-      output.enqueue({ type: "cluster", devId, cluster, mask, data, lease: layout! });
+      const record: VmaClusterRecord = { type: "cluster", devId, cluster, mask, data };
+      if (leases !== undefined) record.lease = leases[lent++]!;
+      output.enqueue(record);
     }
   }
 }

@@ -281,8 +281,10 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)
       .pipeThrough(
+        // Every stage of this pipeline is its chunks' only consumer: buffers may be reused.
         compressor(plan.compression, plan.level, plan.zstd, {
           mainThread: !started.servesQemu,
+          reuseBuffers: true,
         }),
       )
       .pipeTo(output.writable, { signal: context.signal });
@@ -434,8 +436,11 @@ export const backupCommand: Command = {
       ...plan,
       start: () =>
         Promise.resolve({
+          // Each record goes through one linear pipeline to the writer, which releases it.
           sources: disks.map(({ name, path }) =>
-            isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
+            isNbdUri(path)
+              ? nbdDiskSource(path, { name, reuseBuffers: true })
+              : imageDiskSource(path, { name, reuseBuffers: true })
           ),
           disks,
         }),

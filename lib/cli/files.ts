@@ -1,13 +1,15 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
  * Inputs and outputs of CLI commands: `-` for stdin or stdout, and outputs that appear
- * only when complete (written to `NAME.partial`, renamed on success, removed on failure).
+ * only when complete (written to `NAME.partial`, flushed and renamed on success, removed on
+ * failure; see `durable.ts`).
  *
  * @module
  */
 import { fileByteSource } from "../sources/file_bytes.ts";
 import { ByteSink } from "../sinks/file_sink.ts";
 import type { CliContext } from "./context.ts";
+import { commitFiles, type PendingFile } from "./durable.ts";
 import { CliError, ExitCode } from "./errors.ts";
 
 /** An archive opened for reading. */
@@ -70,40 +72,6 @@ export function existsError(path: string): CliError {
 }
 
 /**
- * Moves a finished `partial` to `target`. An existing `target` (allowed with --force) is
- * first renamed aside and removed only once the new one is in place; if the rename fails,
- * the old one is put back, so a failure never loses both.
- *
- * @example Replace an existing directory
- * ```ts
- * import assert from "node:assert/strict";
- * import { replaceWith } from "./files.ts";
- *
- * const dir = await Deno.makeTempDir();
- * await Deno.mkdir(`${dir}/restore/old`, { recursive: true });
- * await Deno.mkdir(`${dir}/restore.partial`);
- * await Deno.writeTextFile(`${dir}/restore.partial/new.txt`, "new");
- * await replaceWith(`${dir}/restore.partial`, `${dir}/restore`);
- * const names = await Array.fromAsync(Deno.readDir(dir), (entry) => entry.name);
- * assert.deepEqual(names, ["restore"]);
- * assert.equal(await Deno.readTextFile(`${dir}/restore/new.txt`), "new");
- * await Deno.remove(dir, { recursive: true });
- * ```
- */
-export async function replaceWith(partial: string, target: string): Promise<void> {
-  if (!await exists(target)) return await Deno.rename(partial, target);
-  const aside = `${target}.old-${Deno.pid}`;
-  await Deno.rename(target, aside);
-  try {
-    await Deno.rename(partial, target);
-  } catch (error) {
-    await Deno.rename(aside, target).catch(() => {});
-    throw error;
-  }
-  await Deno.remove(aside, { recursive: true });
-}
-
-/**
  * True when something exists at `path` (a dangling symlink counts).
  *
  * @example Files, and dangling symlinks
@@ -133,8 +101,15 @@ export interface Output {
   writable: ByteSink;
   /** Final path, or `-` for stdout. */
   path: string;
-  /** Makes the output final (renames `NAME.partial` to `NAME`). */
-  commit(): Promise<void>;
+  /** The file being written (`PATH.partial`), or `undefined` for stdout. */
+  partial: string | undefined;
+  /**
+   * Makes the output final, durably (see {@linkcode commitFiles}): its data are flushed,
+   * it is renamed to `PATH` (one atomic rename, also over an existing `PATH`), and the
+   * directory is flushed. `sidecars`, files written beside it (such as an index), are
+   * flushed with it and renamed before it, so `PATH` never appears without them.
+   */
+  commit(sidecars?: PendingFile[]): Promise<void>;
   /** Removes the partial output; safe to call more than once, and after commit. */
   discard(): Promise<void>;
   /** The same as discard, for signal handlers that cannot wait. */
@@ -172,6 +147,7 @@ export async function openOutput(
     return {
       writable: new ByteSink(context.stdout),
       path,
+      partial: undefined,
       commit: noop,
       discard: noop,
       discardSync: () => {},
@@ -188,30 +164,31 @@ export async function openOutput(
   ).catch((error) => {
     throw error instanceof Deno.errors.AlreadyExists ? existsError(partial) : error;
   });
-  let state: "open" | "committed" | "discarded" = "open";
+  let state: "open" | "closed" | "committed" | "discarded" = "open";
   const close = () => {
-    try {
-      file.close();
-    } catch { /* already closed */ }
+    if (state === "open") file.close();
+    state = "closed";
   };
   return {
     writable: new ByteSink(file),
     path,
-    async commit() {
-      close();
-      await replaceWith(partial, path);
+    partial,
+    async commit(sidecars = []) {
+      if (state !== "open") throw new Error(`Cannot commit ${path}: It was committed or discarded`);
+      state = "closed"; // commitFiles flushes and closes the file
+      await commitFiles([...sidecars, { partial, target: path, file }]);
       state = "committed";
     },
     async discard() {
-      if (state !== "open") return;
-      state = "discarded";
+      if (state === "committed" || state === "discarded") return;
       close();
+      state = "discarded";
       await Deno.remove(partial).catch(() => {});
     },
     discardSync() {
-      if (state !== "open") return;
-      state = "discarded";
+      if (state === "committed" || state === "discarded") return;
       close();
+      state = "discarded";
       try {
         Deno.removeSync(partial);
       } catch { /* already gone */ }

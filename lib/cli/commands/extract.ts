@@ -28,7 +28,8 @@ import {
 import type { ZstdEngine } from "../../transforms/compression.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
-import { exists, existsError, replaceWith } from "../files.ts";
+import { commitDirectory } from "../durable.ts";
+import { exists, existsError } from "../files.ts";
 import { Progress } from "../progress.ts";
 
 const HELP = `Extract a VMA archive: configs and one sparse raw image per disk.
@@ -318,7 +319,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
         throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
       }
     }
-    await replaceWith(partial, target);
+    await commitDirectory(partial, target);
     await progress?.finish(true);
   } catch (error) {
     await Deno.remove(partial, { recursive: true }).catch(() => {});

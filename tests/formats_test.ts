@@ -125,12 +125,16 @@ qemuTest("formats: the NBD source reads only allocated data (bytes on the socket
       "write -P 0x22 300M 2M",
       `${dir}/sparse.qcow2`,
     );
-    const served = await serveImage(`${dir}/sparse.qcow2`, { format: "qcow2" });
+    const served = await serveImage(
+      `${dir}/sparse.qcow2`,
+      { format: "qcow2" },
+      (uri) => NbdClient.connect(uri, { metaContexts: ["base:allocation"] }),
+    );
     try {
       let client: NbdClient | undefined;
       const records: VmaRecord[] = [];
       const archive = await new Response(
-        nbdDiskSource(served.uri, { name: "d", onConnect: (c) => (client = c) })
+        nbdDiskSource(served.connection, { name: "d", onConnect: (c) => (client = c) })
           .pipeThrough(
             new TransformStream({ transform: (r, c) => (records.push(r), c.enqueue(r)) }),
           )

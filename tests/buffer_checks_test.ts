@@ -20,7 +20,7 @@ import {
   ZstdCompressStream,
   ZstdDecompressStream,
 } from "../mod.ts";
-import { randomBytes } from "./_utils.ts";
+import { assertBytes, randomBytes } from "./_utils.ts";
 import { cli, withTempDir } from "./_cli.ts";
 
 async function withChecks(fn: () => Promise<void>): Promise<void> {
@@ -106,7 +106,7 @@ Deno.test("checkBufferReuse(): a linear pipeline that reuses every buffer passes
           }),
         )
         .pipeTo(new RestoreSink({ target: () => `${dir}/restored.raw` }));
-      assert.deepEqual(await Deno.readFile(`${dir}/restored.raw`), disk);
+      assertBytes(await Deno.readFile(`${dir}/restored.raw`), disk);
       // The sink queues up to 118 records (15 of these small extents) while it writes.
       assert.ok(extents.size < 30, `${extents.size} extent buffers for 38 extents`);
     });
@@ -124,10 +124,10 @@ Deno.test("the CLI's pipelines pass the buffer checks (VMABACKUP_DEBUG=1)", asyn
       assert.equal(backup.code, 0, backup.stderr);
       const extract = await run(["extract", `${dir}/${archive}`, `${dir}/out-${archive}`]);
       assert.equal(extract.code, 0, extract.stderr);
-      assert.deepEqual(await Deno.readFile(`${dir}/out-${archive}/disk-drive-scsi0.raw`), disk);
+      assertBytes(await Deno.readFile(`${dir}/out-${archive}/disk-drive-scsi0.raw`), disk);
       const stdout = await run(["extract", `${dir}/${archive}`, "--stdout", "scsi0"]);
       assert.equal(stdout.code, 0, stdout.stderr);
-      assert.deepEqual(stdout.stdout, disk);
+      assertBytes(stdout.stdout, disk);
       const verify = await run(["verify", `${dir}/${archive}`]);
       assert.equal(verify.code, 0, verify.stderr);
     }

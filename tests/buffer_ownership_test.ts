@@ -192,7 +192,7 @@ Deno.test("ZstdCompressStream() and ZstdDecompressStream() output can be tee()d"
           return await new Response(ReadableStream.from(copies)).bytes();
         };
         const [packedA, packedB] = await Promise.all([collect(a, timingA), collect(b, timingB)]);
-        assert.deepEqual(packedA, packedB);
+        assert.equal(firstDifference(packedA, packedB), -1, "both branches got the same bytes");
         const decoded = ReadableStream.from([packedA]).pipeThrough(new ZstdDecompressStream());
         const [c, d] = decoded.tee();
         const [plainC, plainD] = await Promise.all([collect(c, timingB), collect(d, timingA)]);

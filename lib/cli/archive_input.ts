@@ -61,15 +61,17 @@ export async function openArchive(
   const input = await openInput(path, { reuseBuffers: true });
   let read = 0;
   const progress = options.progress?.(input.size);
-  const counted = input.readable.pipeThrough(tapStream<Uint8Array>((chunk) => {
-    read += chunk.byteLength;
-    progress?.add(chunk.byteLength);
-  }));
+  const failure: { error?: unknown } = {};
+  const counted = noteFailure(input.readable, failure).pipeThrough(
+    tapStream<Uint8Array>((chunk) => {
+      read += chunk.byteLength;
+      progress?.add(chunk.byteLength);
+    }),
+  );
   const decompressed = await decompressInput(counted, options.zstd, { reuseBuffers: true });
   const reader = new VmaReaderStream({ ...options.reader, reuseBuffers: true });
   return {
-    records: asArchiveErrors(decompressed.readable, decompressed.compression, () => read)
-      .pipeThrough(reader),
+    records: asArchiveErrors(decompressed, () => read, failure).pipeThrough(reader),
     reader,
     compression: decompressed.compression,
     name: input.name,
@@ -78,22 +80,45 @@ export async function openArchive(
   };
 }
 
+/** The same bytes; a read error is also kept in `failure.error`. */
+function noteFailure(
+  input: ReadableStream<Uint8Array>,
+  failure: { error?: unknown },
+): ReadableStream<Uint8Array> {
+  const reader = input.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const { value, done } = await reader.read();
+        if (done) controller.close();
+        else controller.enqueue(value);
+      } catch (error) {
+        failure.error = error;
+        throw error;
+      }
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
+}
+
 /**
  * Decompressed bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
  * become {@linkcode VmaFormatError}s: the archive is bad, and the error says how and where.
  */
 function asArchiveErrors(
-  input: ReadableStream<Uint8Array>,
-  compression: Compression,
+  { readable, compression }: { readable: ReadableStream<Uint8Array>; compression: Compression },
   bytesRead: () => number,
+  input: { error?: unknown },
 ): ReadableStream<Uint8Array> {
-  const reader = input.getReader();
+  const reader = readable.getReader();
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
       let next;
       try {
         next = await reader.read();
       } catch (error) {
+        // Reading the input failed (EIO, a closed pipe): an I/O error, not a corrupt archive.
+        if ("error" in input) throw input.error;
         if (compression === "none" || error instanceof Deno.errors.NotCapable) throw error;
         const detail = (error instanceof Error ? error.message : String(error))
           .replace(/^Cannot decode [^:]*: /, "");

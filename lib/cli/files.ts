@@ -10,7 +10,7 @@ import { fileByteSource } from "../sources/file_bytes.ts";
 import { ByteSink } from "../sinks/file_sink.ts";
 import type { CliContext } from "./context.ts";
 import { commitFiles, type PendingFile } from "./durable.ts";
-import { CliError, ExitCode } from "./errors.ts";
+import { CliError, ExitCode, UsageError } from "./errors.ts";
 
 /** An archive opened for reading. */
 export interface Input {
@@ -69,6 +69,33 @@ export async function openInput(
  */
 export function existsError(path: string): CliError {
   return new CliError(ExitCode.exists, `${path} already exists (use --force to replace it)`);
+}
+
+/**
+ * Refuses to write binary data to a terminal, as `zstd` and `borg` do: the bytes would be
+ * garbage on the screen and could drive the terminal. A usage error (exit code 2).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { refuseTerminal } from "./files.ts";
+ *
+ * const write = (bytes: Uint8Array) => Promise.resolve(bytes.length);
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false };
+ * const signal = new AbortController().signal;
+ * refuseTerminal({ ...context, signal }, "the archive"); // a pipe or a file: fine
+ * assert.throws(
+ *   () => refuseTerminal({ ...context, signal, stdoutIsTerminal: true }, "the archive"),
+ *   { exitCode: 2, message: /not writing the archive to a terminal/ },
+ * );
+ * ```
+ */
+export function refuseTerminal(context: CliContext, what: string): void {
+  if (context.stdoutIsTerminal) {
+    throw new UsageError(
+      `not writing ${what} to a terminal; redirect stdout to a file or a pipe`,
+    );
+  }
 }
 
 /**

@@ -5,6 +5,7 @@
  * @module
  */
 import { NbdError, type NbdErrorReason } from "../protocols/nbd_protocol.ts";
+import { ImageFileError } from "../qemu/qemu_img.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 
 /**
@@ -136,6 +137,7 @@ export function signalExitCode(signal: Deno.Signal): number {
 }
 
 const IO_ERRORS = [
+  ImageFileError,
   Deno.errors.NotFound,
   Deno.errors.PermissionDenied,
   Deno.errors.IsADirectory,

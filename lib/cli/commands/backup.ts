@@ -51,12 +51,15 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        NAME is the Proxmox device name (drive-scsi0, drive-efidisk0, ...); a
                        bare name such as scsi0 gets the drive- prefix. Without NAME: the
                        first free of drive-scsi0, drive-scsi1, ...
-  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
-  -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
+  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable.
+                       Names like disk files (disk-..., vmstate.bin) are refused
+  -o, --output OUT     the archive; '-' writes to stdout (not to a terminal). Written to
+                       OUT.partial, flushed to disk, then renamed to OUT
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
+                       (any other extension is an error without --compress)
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
-  --force              replace an existing OUT
+  --force              replace an existing OUT (in one atomic rename)
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 

@@ -40,7 +40,8 @@ usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT]
                      renamed when complete
   --disk NAMES       extract only these disks (comma-separated, repeatable); the others
                      are not written and not checked for missing clusters
-  --stdout NAME      stream one disk's raw bytes to stdout and write nothing else
+  --stdout NAME      stream one disk's raw bytes to stdout (not to a terminal) and
+                     write nothing else
   --format FMT       write disk-<name>.FMT images: raw (default, sparse files), qcow2,
                      vmdk, vdi, vhdx, vpc or qed. Non-raw images are created with qemu-img
                      and written through a writable qemu-nbd (only stored blocks; no raw

@@ -63,11 +63,19 @@ export {
   VmaWriterStream,
 } from "./lib/vma/writer_stream.ts";
 export {
+  type VmaExtentInfo,
   type VmaReaderDeviceStats,
   type VmaReaderOptions,
   type VmaReaderStats,
   VmaReaderStream,
 } from "./lib/vma/reader_stream.ts";
+export {
+  type VmaExtentPiece,
+  type VmaExtentSlot,
+  VmaExtentStream,
+  type VmaExtentStreamOptions,
+  type VmaHeaderPiece,
+} from "./lib/vma/extent_stream.ts";
 export { rawDiskSource, type RawDiskSourceOptions } from "./lib/sources/raw_disk.ts";
 export { type CombineOptions, combineRecordStreams } from "./lib/sources/combine.ts";
 export { ZeroFilterStream } from "./lib/transforms/zero_filter.ts";
@@ -97,7 +105,9 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
+export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
 export {
+  checkLevel,
   type ZstdCompressOptions,
   ZstdCompressStream,
   ZstdDecompressStream,
@@ -131,11 +141,25 @@ export {
   parseNbdUri,
 } from "./lib/protocols/nbd_client.ts";
 export {
+  type NbdBlockDescriptor,
+  type NbdBlockSizes,
+  type NbdBlockStatusContext,
+  NbdCmdFlag,
+  NbdErrno,
   type NbdExportHandler,
+  type NbdExports,
+  type NbdListenAddress,
+  type NbdReadChunk,
+  type NbdReadResult,
+  type NbdRequest,
+  type NbdRequestContext,
   NbdServer,
   type NbdServerOptions,
   type NbdServerStats,
+  NbdStateFlag,
+  type NbdTraceEvent,
 } from "./lib/protocols/nbd_server.ts";
+export { NbdMemoryExport, type NbdMemoryExportOptions } from "./lib/protocols/nbd_memory_export.ts";
 export {
   QmpClient,
   type QmpConnectOptions,
@@ -146,3 +170,47 @@ export { findDrives, type LiveDrive } from "./lib/live/drives.ts";
 export type { LiveBackup, LiveBackupOptions } from "./lib/live/session.ts";
 export { type PushBackupOptions, startPushBackup } from "./lib/live/push_backup.ts";
 export { type PullBackupOptions, startPullBackup } from "./lib/live/pull_backup.ts";
+export {
+  decodeIndex,
+  type DigestScope,
+  encodeIndex,
+  INDEX_TAG,
+  type VmaIndex,
+  type VmaIndexBase,
+  type VmaIndexDevice,
+  type VmaIndexRuns,
+} from "./lib/index/index_format.ts";
+export { IndexBuilder } from "./lib/index/index_builder.ts";
+export { VmaIndexStream } from "./lib/index/vma_index_stream.ts";
+export {
+  decodeSeekTable,
+  type SeekTable,
+  seekTableSize,
+  SeekTableWriter,
+} from "./lib/index/seek_table.ts";
+export { fileRangeReader, type RangeReader } from "./lib/storage/range_reader.ts";
+export {
+  type ArchiveOutput,
+  archiveOutput,
+  type ArchiveOutputOptions,
+} from "./lib/transforms/archive_output.ts";
+export {
+  type EmbeddedIndex,
+  INDEX_FRAME_MAGIC,
+  readEmbeddedIndex,
+} from "./lib/index/embedded_index.ts";
+export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
+export {
+  IndexedArchive,
+  type IndexedArchiveOptions,
+  type IndexedArchiveStats,
+  NotSeekableError,
+} from "./lib/access/indexed_archive.ts";
+export { scanPlainArchive } from "./lib/access/scan_plain.ts";
+export {
+  type SeekableDecodeOptions,
+  type SeekableDecodeStats,
+  SeekableZstdDecompressStream,
+} from "./lib/transforms/seekable_zstd_decoder.ts";
+export { IndexChecker } from "./lib/index/index_checker.ts";

@@ -80,3 +80,24 @@ export async function withTempDir(fn: (dir: string) => Promise<void>): Promise<v
     await Deno.remove(dir, { recursive: true });
   }
 }
+
+/**
+ * `Deno.test` for tests that need external programs: skipped (and saying so) on a machine
+ * without them, failing instead under CI=true, where .ci/run installs them.
+ */
+export async function toolTest(
+  name: string,
+  programs: string[],
+  fn: () => Promise<void>,
+): Promise<void> {
+  const missing: string[] = [];
+  for (const program of programs) if (!await hasProgram(program)) missing.push(program);
+  if (missing.length > 0 && Deno.env.get("CI") !== "true") {
+    Deno.test({ name: `${name} (skipped: ${missing.join(", ")} not installed)`, ignore: true, fn });
+    return;
+  }
+  Deno.test(name, async () => {
+    if (missing.length > 0) throw new Error(`${missing.join(", ")} required under CI=true`);
+    await fn();
+  });
+}

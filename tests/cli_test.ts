@@ -500,6 +500,7 @@ Deno.test("cli: extract targets: a trailing slash works, the current directory i
       "restored",
       "system.raw",
       "vm.vma",
+      "vm.vma.idx", // the sidecar index
     ]);
     // Replacing the current directory (or one holding the archive) is refused, with nothing lost.
     for (const target of [".", dir, `${dir}/`]) {

@@ -47,3 +47,44 @@ Deno.test("examples: back up a raw image, verify it, and catch a corrupted copy"
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("examples: serve an in-memory disk over NBD until SIGTERM", async () => {
+  const { NbdClient } = await import("../mod.ts");
+  const dir = await Deno.makeTempDir();
+  const socket = `${dir}/disk.sock`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-read",
+      "--allow-write",
+      "--allow-net",
+      `${root}examples/serve_memory_disk.ts`,
+      socket,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).values();
+  try {
+    const uri = (await lines.next()).value!.trim();
+    assert.equal(uri, `nbd+unix:///drive-scsi0?socket=${socket}`);
+    await using client = await NbdClient.connect(uri, { metaContexts: ["base:allocation"] });
+    const data = [];
+    for await (const extent of client.extents("base:allocation")) {
+      if (extent.flags === 0) data.push([extent.offset, extent.length]);
+    }
+    assert.deepEqual(data, [[1 << 20, 1 << 20], [32 << 20, 65536]]);
+    const buffer = new Uint8Array(65536);
+    await client.read(32 << 20, buffer);
+    assert.ok(buffer.every((byte) => byte === 0x22));
+  } finally {
+    child.kill("SIGTERM");
+    const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text()]);
+    await lines.return?.();
+    assert.equal(status.code, 0, stderr);
+    assert.match(stderr, /connection 1 opened/);
+    await assert.rejects(Deno.lstat(socket), Deno.errors.NotFound, "the socket is removed");
+    await Deno.remove(dir, { recursive: true });
+  }
+});

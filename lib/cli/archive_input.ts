@@ -6,6 +6,13 @@
  * @module
  */
 import { type Compression, decompressInput, type ZstdEngine } from "../transforms/compression.ts";
+import { readEmbeddedIndex } from "../index/embedded_index.ts";
+import { decodeIndex, type VmaIndex } from "../index/index_format.ts";
+import { IndexChecker } from "../index/index_checker.ts";
+import { IndexMap } from "../index/index_map.ts";
+import type { SeekTable } from "../index/seek_table.ts";
+import { fileRangeReader } from "../storage/range_reader.ts";
+import { EXTENT_HEADER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { VmaFormatError } from "../vma/errors.ts";
@@ -13,10 +20,43 @@ import { openInput } from "./files.ts";
 import { tapStream } from "../transforms/tap.ts";
 import type { Progress } from "./progress.ts";
 
+/** The index an archive is read with, and where it came from. */
+export interface FoundIndex {
+  /** The index. */
+  index: VmaIndex;
+  /** Inside a seekable `.vma.zst`, or a sidecar file. */
+  source: "embedded" | "sidecar";
+  /** The sidecar's path. */
+  path?: string | undefined;
+  /** The seek table of a seekable `.vma.zst`. */
+  seekTable?: SeekTable | undefined;
+}
+
+/** What a read checked about the stored data, beyond the structure. */
+export interface DataChecks {
+  /**
+   * `sha256`: every extent's data against its SHA-256 in the index (and zstd checksums);
+   * `frame-checksums`: every zstd frame against its XXH64 content checksum; `structure`:
+   * only the format's own checks (plain VMA has no data checksums).
+   */
+  level: "structure" | "frame-checksums" | "sha256";
+  /** zstd frames decoded, and how many carry a checksum. */
+  frames: number;
+  /** zstd frames that carry a content checksum, checked as they were decoded. */
+  checksummedFrames: number;
+  /** Extents with data, and how many matched their SHA-256 in the index. */
+  extentsWithData: number;
+  /** Extents whose data matched their SHA-256 in the index. */
+  digestsChecked: number;
+}
+
 /** An archive being read. */
 export interface ArchiveInput {
+  /** The records, from the strict reader. */
   records: ReadableStream<VmaRecord>;
+  /** The reader, for its counters. */
   reader: VmaReaderStream;
+  /** How the archive is stored. */
   compression: Compression;
   /** Path or `stdin`. */
   name: string;
@@ -24,12 +64,30 @@ export interface ArchiveInput {
   size?: number | undefined;
   /** Bytes of (compressed) input read so far. */
   bytesRead(): number;
+  /** The index the archive is checked against while it is read, if one was found. */
+  index: FoundIndex | undefined;
+  /** What was checked about the data; final once `records` has ended. */
+  checks(): DataChecks;
+}
+
+/** Options of {@linkcode openArchive}. */
+export interface OpenArchiveOptions {
+  /** Options of the strict reader. */
+  reader?: VmaReaderOptions;
+  /** Makes the progress display once the input size is known; it counts input bytes. */
+  progress?: (size: number | undefined) => Progress;
+  /** zstd built in or the system program. */
+  zstd?: ZstdEngine;
+  /** `ignore` reads without an index (`--no-index`): a damaged one cannot stop the read. */
+  index?: "auto" | "ignore";
+  /** A sidecar index to use instead of `ARCHIVE.idx` (`--index FILE`; also for stdin). */
+  indexPath?: string | undefined;
+  /** Hash the data of a plain archive to check its sidecar's digests (a cost; for verify). */
+  digestData?: boolean;
 }
 
 /**
- * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes. The
- * records' buffers are recycled: each record must reach one final consumer, which releases
- * it (no `tee()`).
+ * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes.
  *
  * @example Read a small archive from a file
  * ```ts
@@ -51,12 +109,9 @@ export interface ArchiveInput {
  */
 export async function openArchive(
   path: string,
-  options: {
-    reader?: VmaReaderOptions;
-    progress?: (size: number | undefined) => Progress;
-    zstd?: ZstdEngine;
-  },
+  options: OpenArchiveOptions,
 ): Promise<ArchiveInput> {
+  const found = options.index === "ignore" ? undefined : await findIndex(path, options.indexPath);
   // The CLI's pipelines give every chunk and record one final consumer: buffers are reused.
   const input = await openInput(path, { reuseBuffers: true });
   let read = 0;
@@ -68,16 +123,93 @@ export async function openArchive(
       progress?.add(chunk.byteLength);
     }),
   );
-  const decompressed = await decompressInput(counted, options.zstd, { reuseBuffers: true });
-  const reader = new VmaReaderStream({ ...options.reader, reuseBuffers: true });
+  const checker = found && new IndexChecker(found.index);
+  const map = found && new IndexMap(found.index);
+  const seekable = found?.seekTable && {
+    seekTable: found.seekTable,
+    expectedDigest: (_frame: number, decodedOffset: number) => {
+      // A data frame starts 512 bytes into its extent; the index has its digest.
+      if (found.index.digestScope !== "zstd-frame") return undefined;
+      const e = map!.extentAt(decodedOffset);
+      if (e < 0 || map!.extentOffsets[e]! + EXTENT_HEADER_SIZE !== decodedOffset) return undefined;
+      return found.index.digests.subarray(32 * e, 32 * e + 32);
+    },
+    describe: (_frame: number, decodedOffset: number) => checker!.describeOffset(decodedOffset),
+    framesDigest: found.index.framesDigest,
+  };
+  const decompressed = await decompressInput(counted, options.zstd, seekable || undefined, {
+    reuseBuffers: true,
+  });
+  const digestData = options.digestData === true && found?.index.digestScope === "vma-data";
+  const reader: VmaReaderStream = new VmaReaderStream({
+    ...options.reader,
+    reuseBuffers: true,
+    ...(checker && {
+      onExtent: (extent) => checker.extent(extent, reader.stats),
+      digestData,
+    }),
+  });
+  const records = asArchiveErrors(decompressed, () => read, failure)
+    .pipeThrough(reader)
+    .pipeThrough(new TransformStream({ flush: () => checker?.finish(reader.stats.bytes) }));
   return {
-    records: asArchiveErrors(decompressed, () => read, failure).pipeThrough(reader),
+    records,
     reader,
     compression: decompressed.compression,
     name: input.name,
     size: input.size,
     bytesRead: () => read,
+    index: found,
+    checks(): DataChecks {
+      const { frames = 0, checksummedFrames = 0 } = decompressed.frames?.() ?? {};
+      const extentsWithData = checker?.extentsWithData ?? 0;
+      const digestsChecked = found?.index.digestScope === "zstd-frame"
+        ? (decompressed.frames?.() as { digestsChecked?: number } | undefined)?.digestsChecked ?? 0
+        : checker?.digestsChecked ?? 0;
+      const level = checker !== undefined && extentsWithData > 0 &&
+          digestsChecked === extentsWithData
+        ? "sha256"
+        : frames > 0 && checksummedFrames === frames
+        ? "frame-checksums"
+        : "structure";
+      return { level, frames, checksummedFrames, extentsWithData, digestsChecked };
+    },
   };
+}
+
+/**
+ * The index of the archive at `path`: embedded in a seekable `.vma.zst`, or in a sidecar
+ * (`indexPath`, or `PATH.idx` when it exists). A damaged index is a `VmaFormatError`;
+ * `--no-index` skips this.
+ */
+async function findIndex(
+  path: string,
+  indexPath: string | undefined,
+): Promise<FoundIndex | undefined> {
+  if (path !== "-" && indexPath === undefined) {
+    const info = await Deno.stat(path).catch(() => undefined);
+    if (info?.isFile) {
+      const file = await fileRangeReader(path);
+      try {
+        const embedded = await readEmbeddedIndex(file);
+        if (embedded?.index !== undefined) {
+          return { index: embedded.index, source: "embedded", seekTable: embedded.seekTable };
+        }
+      } finally {
+        file.close();
+      }
+    }
+  }
+  const sidecar = indexPath ?? (path === "-" ? undefined : `${path}.idx`);
+  if (sidecar === undefined) return undefined;
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(sidecar);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound && indexPath === undefined) return undefined;
+    throw error;
+  }
+  return { index: decodeIndex(bytes), source: "sidecar", path: sidecar };
 }
 
 /** The same bytes; a read error is also kept in `failure.error`. */
@@ -119,7 +251,10 @@ function asArchiveErrors(
       } catch (error) {
         // Reading the input failed (EIO, a closed pipe): an I/O error, not a corrupt archive.
         if ("error" in input) throw input.error;
-        if (compression === "none" || error instanceof Deno.errors.NotCapable) throw error;
+        if (
+          compression === "none" || error instanceof Deno.errors.NotCapable ||
+          error instanceof VmaFormatError
+        ) throw error;
         const detail = (error instanceof Error ? error.message : String(error))
           .replace(/^Cannot decode [^:]*: /, "");
         throw new VmaFormatError("bad-compression", bytesRead(), `${compression} data: ${detail}`);

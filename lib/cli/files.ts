@@ -133,10 +133,11 @@ export interface Output {
   /**
    * Makes the output final, durably (see {@linkcode commitFiles}): its data are flushed,
    * it is renamed to `PATH` (one atomic rename, also over an existing `PATH`), and the
-   * directory is flushed. `sidecars`, files written beside it (such as an index), are
-   * flushed with it and renamed before it, so `PATH` never appears without them.
+   * directory is flushed. `sidecars`, outputs written beside it (such as its index), are
+   * committed with it: flushed with it and renamed just before it, so `PATH` never appears
+   * without them.
    */
-  commit(sidecars?: PendingFile[]): Promise<void>;
+  commit(...sidecars: Output[]): Promise<void>;
   /** Removes the partial output; safe to call more than once, and after commit. */
   discard(): Promise<void>;
   /** The same as discard, for signal handlers that cannot wait. */
@@ -158,8 +159,11 @@ export interface Output {
  * const output = await openOutput(`${dir}/out.vma`, context, { force: false });
  * await ReadableStream.from([new Uint8Array([1, 2, 3])]).pipeTo(output.writable);
  * assert.equal(await exists(`${dir}/out.vma`), false); // only out.vma.partial so far
- * await output.commit();
+ * const index = await openOutput(`${dir}/out.vma.idx`, context, { force: false });
+ * await ReadableStream.from([new Uint8Array([4])]).pipeTo(index.writable);
+ * await output.commit(index); // both flushed, the index renamed first
  * assert.deepEqual(await Deno.readFile(`${dir}/out.vma`), new Uint8Array([1, 2, 3]));
+ * assert.deepEqual(await Deno.readFile(`${dir}/out.vma.idx`), new Uint8Array([4]));
  * await assert.rejects(openOutput(`${dir}/out.vma`, context, { force: false }), /already exists/);
  * await Deno.remove(dir, { recursive: true });
  * ```
@@ -175,7 +179,7 @@ export async function openOutput(
       writable: new ByteSink(context.stdout),
       path,
       partial: undefined,
-      commit: noop,
+      commit: (...sidecars) => commitSealed(sidecars.map((sidecar) => sealers.get(sidecar)?.())),
       discard: noop,
       discardSync: () => {},
     };
@@ -196,16 +200,17 @@ export async function openOutput(
     if (state === "open") file.close();
     state = "closed";
   };
-  return {
+  const seal = (): Sealed => {
+    if (state !== "open") throw new Error(`Cannot commit ${path}: It was committed or discarded`);
+    state = "closed"; // commitFiles flushes and closes the file
+    return { file: { partial, target: path, file }, committed: () => void (state = "committed") };
+  };
+  const output: Output = {
     writable: new ByteSink(file),
     path,
     partial,
-    async commit(sidecars = []) {
-      if (state !== "open") throw new Error(`Cannot commit ${path}: It was committed or discarded`);
-      state = "closed"; // commitFiles flushes and closes the file
-      await commitFiles([...sidecars, { partial, target: path, file }]);
-      state = "committed";
-    },
+    commit: (...sidecars) =>
+      commitSealed([...sidecars.map((sidecar) => sealers.get(sidecar)?.()), seal()]),
     async discard() {
       if (state === "committed" || state === "discarded") return;
       close();
@@ -221,4 +226,22 @@ export async function openOutput(
       } catch { /* already gone */ }
     },
   };
+  sealers.set(output, seal);
+  return output;
+}
+
+/** A file output closed for committing, and how to mark it committed once it is. */
+interface Sealed {
+  file: PendingFile;
+  committed(): void;
+}
+
+/** How each file output is sealed when another output commits it as its sidecar. */
+const sealers = new WeakMap<Output, () => Sealed>();
+
+async function commitSealed(entries: (Sealed | undefined)[]): Promise<void> {
+  const sealed = entries.filter((entry) => entry !== undefined);
+  if (sealed.length === 0) return;
+  await commitFiles(sealed.map((entry) => entry.file));
+  for (const entry of sealed) entry.committed();
 }

@@ -75,9 +75,9 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
       jobs.forEach((entry, index) => {
         // 512-byte requests, so disks whose size is not a multiple of 4 KiB work too.
         entry.server = NbdServer.listen(
-          entry.socket,
-          new PushTarget(index + 1, entry.drive.size, queue),
-          { blockSizes: { minimum: 512, preferred: 65536, maximum: 4 << 20 } },
+          { path: entry.socket },
+          { "": new PushTarget(index + 1, entry.drive.size, queue) },
+          { blockSizes: { minimum: 512, preferred: 65536, maximum: 4 << 20 }, maxInFlight: 1 },
         );
       });
       for (const entry of jobs) {

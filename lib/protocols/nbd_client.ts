@@ -19,13 +19,16 @@
  * ```ts
  * import assert from "node:assert/strict";
  * import { NbdClient, NbdStateFlag } from "./nbd_client.ts";
- * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+ * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+ * import { NbdServer } from "./nbd_server.ts";
  *
  * const disk = new Uint8Array(1 << 20);
  * disk.fill(7, 65536, 131072);
- * await using server = await startMemoryNbdServer({ data: disk, exportName: "disk" });
+ * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+ *   disk: new NbdMemoryExport(disk),
+ * });
  *
- * await using client = await NbdClient.connect(`nbd+unix:///disk?socket=${server.path}`, {
+ * await using client = await NbdClient.connect(server.uri("disk"), {
  *   metaContexts: ["base:allocation"],
  * });
  * const data = [];
@@ -356,10 +359,14 @@ async function connectAddress(address: NbdAddress, timeoutMs: number): Promise<D
  * ```ts
  * import assert from "node:assert/strict";
  * import { NbdClient } from "./nbd_client.ts";
- * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+ * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+ * import { NbdServer } from "./nbd_server.ts";
  *
- * await using server = await startMemoryNbdServer({ size: 1 << 20, exportName: "disk" });
- * await using client = await NbdClient.open({ transport: "unix", path: server.path });
+ * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+ *   disk: new NbdMemoryExport(1 << 20),
+ * });
+ * const address = { transport: "tcp" as const, hostname: "127.0.0.1", port: server.port };
+ * await using client = await NbdClient.open(address);
  * assert.ok(await client.structuredReply());
  * assert.deepEqual(await client.listMetaContexts("disk", ["base:"]), ["base:allocation"]);
  * const ids = await client.setMetaContexts("disk", ["base:allocation"]);
@@ -442,10 +449,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 65536, exportName: "disk" });
-   * await using client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(65536),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * assert.equal(client.info.size, 65536);
    * assert.ok(client.structuredReplies);
    * ```
@@ -496,10 +506,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096, exportName: "a" });
-   * const client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   a: new NbdMemoryExport(4096),
+   * });
+   * const client = await NbdClient.open(server.uri("a"));
    * assert.deepEqual((await client.listExports()).map((e) => e.name), ["a"]);
    * await client.close(); // sends NBD_OPT_ABORT
    * assert.ok(client.closed);
@@ -521,10 +534,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * const conn = await Deno.connect({ transport: "unix", path: server.path });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
    * await using client = await NbdClient.fromConn(conn, { timeoutMs: 5000 });
    * assert.ok(client.handshakeFlags & 1); // FIXED_NEWSTYLE
    * ```
@@ -547,10 +563,14 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 8192, minBlockSize: 512 });
-   * await using client = await NbdClient.connect(server.uri);
+   * const disk = new NbdMemoryExport(8192, {
+   *   blockSizes: { minimum: 512, preferred: 4096, maximum: 32 << 20 },
+   * });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, { disk });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * assert.equal(client.info.minBlockSize, 512);
    * assert.ok(client.info.blockSizesAdvertised);
    * ```
@@ -571,10 +591,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.open(server.uri("disk"));
    * assert.equal(client.handshakeFlags, 3); // FIXED_NEWSTYLE | NO_ZEROES
    * ```
    */
@@ -589,10 +612,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * await using client = await NbdClient.connect(server.uri, { structuredReplies: false });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"), { structuredReplies: false });
    * assert.equal(client.structuredReplies, false);
    * ```
    */
@@ -607,10 +633,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * await using client = await NbdClient.connect(server.uri, { metaContexts: ["base:allocation"] });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"), { metaContexts: ["base:allocation"] });
    * assert.deepEqual([...client.metaContexts.values()], ["base:allocation"]);
    * ```
    */
@@ -625,10 +654,14 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 1 << 20, maxBlockSize: 65536 });
-   * await using client = await NbdClient.connect(server.uri, { maxRequestSize: 1 << 20 });
+   * const disk = new NbdMemoryExport(1 << 20, {
+   *   blockSizes: { minimum: 1, preferred: 4096, maximum: 65536 },
+   * });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, { disk });
+   * await using client = await NbdClient.connect(server.uri("disk"), { maxRequestSize: 1 << 20 });
    * assert.equal(client.maxRequestSize, 65536);
    * ```
    */
@@ -643,10 +676,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 1 << 20 });
-   * await using client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(1 << 20),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * const before = client.bytesReceived;
    * await client.read(0, new Uint8Array(1 << 20)); // all zero: sent as a hole
    * assert.ok(client.bytesReceived - before < 1000);
@@ -663,10 +699,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * await using client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * const before = client.bytesSent;
    * await client.write(0, new Uint8Array(4096).fill(1));
    * assert.equal(client.bytesSent - before, 28 + 4096);
@@ -683,10 +722,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * const client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * const client = await NbdClient.connect(server.uri("disk"));
    * assert.equal(client.closed, false);
    * await client.close();
    * assert.equal(client.closed, true);
@@ -709,10 +751,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096, structuredReplies: false });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * }, { structuredReplies: false });
+   * await using client = await NbdClient.open(server.uri("disk"));
    * assert.equal(await client.structuredReply(), false);
    * ```
    *
@@ -739,10 +784,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096, exportName: "vda" });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   vda: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.open(server.uri("vda"));
    * assert.deepEqual(await client.listExports(), [{ name: "vda", description: "" }]);
    * ```
    *
@@ -771,10 +819,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096, exportName: "d" });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   d: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.open(server.uri("d"));
    * await client.structuredReply();
    * assert.deepEqual(await client.listMetaContexts("d"), ["base:allocation"]);
    * ```
@@ -805,10 +856,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096, exportName: "d" });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   d: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.open(server.uri("d"));
    * await client.structuredReply();
    * const selected = await client.setMetaContexts("d", ["base:allocation", "x-unknown:thing"]);
    * assert.deepEqual([...selected.values()], ["base:allocation"]);
@@ -852,10 +906,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 12288, exportName: "d" });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   d: new NbdMemoryExport(12288),
+   * });
+   * await using client = await NbdClient.open(server.uri("d"));
    * assert.equal((await client.exportInfo("d")).size, 12288);
    * await assert.rejects(client.exportInfo("nope"), { reason: "option-failed" });
    * ```
@@ -875,10 +932,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096, exportName: "d" });
-   * await using client = await NbdClient.open(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   d: new NbdMemoryExport(4096),
+   * });
+   * await using client = await NbdClient.open(server.uri("d"));
    * const info = await client.go("d");
    * assert.equal(info.maxBlockSize, 32 << 20);
    * ```
@@ -924,11 +984,14 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
    * const data = new Uint8Array(8192).fill(0x5d);
-   * await using server = await startMemoryNbdServer({ data });
-   * await using client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(data),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * const buffer = new Uint8Array(4096);
    * await client.read(4096, buffer);
    * assert.deepEqual(buffer, data.subarray(4096));
@@ -959,12 +1022,14 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 8192 });
-   * await using client = await NbdClient.connect(server.uri);
+   * const disk = new NbdMemoryExport(8192);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, { disk });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * await client.write(512, new Uint8Array([1, 2, 3]));
-   * assert.deepEqual(server.data.subarray(512, 515), new Uint8Array([1, 2, 3]));
+   * assert.deepEqual(disk.data.subarray(512, 515), new Uint8Array([1, 2, 3]));
    * ```
    *
    * @throws {NbdError} "unsupported" on a read-only export, "command-failed".
@@ -997,13 +1062,15 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ data: new Uint8Array(8192).fill(9) });
-   * await using client = await NbdClient.connect(server.uri);
+   * const disk = new NbdMemoryExport(new Uint8Array(8192).fill(9));
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, { disk });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * await client.writeZeroes(0, 4096);
-   * assert.equal(server.data[4095], 0);
-   * assert.equal(server.data[4096], 9);
+   * assert.equal(disk.data[4095], 0);
+   * assert.equal(disk.data[4096], 9);
    * ```
    *
    * @throws {NbdError} "unsupported" without `SEND_WRITE_ZEROES` or on a read-only export,
@@ -1027,10 +1094,13 @@ export class NbdClient {
    * @example
    * ```ts
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 8192 });
-   * await using client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(8192),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * await client.trim(0, 8192);
    * ```
    *
@@ -1053,10 +1123,13 @@ export class NbdClient {
    * @example
    * ```ts
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 8192 });
-   * await using client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(8192),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"));
    * await client.flush();
    * ```
    *
@@ -1080,12 +1153,15 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
    * const data = new Uint8Array(16384);
    * data[8192] = 1;
-   * await using server = await startMemoryNbdServer({ data });
-   * await using client = await NbdClient.connect(server.uri, { metaContexts: ["base:allocation"] });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(data),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"), { metaContexts: ["base:allocation"] });
    * const status = await client.blockStatus(4096, 8192);
    * assert.deepEqual(status.get("base:allocation"), [
    *   { offset: 4096, length: 4096, flags: 3 },
@@ -1145,13 +1221,16 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient, NbdStateFlag } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
    * const data = new Uint8Array(1 << 20);
    * data.fill(1, 0, 4096);
    * data.fill(2, 524288, 528384);
-   * await using server = await startMemoryNbdServer({ data });
-   * await using client = await NbdClient.connect(server.uri, { metaContexts: ["base:allocation"] });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(data),
+   * });
+   * await using client = await NbdClient.connect(server.uri("disk"), { metaContexts: ["base:allocation"] });
    * const extents = await Array.fromAsync(client.extents("base:allocation"));
    * assert.deepEqual(extents.filter((e) => !(e.flags & NbdStateFlag.ZERO)).map((e) => e.offset), [0, 524288]);
    * assert.equal(extents.reduce((sum, e) => sum + e.length, 0), 1 << 20);
@@ -1210,10 +1289,13 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
-   * const client = await NbdClient.connect(server.uri);
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
+   * const client = await NbdClient.connect(server.uri("disk"));
    * await client.close();
    * await client.close();
    * assert.ok(client.closed);
@@ -1257,12 +1339,15 @@ export class NbdClient {
    * ```ts
    * import assert from "node:assert/strict";
    * import { NbdClient } from "./nbd_client.ts";
-   * import { startMemoryNbdServer } from "../../tests/fixtures/nbd_memory_server.ts";
+   * import { NbdMemoryExport } from "./nbd_memory_export.ts";
+   * import { NbdServer } from "./nbd_server.ts";
    *
-   * await using server = await startMemoryNbdServer({ size: 4096 });
+   * await using server = NbdServer.listen({ hostname: "127.0.0.1", port: 0 }, {
+   *   disk: new NbdMemoryExport(4096),
+   * });
    * let kept: NbdClient;
    * {
-   *   await using client = await NbdClient.connect(server.uri);
+   *   await using client = await NbdClient.connect(server.uri("disk"));
    *   kept = client;
    * }
    * assert.ok(kept.closed);

@@ -59,6 +59,12 @@ const enum State {
  * ```
  */
 export class ZstdFrameSplitter {
+  /** zstd frames seen so far (skippable ones not counted). */
+  frames = 0;
+  /** Of those, the frames that carry a content checksum, which decoders check. */
+  checksummedFrames = 0;
+  /** Skippable frames seen so far. */
+  skippableFrames = 0;
   #state = State.Magic;
   /** Bytes still needed for the current field or body. */
   #need = 4;
@@ -148,6 +154,7 @@ export class ZstdFrameSplitter {
         }
         if ((magic & 0xfffffff0) === 0x184d2a50) {
           this.#state = State.SkippableSize;
+          this.skippableFrames++;
           this.#need = 4;
           return false;
         }
@@ -161,6 +168,8 @@ export class ZstdFrameSplitter {
           throw new TypeError(`Cannot decode zstd: Reserved bit set at byte ${this.#offset - 1}`);
         }
         this.#checksum = ((descriptor >> 2) & 1) === 1;
+        this.frames++;
+        if (this.#checksum) this.checksummedFrames++;
         const dictionaryBytes = [0, 1, 2, 4][descriptor & 3]!;
         const fcsBytes = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag]!;
         this.#headerRest = { singleSegment: singleSegment === 1, dictionaryBytes, fcsBytes };

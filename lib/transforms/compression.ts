@@ -11,6 +11,10 @@ import { nodeTransformer } from "./node_transform.ts";
 import { programTransform } from "./program_transform.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { type ZstdCompressOptions, ZstdCompressStream, ZstdDecompressStream } from "./zstd.ts";
+import {
+  type SeekableDecodeOptions,
+  SeekableZstdDecompressStream,
+} from "./seekable_zstd_decoder.ts";
 
 export { type Compression, detectCompression } from "../_compression_magic.ts";
 
@@ -179,11 +183,17 @@ export interface DecompressedInput {
   compression: Compression;
   /** The plain VMA bytes. */
   readable: ReadableStream<Uint8Array>;
+  /**
+   * For zstd (built in): the frames decoded so far, and how many carry a checksum (which
+   * the decoder checked). Final once `readable` has ended.
+   */
+  frames?: () => { frames: number; checksummedFrames: number };
 }
 
 /**
  * Looks at the first bytes of `input` and decompresses it accordingly, so plain, zstd,
- * gzip and lzop archives all come out as plain VMA bytes. Throws a `VmaFormatError`
+ * gzip and lzop archives all come out as plain VMA bytes. With `seekable` (a seekable
+ * `.vma.zst`'s table, read first from the file's end), zstd frames decode on every core. Throws a `VmaFormatError`
  * (`bad-magic`, naming the first bytes, or `truncated-header` for an empty input) when the
  * input is none of these.
  *
@@ -202,6 +212,7 @@ export interface DecompressedInput {
 export async function decompressInput(
   input: ReadableStream<Uint8Array>,
   engine: ZstdEngine = "builtin",
+  seekable?: SeekableDecodeOptions,
   options: { reuseBuffers?: boolean } = {},
 ): Promise<DecompressedInput> {
   const reader = input.getReader();
@@ -242,6 +253,12 @@ export async function decompressInput(
     },
     cancel: (reason) => reader.cancel(reason),
   }, { highWaterMark: 0 });
+  if (compression === "zstd" && engine === "builtin") {
+    const decoder = seekable === undefined
+      ? new ZstdDecompressStream(options)
+      : new SeekableZstdDecompressStream({ ...seekable, ...options });
+    return { compression, readable: replayed.pipeThrough(decoder), frames: () => decoder.stats };
+  }
   const decoded = replayed.pipeThrough(decompressor(compression, engine, options));
   return { compression, readable: decoded };
 }

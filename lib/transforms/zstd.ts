@@ -5,11 +5,11 @@
  *
  * @module
  */
-import * as zlib from "node:zlib";
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
+import { FrameEncoder } from "./_frame_encoder.ts";
 import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
-import { frameBound, frameCompressor, type FrameResult, ZstdWorkerPool } from "./_zstd_workers.ts";
+import { frameBound } from "./_zstd_workers.ts";
 
 /** Chunks from this size on may be compressed as frames of their own, without a copy. */
 const DIRECT_FRAME_MIN = 1 << 20;
@@ -71,68 +71,32 @@ type Output = TransformStreamDefaultController<Uint8Array>;
 export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> {
   /** A compressor; see {@linkcode ZstdCompressOptions}. Throws `RangeError` on a bad level. */
   constructor(options: ZstdCompressOptions = {}) {
-    const level = options.level ?? 3;
+    const level = checkLevel(options.level ?? 3);
     const frameSize = options.frameSize ?? 4 << 20;
-    const cores = navigator.hardwareConcurrency ?? 1;
-    const mainThread = options.mainThread ?? true;
-    const workers = new ZstdWorkerPool(
-      options.workers ?? Math.max(1, cores - (mainThread ? 1 : 0)),
-    );
-    if (!Number.isInteger(level) || level < -7 || level > 19) {
-      throw new RangeError(`Cannot compress with zstd: level ${level} is not within -7..19`);
-    }
-    /** Each worker compresses one frame and has the next queued; more only costs memory. */
-    const workerQueue = 2 * workers.size;
-    // Two more, for this thread: with one, it waited for the worker's oldest frame instead of
-    // compressing (94 of 284 frames here; with two, 119, and a 1 GiB backup 7 % faster).
-    const maxInFlight = workerQueue + (mainThread ? 2 : 0);
-    const inputs = new BufferPool(frameSize, { maxFree: maxInFlight + 1 });
-    const outputs = new BufferPool(frameBound(frameSize), {
-      maxFree: maxInFlight + 5, // and the chunks queued downstream
-      trackChunks: true,
-      recycle: options.reuseBuffers ?? false,
+    const encoder = new FrameEncoder({
+      level,
+      outputSize: frameBound(frameSize),
+      workers: options.workers,
+      mainThread: options.mainThread,
+      reuseBuffers: options.reuseBuffers,
     });
-    let compressHere: ReturnType<typeof frameCompressor> | undefined;
-    /** Frames being compressed, oldest first, each with where its input buffer goes back. */
-    const inflight: {
-      result: Promise<FrameResult>;
-      giveBack(bytes: Uint8Array<ArrayBuffer>): void;
-    }[] = [];
+    const inputs = new BufferPool(frameSize, { maxFree: encoder.maxInFlight + 1 });
     let frame: PooledBuffer | undefined;
     let fill = 0;
+    /** Why the output side was cancelled: nothing more may be enqueued. */
+    let cancelled: { reason: unknown } | undefined;
 
-    /** To a worker, or, when they all have a frame queued, compressed on this thread. */
-    const send = async (
-      input: Uint8Array<ArrayBuffer>,
-      length: number,
-      giveBack: (bytes: Uint8Array<ArrayBuffer>) => void,
-    ) => {
-      const output = outputs.acquire().bytes;
-      // Let finished workers report first: while this thread compresses, their replies wait.
-      if (mainThread && workers.pending >= workerQueue) {
-        await new Promise((resolve) => setTimeout(resolve, 0));
-      }
-      if (!mainThread || workers.pending < workerQueue) {
-        inflight.push({ result: workers.run({ input, length, output, level }), giveBack });
-        return;
-      }
-      compressHere ??= frameCompressor(zlib);
-      const written = compressHere(input, length, output, level);
-      inflight.push({ result: Promise.resolve({ input, output, length: written }), giveBack });
-    };
     const sendFrame = async () => {
       const input = frame!.bytes;
       const length = fill;
       frame = undefined;
       fill = 0;
-      await send(input, length, (bytes) => inputs.adopt(bytes));
+      await encoder.submit(input, [[0, length]], [], (bytes) => inputs.adopt(bytes));
     };
     const emitOldest = async (controller: Output) => {
-      const { result, giveBack } = inflight.shift()!;
-      const { input, output, length } = await result;
-      giveBack(input); // the input came back with the transfer: reuse it
-      outputs.wrap(output).hold(1); // the final consumer's releaseChunk() gives it back
-      controller.enqueue(output.subarray(0, length));
+      const { chunk } = await encoder.shift();
+      if (cancelled !== undefined) throw cancelled.reason;
+      controller.enqueue(chunk);
     };
 
     super({
@@ -140,20 +104,21 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
         try {
           await compress(chunk, controller);
         } catch (error) {
-          workers.stop(); // a failed stream gets neither flush nor cancel: stop them here
+          encoder.stop(); // a failed stream gets neither flush nor cancel: stop them here
           throw error;
         }
       },
       async flush(controller) {
         try {
           if (frame !== undefined && fill > 0) await sendFrame();
-          while (inflight.length > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) await emitOldest(controller);
         } finally {
-          workers.stop();
+          encoder.stop();
         }
       },
-      cancel() {
-        workers.stop();
+      cancel(reason) {
+        cancelled = { reason };
+        encoder.stop();
       },
     });
 
@@ -164,8 +129,8 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
         // A large chunk we alone hold (a writer's extent) becomes a frame as it is: no copy.
         if (frame !== undefined && fill > 0) await sendFrame(); // bytes before it, in order
         const input = chunk as Uint8Array<ArrayBuffer>;
-        await send(input, chunk.byteLength, (bytes) => owned.giveBack(bytes));
-        while (inflight.length >= maxInFlight) await emitOldest(controller);
+        await encoder.submit(input, [[0, chunk.byteLength]], [], (bytes) => owned.giveBack(bytes));
+        while (encoder.inFlight >= encoder.maxInFlight) await emitOldest(controller);
         return;
       }
       for (let position = 0; position < chunk.byteLength;) {
@@ -176,12 +141,31 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
         position += count;
         if (fill === frameSize) {
           await sendFrame();
-          while (inflight.length >= maxInFlight) await emitOldest(controller);
+          while (encoder.inFlight >= encoder.maxInFlight) await emitOldest(controller);
         }
       }
       releaseChunk(chunk);
     }
   }
+}
+
+/**
+ * Checks a zstd level: an integer within -7..19.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { checkLevel } from "./zstd.ts";
+ *
+ * assert.equal(checkLevel(19), 19);
+ * assert.throws(() => checkLevel(20), /level 20 is not within -7\.\.19/);
+ * ```
+ */
+export function checkLevel(level: number): number {
+  if (!Number.isInteger(level) || level < -7 || level > 19) {
+    throw new RangeError(`Cannot compress with zstd: level ${level} is not within -7..19`);
+  }
+  return level;
 }
 
 /**
@@ -212,11 +196,13 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly readable: ReadableStream<Uint8Array>;
   /** The zstd stream goes in here. */
   readonly writable: WritableStream<Uint8Array>;
+  #framing: ZstdFrameSplitter;
 
   /** A decompressor whose decoding runs in a Worker of its own. */
   constructor(options: { reuseBuffers?: boolean } = {}) {
     const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
+    this.#framing = framing;
     let input!: WritableStreamDefaultController;
     let output!: ReadableStreamDefaultController<Uint8Array>;
     /** Stops the worker, and errors both sides, as a TransformStream would. */
@@ -266,5 +252,11 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
         fail(reason);
       },
     }, { highWaterMark: 0 });
+  }
+
+  /** Frames seen so far: how many, how many carry a checksum, how many were skippable. */
+  get stats(): { frames: number; checksummedFrames: number; skippableFrames: number } {
+    const { frames, checksummedFrames, skippableFrames } = this.#framing;
+    return { frames, checksummedFrames, skippableFrames };
   }
 }

@@ -28,7 +28,11 @@ export type VmaFormatReason =
   | "vmstate-order"
   | "write-beyond-end"
   | "block-count-mismatch"
-  | "missing-cluster";
+  | "missing-cluster"
+  | "bad-index"
+  | "index-mismatch"
+  | "bad-seek-table"
+  | "bad-frame-checksum";
 
 /**
  * A VMA archive is malformed, corrupt or incomplete.

@@ -11,11 +11,9 @@ import { QmpClient } from "../../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../../sources/combine.ts";
 import { imageDiskSource } from "../../sources/image_disk.ts";
 import { nbdDiskSource } from "../../sources/nbd_disk.ts";
-import {
-  compressor,
-  type WritableCompression,
-  type ZstdEngine,
-} from "../../transforms/compression.ts";
+import { archiveOutput } from "../../transforms/archive_output.ts";
+import { type WritableCompression, type ZstdEngine } from "../../transforms/compression.ts";
+import { encodeIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
 import { CLUSTER_SIZE, configName, MAX_BLOB_SIZE } from "../../vma/format.ts";
 import { checkHeaderLimits } from "../../vma/header.ts";
@@ -59,7 +57,10 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        (any other extension is an error without --compress)
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
-  --force              replace an existing OUT (in one atomic rename)
+  --no-index           write no archive index (see "Archive index" in the README)
+  --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
+                       with -o - none unless given). A .vma.zst carries its index inside
+  --force              replace an existing OUT (and its sidecar index), in one atomic rename
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
@@ -309,6 +310,10 @@ export interface BackupPlan {
   force: boolean;
   progress: "auto" | "json" | "none";
   json: boolean;
+  /** Build the archive index (default true): embedded in `.vma.zst`, else a sidecar. */
+  index?: boolean | undefined;
+  /** Where a sidecar index goes (default `OUT.idx`; with `-o -` only when given). */
+  indexPath?: string | undefined;
 }
 
 /**
@@ -339,12 +344,20 @@ export interface BackupPlan {
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
   if (plan.output === "-") refuseTerminal(context, "the archive");
+  const sidecarPath = plan.index === false || plan.compression === "zstd" && plan.zstd !== "program"
+    ? undefined
+    : plan.indexPath ?? (plan.output === "-" ? undefined : `${plan.output}.idx`);
   const output = await openOutput(plan.output, context, { force: plan.force });
+  let sidecar: Awaited<ReturnType<typeof openOutput>> | undefined;
   let started: BackupSources;
   try {
+    if (sidecarPath !== undefined) {
+      sidecar = await openOutput(sidecarPath, context, { force: plan.force });
+    }
     started = await plan.start();
   } catch (error) {
     await output.discard();
+    await sidecar?.discard();
     throw error;
   }
   const { live, disks, totalBytes } = started;
@@ -358,7 +371,18 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
-  const onAbort = () => output.discardSync();
+  const onAbort = () => {
+    output.discardSync();
+    sidecar?.discardSync();
+  };
+  const encoded = archiveOutput({
+    compression: plan.compression,
+    level: plan.level,
+    zstd: plan.zstd,
+    mainThread: !started.servesQemu,
+    index: plan.index !== false,
+    reuseBuffers: true, // every stage of this pipeline is its chunks' only consumer
+  });
   context.signal.addEventListener("abort", onAbort);
   try {
     await combineRecordStreams(started.sources, { configs: plan.configs })
@@ -374,19 +398,17 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       }))
       .pipeThrough(new ZeroFilterStream())
       .pipeThrough(writer)
-      .pipeThrough(
-        // Every stage of this pipeline is its chunks' only consumer: buffers may be reused.
-        compressor(plan.compression, plan.level, plan.zstd, {
-          mainThread: !started.servesQemu,
-          reuseBuffers: true,
-        }),
-      )
+      .pipeThrough(encoded)
       .pipeTo(output.writable, { signal: context.signal });
     await live?.finished;
-    await output.commit();
+    if (sidecar !== undefined) {
+      await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
+    }
+    await output.commit(...(sidecar === undefined ? [] : [sidecar])); // both durably, index first
     await progress.finish(true);
   } catch (error) {
     await output.discard();
+    await sidecar?.discard();
     // Whatever failed, QEMU's graph is put back before the command ends.
     await live?.abort(error);
     await progress.finish(false);
@@ -405,6 +427,10 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     output: plan.output,
     uuid,
     compression: plan.compression,
+    index: encoded.indexPlace === "sidecar"
+      ? (sidecarPath === undefined ? "none" : "sidecar")
+      : encoded.indexPlace,
+    ...(sidecarPath !== undefined && { indexPath: sidecarPath }),
     disks: disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
     configs: plan.configs.map((config) => configName(config.name)),
     diskBytes,
@@ -451,6 +477,8 @@ const OPTIONS = {
   "fleece-dir": { type: "string" },
   "discard-read": { type: "boolean" },
   zstd: { type: "string" },
+  "no-index": { type: "boolean" },
+  index: { type: "string" },
 } as const;
 
 type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"];
@@ -459,15 +487,26 @@ type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"
 async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start">> {
   if (values.output === undefined) throw new UsageError("backup needs -o OUT (or -o - for stdout)");
   const { compression, level } = parseCompression(values.output, values.compress, values.level);
+  const zstd = zstdEngine(values.zstd);
+  if (values.index !== undefined && values["no-index"]) {
+    throw new UsageError("--index FILE and --no-index cannot be combined");
+  }
+  if (values.index !== undefined && compression === "zstd" && zstd === "builtin") {
+    throw new UsageError(
+      "a .vma.zst carries its index inside; --index FILE is for .vma and .vma.gz archives",
+    );
+  }
   return {
     configs: await readConfigs(values.config ?? []),
     output: values.output,
     compression,
     level,
-    zstd: zstdEngine(values.zstd),
+    zstd,
     force: values.force ?? false,
     progress: progressMode(values.progress),
     json: values.json ?? false,
+    index: !(values["no-index"] ?? false),
+    indexPath: values.index,
   };
 }
 

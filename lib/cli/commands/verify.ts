@@ -21,19 +21,31 @@ import {
   zstdEngine,
 } from "../command.ts";
 import { formatBytes, formatRate, writeText } from "../context.ts";
-import { ExitCode } from "../errors.ts";
+import { CliError, ExitCode, UsageError } from "../errors.ts";
+import type { DataChecks, FoundIndex } from "../archive_input.ts";
 import { Progress } from "../progress.ts";
 
 const HELP = `Verify a VMA archive: header and extent checksums, magic, version, blob pointers,
 extent UUIDs, block counts against the masks, device ids, duplicate clusters, clusters past a
 device's end, and, unlike Proxmox's 'vma verify', missing clusters (a truncated archive).
 
-usage: cli.ts verify ARCHIVE|- [--json] [--progress auto|json|none] [--zstd builtin|program]
+With an index (inside a seekable .vma.zst, or a sidecar ARCHIVE.idx) it also checks the data:
+every extent against its SHA-256 in the index, every zstd frame against its checksum, and
+that the index describes this archive. Without one it checks the zstd frame checksums, if
+the frames carry them; a plain .vma without an index has no data checksums at all. The
+report says which of the three was done.
+
+usage: cli.ts verify ARCHIVE|- [--json] [--require-data] [--index FILE | --no-index]
+                     [--progress auto|json|none] [--zstd builtin|program]
 
   --json             print a JSON report on stdout (also when the archive is bad)
+  --require-data     fail (exit 3) unless the data itself was checked, not only the structure
+  --index FILE       the sidecar index to check against (default ARCHIVE.idx; for stdin)
+  --no-index         ignore any index (a damaged one, for example): structure and zstd only
 ${ZSTD_HELP}
 
-Exit code 0 when the archive is valid and complete, 3 when it is not.
+Exit code 0 when the archive is valid and complete, 3 when it is not (or, with
+--require-data, when its data could not be checked).
 permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
 
 /**
@@ -72,9 +84,15 @@ export const verifyCommand: Command = {
       json: { type: "boolean" },
       progress: { type: "string" },
       zstd: { type: "string" },
+      "require-data": { type: "boolean" },
+      index: { type: "string" },
+      "no-index": { type: "boolean" },
     });
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("verify", positionals, 1);
+    if (values.index !== undefined && values["no-index"]) {
+      throw new UsageError("--index FILE and --no-index cannot be combined");
+    }
     const mode = progressMode(values.progress);
     const zstd = zstdEngine(values.zstd);
     let progress: Progress | undefined;
@@ -87,6 +105,9 @@ export const verifyCommand: Command = {
       archive = await openArchive(positionals[0]!, {
         zstd,
         reader: { skipData: true }, // every check, without copying the data out
+        index: values["no-index"] ? "ignore" : "auto",
+        indexPath: values.index,
+        digestData: true,
         progress: (total) => (progress = new Progress(context, { mode, command: "verify", total })),
       });
       await archive.records
@@ -102,6 +123,9 @@ export const verifyCommand: Command = {
       }
       failure = error;
     }
+    const checks = archive?.checks();
+    const dataUnchecked = failure === undefined && values["require-data"] === true &&
+      checks?.level === "structure";
     await progress?.finish(failure === undefined);
     const seconds = (performance.now() - started) / 1000;
     // An input that is not an archive at all fails before a reader exists: report no counts.
@@ -118,6 +142,19 @@ export const verifyCommand: Command = {
           ...(failure && {
             error: { reason: failure.reason, offset: failure.offset, message: failure.message },
           }),
+          ...(dataUnchecked && {
+            error: { reason: "data-not-checked", message: DATA_NOT_CHECKED },
+          }),
+          checked: checks === undefined ? null : {
+            level: checks.level,
+            index: archive?.index === undefined
+              ? null
+              : { source: archive.index.source, path: archive.index.path ?? null },
+            frames: checks.frames,
+            checksummedFrames: checks.checksummedFrames,
+            extentsWithData: archive?.index === undefined ? null : checks.extentsWithData,
+            digestsChecked: archive?.index === undefined ? null : checks.digestsChecked,
+          },
           uuid: header?.uuid ?? null,
           ctime: header?.ctime ?? null,
           configs: configs.map(({ name, data }) => ({ name, size: data.byteLength })),
@@ -141,7 +178,7 @@ export const verifyCommand: Command = {
           seconds: Number(seconds.toFixed(3)),
         }),
       );
-      return failure === undefined ? ExitCode.ok : ExitCode.corrupt;
+      return failure === undefined && !dataUnchecked ? ExitCode.ok : ExitCode.corrupt;
     }
     const zeroShare = stats.clusters
       ? ((100 * stats.zeroClusters) / stats.clusters).toFixed(1)
@@ -165,8 +202,43 @@ export const verifyCommand: Command = {
       `  ${formatBytes(archive!.bytesRead())} read in ${seconds.toFixed(1)} s, ${
         formatRate(stats.bytes, seconds)
       } of archive`,
+      `  checked: ${describeChecks(checks!, archive!.index)}`,
     ];
     await writeText(context.stdout, lines.map((line) => `${line}\n`).join(""));
+    if (dataUnchecked) throw new CliError(ExitCode.corrupt, DATA_NOT_CHECKED);
     return ExitCode.ok;
   },
 };
+
+const DATA_NOT_CHECKED =
+  "--require-data: only the structure could be checked (a plain archive without an index; run 'cli.ts index' to make one)";
+
+/**
+ * One line that says what a verify checked.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { describeChecks } from "./verify.ts";
+ *
+ * const checks = { frames: 0, checksummedFrames: 0, extentsWithData: 0, digestsChecked: 0 };
+ * assert.match(describeChecks({ ...checks, level: "structure" }, undefined), /structure only/);
+ * ```
+ */
+export function describeChecks(checks: DataChecks, index: FoundIndex | undefined): string {
+  const frames = checks.frames > 0
+    ? `, ${checks.checksummedFrames} of ${checks.frames} zstd frame checksums`
+    : "";
+  switch (checks.level) {
+    case "sha256":
+      return `data: SHA-256 of all ${checks.digestsChecked} extents with data against the ${
+        index!.source === "sidecar" ? `sidecar index ${index!.path}` : "embedded index"
+      }${frames}; the index matches the archive`;
+    case "frame-checksums":
+      return `data: every zstd frame's content checksum (${checks.frames} frames), no index`;
+    case "structure":
+      return checks.frames > 0
+        ? `structure only: its ${checks.frames} zstd frames carry no checksums and there is no index`
+        : "structure only: a plain VMA has no data checksums and there is no index (see 'cli.ts index')";
+  }
+}

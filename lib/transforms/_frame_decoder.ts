@@ -1,0 +1,284 @@
+// Copyright 2026 the vmabackup authors. MIT license.
+/**
+ * Decoding of whole zstd frames of known size, here and in a pool of Workers (internal):
+ * what random access and parallel restores are built on. zstd itself decodes a stream on
+ * one core; independent frames decode on all of them.
+ *
+ * Each frame is decoded by `node:zlib`'s native handle straight into a buffer of exactly
+ * its decompressed size, which checks its XXH64 content checksum on the way. As for
+ * compression, each thread first round-trips a test frame through that internal path and
+ * falls back to `zstdDecompressSync` when it misbehaves.
+ *
+ * @module
+ */
+import { createHash } from "node:crypto";
+import * as zlib from "node:zlib";
+
+/** A frame to decode. */
+export interface DecodeJob {
+  /** The compressed frame, exactly; its buffer travels to the worker and back. */
+  input: Uint8Array<ArrayBuffer>;
+  /** Its decompressed size (from the seek table). */
+  size: number;
+  /** Also compute the SHA-256 of the compressed frame. */
+  digest?: boolean;
+  /** A buffer of at least `size` bytes to decode into (lent, and given back as `output`). */
+  output?: Uint8Array<ArrayBuffer>;
+}
+
+/** A decoded frame. */
+export interface DecodeResult {
+  /** The compressed frame, given back. */
+  input: Uint8Array<ArrayBuffer>;
+  /** The frame's content, `size` bytes (at the start of the lent buffer, if one was lent). */
+  output: Uint8Array<ArrayBuffer>;
+  /** SHA-256 of the compressed frame, when asked for. */
+  digest?: Uint8Array;
+}
+
+/** Decodes one frame into `output` (exactly its size); throws on any corruption. */
+type DecodeFrame = (input: Uint8Array, output: Uint8Array) => void;
+
+/**
+ * A frame decoder for this thread, with the self-test and the fallback; `onFallback` hears
+ * why when the native path fails. The workers run this very function from its source.
+ *
+ * @example Decode a frame, and catch a flipped bit
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import * as zlib from "node:zlib";
+ * import { frameDecoder } from "./_frame_decoder.ts";
+ *
+ * const decode = frameDecoder(zlib, () => assert.fail("the native path works here"));
+ * const params = { [zlib.constants.ZSTD_c_checksumFlag]: 1 };
+ * const frame = new Uint8Array(zlib.zstdCompressSync("vma ".repeat(5000), { params }));
+ * const output = new Uint8Array(20_000);
+ * decode(frame, output);
+ * assert.equal(new TextDecoder().decode(output.subarray(0, 4)), "vma ");
+ * frame[frame.length - 1]! ^= 1; // the checksum
+ * assert.throws(() => decode(frame, output), /checksum/);
+ * ```
+ */
+export function frameDecoder(
+  zlib: {
+    createZstdDecompress: typeof import("node:zlib").createZstdDecompress;
+    zstdDecompressSync: typeof import("node:zlib").zstdDecompressSync;
+  },
+  onFallback: (why: string) => void,
+): DecodeFrame {
+  // deno-lint-ignore no-explicit-any
+  let decoder: any;
+  const native: DecodeFrame = (input, output) => {
+    decoder ??= zlib.createZstdDecompress();
+    const handle = decoder._handle;
+    const state: Uint32Array = decoder._writeState; // [output left, input left]
+    handle.reset();
+    try {
+      handle.writeSync(0, input, 0, input.byteLength, output, 0, output.byteLength);
+    } catch (error) {
+      decoder = undefined; // a fresh context for the next frame
+      throw new Error(
+        String((error as Error)?.message ?? error).replace(/^Zstd decompress error: /, ""),
+      );
+    }
+    const [outputLeft, inputLeft] = state;
+    if (outputLeft !== 0) {
+      throw new Error(
+        `the frame holds ${
+          output.byteLength - outputLeft!
+        } bytes, not ${output.byteLength} (truncated)`,
+      );
+    }
+    if (inputLeft !== 0) throw new Error(`the frame holds more than ${output.byteLength} bytes`);
+  };
+  const fallback: DecodeFrame = (input, output) => {
+    let decoded: Uint8Array;
+    try {
+      decoded = zlib.zstdDecompressSync(input);
+    } catch (error) {
+      throw new Error(
+        String((error as Error)?.message ?? error).replace(/^Zstd decompress error: /, ""),
+      );
+    }
+    if (decoded.byteLength !== output.byteLength) {
+      throw new Error(`the frame holds ${decoded.byteLength} bytes, not ${output.byteLength}`);
+    }
+    output.set(decoded);
+  };
+  let chosen: DecodeFrame | undefined;
+  return (input, output) => {
+    if (chosen === undefined) {
+      // "vmabacku" as the zstd CLI stores it: one raw block, with its content checksum.
+      const probe = new Uint8Array([
+        0x28,
+        0xb5,
+        0x2f,
+        0xfd,
+        0x04,
+        0x48,
+        0x41,
+        0x00,
+        0x00,
+        0x76,
+        0x6d,
+        0x61,
+        0x62,
+        0x61,
+        0x63,
+        0x6b,
+        0x75,
+        0xc7,
+        0xe6,
+        0x14,
+        0x49,
+      ]);
+      let why: string | undefined;
+      try {
+        const back = new Uint8Array(8);
+        native(probe, back);
+        if (new TextDecoder().decode(back) !== "vmabacku") why = "a test frame did not round-trip";
+      } catch (error) {
+        why = String((error as Error)?.message ?? error);
+      }
+      chosen = why === undefined ? native : fallback;
+      if (why !== undefined) onFallback(why);
+    }
+    chosen(input, output);
+  };
+}
+
+const WORKER_SOURCE = `
+import * as zlib from "node:zlib";
+import { createHash } from "node:crypto";
+let fallback;
+const decode = (${frameDecoder})(zlib, (why) => (fallback = why));
+self.onmessage = ({ data }) => {
+  const { id, input, size, digest, output: lent } = data;
+  try {
+    const output = lent ? new Uint8Array(lent.buffer, 0, size) : new Uint8Array(size);
+    decode(input, output);
+    const result = { input, output };
+    if (digest) result.digest = new Uint8Array(createHash("sha256").update(input).digest());
+    self.postMessage({ id, result, fallback }, [input.buffer, output.buffer]);
+    fallback = undefined;
+  } catch (error) {
+    const transfer = lent ? [input.buffer, lent.buffer] : [input.buffer];
+    self.postMessage({ id, error: String(error?.message ?? error), input }, transfer);
+  }
+};
+`;
+let workerUrl: string | undefined;
+
+/** Frames up to this size decode on this thread: a worker round trip costs more. */
+const INLINE_SIZE = 64 * 1024;
+
+/**
+ * Decodes frames on a pool of Workers (frames up to 64 KiB on this thread). Rejections
+ * are `Error`s whose message says what is wrong with the frame ("Restored data doesn't
+ * match checksum", "truncated").
+ *
+ * @example Decode two frames at once
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { zstdCompressSync } from "node:zlib";
+ * import { FrameDecoderPool } from "./_frame_decoder.ts";
+ *
+ * const pool = new FrameDecoderPool(2);
+ * try {
+ *   const a = new Uint8Array(zstdCompressSync(new Uint8Array(100_000).fill(1)));
+ *   const b = new Uint8Array(zstdCompressSync(new Uint8Array(100_000).fill(2)));
+ *   const [x, y] = await Promise.all([
+ *     pool.decode({ input: a, size: 100_000 }),
+ *     pool.decode({ input: b, size: 100_000, digest: true }),
+ *   ]);
+ *   assert.deepEqual([x.output[0], y.output[99_999], y.digest?.byteLength], [1, 2, 32]);
+ * } finally {
+ *   pool.stop();
+ * }
+ * ```
+ */
+export class FrameDecoderPool {
+  /** Most workers. */
+  readonly size: number;
+  #workers: Worker[] = [];
+  #waiting = new Map<number, PromiseWithResolvers<DecodeResult>>();
+  #nextId = 0;
+  #here: DecodeFrame | undefined;
+  #onFallback: (why: string) => void;
+
+  /** A pool of at most `size` workers (default one per core). */
+  constructor(
+    size = navigator.hardwareConcurrency ?? 1,
+    onFallback: (why: string) => void = () => {},
+  ) {
+    this.size = Math.max(1, size);
+    this.#onFallback = onFallback;
+  }
+
+  /** Frames being decoded. */
+  get pending(): number {
+    return this.#waiting.size;
+  }
+
+  /** Decodes a frame; its input buffer is transferred until the result (or the failure). */
+  decode(job: DecodeJob): Promise<DecodeResult> {
+    if (job.size <= INLINE_SIZE) {
+      try {
+        this.#here ??= frameDecoder(zlib, this.#onFallback);
+        const output = job.output === undefined
+          ? new Uint8Array(job.size)
+          : new Uint8Array(job.output.buffer, 0, job.size);
+        this.#here(job.input, output);
+        const result: DecodeResult = { input: job.input, output };
+        if (job.digest) {
+          result.digest = new Uint8Array(createHash("sha256").update(job.input).digest());
+        }
+        return Promise.resolve(result);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+    }
+    const id = this.#nextId++;
+    const worker = this.#workers[id % this.size] ?? this.#start(id % this.size);
+    const pending = Promise.withResolvers<DecodeResult>();
+    pending.promise.catch(() => {});
+    this.#waiting.set(id, pending);
+    const transfer = job.output === undefined
+      ? [job.input.buffer]
+      : [job.input.buffer, job.output.buffer];
+    worker.postMessage({ id, ...job }, transfer);
+    return pending.promise;
+  }
+
+  /** Terminates the workers; pending frames fail. */
+  stop(): void {
+    for (const worker of this.#workers.splice(0)) worker?.terminate();
+    for (const pending of this.#waiting.values()) pending.reject(new Error("zstd decoder stopped"));
+    this.#waiting.clear();
+  }
+
+  #start(slot: number): Worker {
+    workerUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
+    const worker = new Worker(workerUrl, { type: "module" });
+    worker.onmessage = (
+      { data }: MessageEvent<
+        { id: number; result?: DecodeResult; error?: string; fallback?: string }
+      >,
+    ) => {
+      const pending = this.#waiting.get(data.id);
+      this.#waiting.delete(data.id);
+      if (data.fallback !== undefined) this.#onFallback(data.fallback);
+      if (data.error !== undefined) pending?.reject(new Error(data.error));
+      else pending?.resolve(data.result!);
+    };
+    worker.onerror = (event) => {
+      event.preventDefault();
+      for (const pending of this.#waiting.values()) pending.reject(new Error(event.message));
+      this.#waiting.clear();
+    };
+    // Idle workers must not keep the process alive.
+    (worker as unknown as { unref?: () => void }).unref?.();
+    this.#workers[slot] = worker;
+    return worker;
+  }
+}

@@ -113,6 +113,29 @@ for (const force of [false, true]) {
 }
 
 straceTest(
+  "backup to .vma: the sidecar index is flushed with the archive and renamed first",
+  async () => {
+    await withTempDir(async (dir) => {
+      const out = `${dir}/vm.vma`;
+      const index = `${out}.idx`;
+      await Deno.writeTextFile(out, "the last good backup");
+      await Deno.writeTextFile(index, "its index");
+      const calls = await traced(["backup", "--disk", await disk(dir), "-o", out, "--force"], dir);
+      const syncs = [
+        indexOf(calls, "fdatasync", `${index}.partial`),
+        indexOf(calls, "fdatasync", `${out}.partial`),
+      ];
+      const renameIndex = indexOf(calls, "rename", `${index}.partial`, index);
+      const renameArchive = indexOf(calls, "rename", `${out}.partial`, out);
+      const dirSync = calls.findLastIndex((c) => c.call === "fsync" && c.paths[0] === dir);
+      assert.ok(Math.max(...syncs) < renameIndex, describe(calls));
+      assert.ok(renameIndex < renameArchive && renameArchive < dirSync, describe(calls));
+      assert.equal(calls.filter((c) => c.call === "rename").length, 2, describe(calls));
+    });
+  },
+);
+
+straceTest(
   "extract: every file flushed, then the directory, one rename, then its parent",
   async () => {
     await withTempDir(async (dir) => {

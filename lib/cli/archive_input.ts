@@ -220,14 +220,15 @@ function noteFailure(
   const reader = input.getReader();
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
+      let next;
       try {
-        const { value, done } = await reader.read();
-        if (done) controller.close();
-        else controller.enqueue(value);
+        next = await reader.read();
       } catch (error) {
         failure.error = error;
         throw error;
       }
+      if (next.done) controller.close();
+      else controller.enqueue(next.value);
     },
     cancel: (reason) => reader.cancel(reason),
   }, { highWaterMark: 0 });

@@ -18,6 +18,8 @@ import type { Command } from "./lib/cli/command.ts";
 import { backupCommand } from "./lib/cli/commands/backup.ts";
 import { demoCommand } from "./lib/cli/commands/demo.ts";
 import { extractCommand } from "./lib/cli/commands/extract.ts";
+import { convertCommand } from "./lib/cli/commands/convert.ts";
+import { indexCommand } from "./lib/cli/commands/index.ts";
 import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
 import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
@@ -30,6 +32,8 @@ const commands: Command[] = [
   listCommand,
   configCommand,
   verifyCommand,
+  indexCommand,
+  convertCommand,
   demoCommand,
 ];
 

@@ -105,7 +105,11 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
-export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
+export {
+  type SeekableZstdOptions,
+  SeekableZstdStream,
+  type StoredExtentPiece,
+} from "./lib/transforms/seekable_zstd.ts";
 export {
   checkLevel,
   type ZstdCompressOptions,
@@ -199,13 +203,18 @@ export {
   INDEX_FRAME_MAGIC,
   readEmbeddedIndex,
 } from "./lib/index/embedded_index.ts";
-export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export {
+  type DecodedExtentHeader,
+  decodeExtentHeader,
+  encodeExtentHeader,
+} from "./lib/vma/extent_header.ts";
 export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
 export {
   IndexedArchive,
   type IndexedArchiveOptions,
   type IndexedArchiveStats,
   NotSeekableError,
+  type StoredExtent,
 } from "./lib/access/indexed_archive.ts";
 export { scanPlainArchive } from "./lib/access/scan_plain.ts";
 export {
@@ -214,3 +223,11 @@ export {
   SeekableZstdDecompressStream,
 } from "./lib/transforms/seekable_zstd_decoder.ts";
 export { IndexChecker } from "./lib/index/index_checker.ts";
+export { archiveRecords } from "./lib/access/archive_records.ts";
+export {
+  type SyntheticFull,
+  syntheticFull,
+  type SyntheticFullOptions,
+  type SyntheticFullStats,
+  type SyntheticPiece,
+} from "./lib/access/synthetic_full.ts";

@@ -49,7 +49,7 @@ Deno.test("cli: -o - and extract --stdout refuse to write binary to a terminal (
   await withTempDir(async (dir) => {
     const backup = await onTerminal(["backup", "--disk", await disk(dir), "-o", "-"]);
     assert.equal(backup.code, 2, backup.output);
-    assert.match(backup.output, /^error: not writing the archive to a terminal; redirect stdout/);
+    assert.match(backup.output, /^error: not writing binary output to a terminal; redirect stdout/);
     assert.ok(!backup.output.includes("VMA"), "no archive bytes on the terminal");
     assert.equal((await cli(["backup", "--disk", `${dir}/d.raw`, "-o", `${dir}/vm.vma`])).code, 0);
     const extract = await onTerminal(["extract", `${dir}/vm.vma`, "--stdout", "scsi0"]);

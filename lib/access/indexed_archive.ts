@@ -16,7 +16,8 @@ import type { SeekTable } from "../index/seek_table.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
 import { FrameDecoderPool } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { decodeExtentHeader } from "../vma/extent_header.ts";
+import { decodeExtentHeader, type VmaExtentSlot } from "../vma/extent_header.ts";
+import { type DecodedVmaHeader, decodeHeader } from "../vma/header.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
@@ -117,6 +118,7 @@ export class IndexedArchive {
   #frameDecoded = new Float64Array(0);
   #reads: { active: number; waiting: (() => void)[]; limit: number };
   #lastExtent = -2;
+  #header: DecodedVmaHeader | undefined;
 
   private constructor(
     reader: RangeReader,
@@ -207,6 +209,32 @@ export class IndexedArchive {
     return this.index.devices;
   }
 
+  /** Lookups over the index. */
+  get map(): IndexMap {
+    return this.#map;
+  }
+
+  /** The archive header: identity, configs and devices. */
+  get header(): DecodedVmaHeader {
+    return this.#header!;
+  }
+
+  /**
+   * Cluster `cluster` of `devId` as a record would carry it: its mask and its 64 KiB (zeros
+   * where no block is stored), or `null` data for a zero cluster.
+   */
+  async cluster(
+    devId: number,
+    cluster: number,
+  ): Promise<{ mask: number; data: Uint8Array | null }> {
+    const place = this.#map.locate(devId, cluster);
+    if (place === null) return { mask: 0, data: null };
+    const extent = await this.#extent(place.extent);
+    const data = new Uint8Array(CLUSTER_SIZE);
+    copyCluster(extent, place.slot, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name);
+    return { mask: extent.masks[place.slot]!, data };
+  }
+
   /** The device of `name` (exactly, or with the `drive-` prefix added), if there is one. */
   device(name: string): VmaIndexDevice | undefined {
     return this.index.devices.find((device) => device.name === name) ??
@@ -251,6 +279,43 @@ export class IndexedArchive {
     }
     await Promise.all(reads);
     return out;
+  }
+
+  /**
+   * Extent `e` as stored in a seekable `.vma.zst`, for a copy that does not re-encode it:
+   * its decoded 512-byte header and slots, and its data frame exactly as stored, with the
+   * frame's checksum and SHA-256 (checked against the index). `undefined` when the
+   * extent's data is not one frame of its own (a plain archive, another layout) or it has
+   * no data.
+   */
+  async storedExtent(e: number): Promise<StoredExtent | undefined> {
+    const table = this.#seekTable;
+    if (table === undefined || this.index.digestScope !== "zstd-frame") return undefined;
+    if (this.index.blockCounts[e] === 0) return undefined;
+    const start = this.#map.extentOffsets[e]!;
+    const end = this.#map.extentOffsets[e + 1]!;
+    const headerFrame = this.#frameAt(start);
+    const dataFrame = headerFrame + 1;
+    if (
+      this.#frameDecoded[headerFrame] !== start ||
+      this.#frameDecoded[dataFrame] !== start + EXTENT_HEADER_SIZE ||
+      this.#frameDecoded[dataFrame + 1] !== end
+    ) return undefined;
+    const [header] = await this.#archiveBytes(start, start + EXTENT_HEADER_SIZE);
+    const { slots } = decodeExtentHeader(header!, start, this.#uuidBytes());
+    const from = this.#frameStored[dataFrame]!;
+    const frame = await this.#reader.read(from, this.#frameStored[dataFrame + 1]! - from);
+    this.stats.storedBytesRead += frame.byteLength;
+    this.#checkFrameChecksum(frame, dataFrame);
+    const digest = new Uint8Array(createHash("sha256").update(frame).digest());
+    this.#checkDigest(e, digest);
+    return {
+      blockCount: this.index.blockCounts[e]!,
+      slots,
+      frame,
+      checksum: table.checksums?.[dataFrame] ?? 0,
+      digest,
+    };
   }
 
   /** Which parts of `devId`'s range `offset`..`offset + length` are zero, by the index alone. */
@@ -461,10 +526,8 @@ export class IndexedArchive {
 
   /** The stored header must be the one the index was made for. */
   async #checkHeader(): Promise<void> {
-    const [header] = await this.#archiveBytes(0, this.index.headerSize);
-    const bytes = header!.byteLength >= this.index.headerSize
-      ? header!
-      : concat(await this.#archiveBytes(0, this.index.headerSize), this.index.headerSize);
+    const pieces = await this.#archiveBytes(0, this.index.headerSize);
+    const bytes = pieces.length === 1 ? pieces[0]! : concat(pieces, this.index.headerSize);
     const uuid = bytes.subarray(HeaderOffset.uuid, HeaderOffset.uuid + 16).toHex();
     const md5 = bytes.subarray(HeaderOffset.md5, HeaderOffset.md5 + 16).toHex();
     const want = this.index.uuid.replaceAll("-", "");
@@ -484,7 +547,22 @@ export class IndexedArchive {
         "the index does not match this archive's header (a stale index of an archive with the same UUID)",
       );
     }
+    this.#header = decodeHeader(bytes); // checks its MD5, and gives the configs
   }
+}
+
+/** An extent of a seekable archive as stored, for a verbatim copy. */
+export interface StoredExtent {
+  /** Its 4 KiB data blocks. */
+  blockCount: number;
+  /** Its used slots, from its header. */
+  slots: VmaExtentSlot[];
+  /** Its data frame, compressed, exactly as stored. */
+  frame: Uint8Array;
+  /** The frame's content checksum (low 32 bits of XXH64). */
+  checksum: number;
+  /** SHA-256 of `frame`, as the index lists it. */
+  digest: Uint8Array;
 }
 
 /** The archive cannot be read at random (it is not seekable). */

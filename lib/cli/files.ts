@@ -145,8 +145,9 @@ export interface Output {
 }
 
 /**
- * Opens an output: stdout for `-`, otherwise `PATH.partial`, which {@linkcode Output.commit}
- * renames to `PATH`. An existing `PATH` is refused unless `force`.
+ * Opens an output: stdout for `-` (refused when it is a terminal), otherwise `PATH.partial`,
+ * which {@linkcode Output.commit} renames to `PATH`. An existing `PATH` is refused unless
+ * `force`.
  *
  * @example The file appears only on commit
  * ```ts
@@ -174,6 +175,7 @@ export async function openOutput(
   options: { force: boolean },
 ): Promise<Output> {
   if (path === "-") {
+    refuseTerminal(context, "binary output");
     const noop = () => Promise.resolve();
     return {
       writable: new ByteSink(context.stdout),

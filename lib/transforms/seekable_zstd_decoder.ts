@@ -12,6 +12,7 @@ import { VmaFormatError } from "../vma/errors.ts";
 import { MAX_EXTENT_SIZE } from "../vma/format.ts";
 import { FrameDecoderPool } from "./_frame_decoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
+import { deliver } from "./_deliver.ts";
 
 /** Options of {@linkcode SeekableZstdDecompressStream}. */
 export interface SeekableDecodeOptions {
@@ -161,7 +162,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const emitOldest = async (controller: Output) => {
       const decoded = await inflight.shift()!;
       if (cancelled !== undefined) throw cancelled.reason;
-      controller.enqueue(decoded);
+      return deliver(controller, decoded);
     };
 
     super({
@@ -196,7 +197,9 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
           if (frame < frames && table.decompressedSizes.subarray(frame).some((size) => size > 0)) {
             fail(frame, offset, decodedAt, "the file ends inside it (truncated)");
           }
-          while (inflight.length > 0) await emitOldest(controller);
+          while (inflight.length > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
           if (framesHash !== undefined && framesHash.digest("hex") !== options.framesDigest) {
             throw new VmaFormatError(
               "bad-frame-checksum",

@@ -7,6 +7,7 @@
  */
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
+import { deliver } from "./_deliver.ts";
 import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
 import { frameBound } from "./_zstd_workers.ts";
@@ -96,7 +97,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const emitOldest = async (controller: Output) => {
       const { chunk } = await encoder.shift();
       if (cancelled !== undefined) throw cancelled.reason;
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
 
     super({
@@ -111,7 +112,9 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       async flush(controller) {
         try {
           if (frame !== undefined && fill > 0) await sendFrame();
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
         } finally {
           encoder.stop();
         }

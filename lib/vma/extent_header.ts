@@ -104,3 +104,39 @@ export function decodeExtentHeader(
   }
   return { blockCount: view.getUint16(ExtentOffset.blockCount), slots };
 }
+
+/**
+ * The 512-byte header of an extent: magic, block count, the archive's UUID, its slots and
+ * its MD5, as the reference writer lays them out. For copying an extent's stored data
+ * into another archive, whose UUID differs.
+ *
+ * @example A header that decodes to what went in
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { decodeExtentHeader, encodeExtentHeader } from "./extent_header.ts";
+ *
+ * const uuid = crypto.getRandomValues(new Uint8Array(16));
+ * const slots = [{ index: 0, mask: 0xffff, devId: 1, cluster: 7 }];
+ * const header = encodeExtentHeader(uuid, 16, slots);
+ * assert.deepEqual(decodeExtentHeader(header, 0, uuid), { blockCount: 16, slots });
+ * ```
+ */
+export function encodeExtentHeader(
+  uuid: Uint8Array,
+  blockCount: number,
+  slots: VmaExtentSlot[],
+): Uint8Array<ArrayBuffer> {
+  const header = new Uint8Array(EXTENT_HEADER_SIZE);
+  const view = new DataView(header.buffer);
+  view.setUint32(ExtentOffset.magic, EXTENT_MAGIC);
+  view.setUint16(ExtentOffset.blockCount, blockCount);
+  header.set(uuid, ExtentOffset.uuid);
+  for (const { index, mask, devId, cluster } of slots) {
+    const entry = ExtentOffset.blockInfo + 8 * index;
+    view.setUint16(entry, mask);
+    view.setUint16(entry + 2, devId); // byte 2 reserved (0), byte 3 dev_id
+    view.setUint32(entry + 4, cluster);
+  }
+  header.set(md5(header), ExtentOffset.md5);
+  return header;
+}

@@ -31,7 +31,7 @@ import {
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
 import { isDeviceFileLike } from "../file_names.ts";
-import { openOutput, refuseTerminal } from "../files.ts";
+import { openOutput } from "../files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
 
@@ -343,7 +343,6 @@ export interface BackupPlan {
  * ```
  */
 export async function runBackup(plan: BackupPlan, context: CliContext): Promise<number> {
-  if (plan.output === "-") refuseTerminal(context, "the archive");
   const sidecarPath = plan.index === false || plan.compression === "zstd" && plan.zstd !== "program"
     ? undefined
     : plan.indexPath ?? (plan.output === "-" ? undefined : `${plan.output}.idx`);

@@ -51,6 +51,17 @@ async function waitGone(pid: number): Promise<boolean> {
 
 const exists = (path: string) => Deno.lstat(path).then(() => true, () => false);
 
+/**
+ * Waits until the CLI is connected to its qemu-nbd: it removes the socket directory then.
+ * (A SIGKILL before that, while qemu-nbd starts, is the one moment the README says is open.)
+ */
+async function connected(nbd: { dir: string }): Promise<boolean> {
+  for (let i = 0; i < 200 && await exists(nbd.dir); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return !await exists(nbd.dir);
+}
+
 qemuTest(
   "SIGKILL of backup (qcow2 input) takes its qemu-nbd along and leaves no temp dir",
   async () => {
@@ -70,6 +81,7 @@ qemuTest(
       const child = spawnCli(args, { permissions: PERMISSIONS });
       try {
         const nbd = await qemuNbdChild(child.pid);
+        assert.ok(await connected(nbd), `${nbd.dir} is still there once connected`);
         await new Promise((resolve) => setTimeout(resolve, 300)); // reading is under way
         assert.ok(await running(nbd.pid));
         child.kill("SIGKILL");
@@ -102,6 +114,7 @@ qemuTest(
         // The header and a few MiB: the restore starts and qemu-nbd serves the new image.
         await producer.write(archive.subarray(0, 4 * MiB));
         const nbd = await qemuNbdChild(child.pid);
+        assert.ok(await connected(nbd), `${nbd.dir} is still there once connected`);
         child.kill("SIGKILL");
         await child.status;
         assert.ok(await waitGone(nbd.pid), `qemu-nbd ${nbd.pid} still runs after its parent died`);

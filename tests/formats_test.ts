@@ -128,7 +128,7 @@ qemuTest("formats: the NBD source reads only allocated data (bytes on the socket
     const served = await serveImage(
       `${dir}/sparse.qcow2`,
       { format: "qcow2" },
-      (uri) => NbdClient.connect(uri, { metaContexts: ["base:allocation"] }),
+      (uri, conn) => NbdClient.connect(uri, { conn, metaContexts: ["base:allocation"] }),
     );
     try {
       let client: NbdClient | undefined;

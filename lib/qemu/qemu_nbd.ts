@@ -38,23 +38,28 @@ globalThis.addEventListener("unload", () => {
 });
 
 /**
- * Serves `path` with a private `qemu-nbd` and makes its one connection with `connect`
- * (given the export's `nbd+unix://` URI), retrying until qemu-nbd listens. Fails with
- * qemu-nbd's own message when it cannot open the image (an unknown or corrupt format, a
- * locked image). Needs `--allow-run=qemu-nbd`.
+ * Serves `path` with a private `qemu-nbd` and makes its one connection: a unix socket
+ * connection, retried until qemu-nbd listens, over which `connect` (given the export's
+ * `nbd+unix://` URI and the open connection) runs the NBD handshake. Fails with qemu-nbd's
+ * own message when it cannot open the image (an unknown or corrupt format, a locked image).
+ * Needs `--allow-run=qemu-nbd`.
  *
  * The child cannot outlive this process: it runs without `--persistent`, so it exits when
  * that connection closes, and the kernel closes it when this process dies, even by SIGKILL.
- * Its socket and private directory are removed as soon as the connection is made, and its
- * stdin is closed, so it never holds a pipe that feeds this process. (Only a SIGKILL in the
- * moment between starting qemu-nbd and connecting, well under a second, leaves it waiting.)
+ * Its socket and private directory are removed as soon as the socket is connected, and its
+ * stdin is closed, so it never holds a pipe that feeds this process. (Only a SIGKILL while
+ * qemu-nbd starts, before it listens, leaves it waiting, and its directory behind.)
  *
  * @example Read a qcow2 image over NBD
  * ```ts ignore
  * import { NbdClient } from "../protocols/nbd_client.ts";
  * import { serveImage } from "./qemu_nbd.ts";
  *
- * const nbd = await serveImage("disk.qcow2", { format: "qcow2" }, (uri) => NbdClient.connect(uri));
+ * const nbd = await serveImage(
+ *   "disk.qcow2",
+ *   { format: "qcow2" },
+ *   (uri, conn) => NbdClient.connect(uri, { conn }),
+ * );
  * try {
  *   console.log(nbd.connection.info.size);
  * } finally {
@@ -66,7 +71,7 @@ globalThis.addEventListener("unload", () => {
 export async function serveImage<T>(
   path: string,
   options: ServeImageOptions,
-  connect: (uri: string) => Promise<T>,
+  connect: (uri: string, conn: Deno.UnixConn) => Promise<T>,
 ): Promise<QemuNbdExport<T>> {
   const dir = await Deno.makeTempDir({ prefix: "vmabackup-nbd-" });
   const socket = `${dir}/nbd.sock`;
@@ -103,26 +108,37 @@ export async function serveImage<T>(
   };
   let exited = false;
   child.status.then(() => (exited = true));
+  const failed = async (error: unknown, otherwise: string) => {
+    const died = exited;
+    await stop();
+    const message = (await stderr.catch(() => "")).trim().split("\n").at(-1) ?? "";
+    return new Deno.errors.InvalidData(
+      died
+        ? `Cannot serve ${path} as ${options.format}: ${message.replace(/^qemu-nbd: /, "")}`
+        : `Cannot serve ${path}: ${otherwise}`,
+      { cause: error },
+    );
+  };
   const deadline = Date.now() + (options.timeoutMs ?? 10_000);
-  const uri = `nbd+unix:///${exportName}?socket=${socket}`;
+  let conn: Deno.UnixConn;
   for (;;) {
     try {
-      const connection = await connect(uri);
-      await removeDir(); // connected: nothing may connect again, and nothing is left behind
-      return { connection, stop };
+      conn = await Deno.connect({ transport: "unix", path: socket });
+      break;
     } catch (error) {
-      // Not listening yet, or qemu-nbd could not open the image and closed the connection.
       if (exited || Date.now() > deadline) {
-        await stop();
-        const message = (await stderr.catch(() => "")).trim().split("\n").at(-1) ?? "";
-        throw new Deno.errors.InvalidData(
-          exited
-            ? `Cannot serve ${path} as ${options.format}: ${message.replace(/^qemu-nbd: /, "")}`
-            : `Cannot serve ${path}: qemu-nbd did not start listening in time`,
-          { cause: error },
-        );
+        throw await failed(error, "qemu-nbd did not start listening in time");
       }
     }
     await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  await removeDir(); // connected: nothing else may connect, and nothing is left behind
+  try {
+    const connection = await connect(`nbd+unix:///${exportName}?socket=${socket}`, conn);
+    return { connection, stop };
+  } catch (error) {
+    // qemu-nbd could not open the image and closed the connection, or refused the handshake.
+    await new Promise((resolve) => setTimeout(resolve, 50)); // let its exit be seen
+    throw await failed(error, error instanceof Error ? error.message : String(error));
   }
 }

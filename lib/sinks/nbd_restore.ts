@@ -72,7 +72,7 @@ export class ImageRestoreSink extends WritableStream<VmaRecord> {
         const served = await serveImage(
           path,
           { format: options.format, readOnly: false },
-          (uri) => NbdClient.connect(uri),
+          (uri, conn) => NbdClient.connect(uri, { conn }),
         );
         const info = { name: record.name, path, size: record.size, dataBytes: 0 };
         images.set(record.devId, { served, client: served.connection, info });

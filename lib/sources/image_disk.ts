@@ -53,7 +53,8 @@ export function imageDiskSource(
         reader = rawDiskSource(path, options).getReader();
         return;
       }
-      const connect = (uri: string) => NbdClient.connect(uri, { metaContexts: [BASE_ALLOCATION] });
+      const connect = (uri: string, conn: Deno.UnixConn) =>
+        NbdClient.connect(uri, { conn, metaContexts: [BASE_ALLOCATION] });
       served = await serveImage(path, { format }, connect);
       reader = nbdDiskSource(served.connection, options).getReader();
     },

@@ -25,6 +25,7 @@ import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
 import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
 import { checkBufferReuse } from "./lib/_pool.ts";
+import { zstdFallbackNote } from "./lib/transforms/_zstd_note.ts";
 
 const commands: Command[] = [
   backupCommand,
@@ -95,6 +96,9 @@ export async function main(args: string[], context: CliContext): Promise<number>
     if (debugEnabled()) console.error(error);
     await writeText(context.stderr, `error: ${message}\n`).catch(() => {});
     return exitCode;
+  } finally {
+    const note = zstdFallbackNote(); // a Deno upgrade changed node:zlib: slower, still correct
+    if (note !== undefined) await writeText(context.stderr, `note: ${note}\n`).catch(() => {});
   }
 }
 

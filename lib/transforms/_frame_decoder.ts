@@ -13,6 +13,7 @@
  */
 import { createHash } from "node:crypto";
 import * as zlib from "node:zlib";
+import { noteFallback } from "./_zstd_note.ts";
 
 /** A frame to decode. */
 export interface DecodeJob {

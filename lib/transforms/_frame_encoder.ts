@@ -7,6 +7,7 @@
  */
 import * as zlib from "node:zlib";
 import { BufferPool } from "../_pool.ts";
+import { noteFallback } from "./_zstd_note.ts";
 import {
   type CompressFrame,
   encodeFrames,
@@ -45,30 +46,6 @@ export interface EncodedJob {
   checksums: number[];
   /** SHA-256 of the frames the job asked for. */
   digests: Uint8Array[];
-}
-
-/** Said once, when a thread's node:zlib internals failed their self-test. */
-let fallbackNote: string | undefined;
-
-/**
- * Why zstd compression runs through `node:zlib`'s public API (slower) instead of its
- * native handle, if it does: set when a thread's self-test failed, for the CLI to note.
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * import { zstdFallbackNote } from "./_frame_encoder.ts";
- *
- * assert.equal(zstdFallbackNote(), undefined); // Deno 2.9.6: the fast path works
- * ```
- */
-export function zstdFallbackNote(): string | undefined {
-  return fallbackNote;
-}
-
-function noteFallback(why: string): void {
-  fallbackNote ??= `zstd: node:zlib's native handle failed its self-test (${why}); ` +
-    "compressing through its public API, which is slower";
 }
 
 /**

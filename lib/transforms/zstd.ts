@@ -201,8 +201,13 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly writable: WritableStream<Uint8Array>;
   #framing: ZstdFrameSplitter;
 
-  /** A decompressor whose decoding runs in a Worker of its own. */
-  constructor(options: { reuseBuffers?: boolean } = {}) {
+  /**
+   * A decompressor whose decoding runs in a Worker of its own. `publicApi` decodes through
+   * node:zlib's public streaming API, which the Worker falls back to by itself when the
+   * native handle fails its start-up self-test (set it to test that path). `reuseBuffers`
+   * recycles the decoded chunks that their only consumer releases (no `tee()`).
+   */
+  constructor(options: { publicApi?: boolean; reuseBuffers?: boolean } = {}) {
     const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
     this.#framing = framing;
@@ -221,8 +226,10 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
       },
       async write(chunk) {
         try {
-          framing.push(chunk); // only to check the framing
-          await decoder.write(chunk);
+          // The worker gets the frames' bytes with where each starts (skippable ones left out).
+          for (const segment of framing.push(chunk)) {
+            await decoder.write(segment.bytes, segment.start);
+          }
         } catch (error) {
           throw fail(error);
         }

@@ -58,6 +58,7 @@ export {
   type VmaHeader,
 } from "./lib/vma/header.ts";
 export {
+  VmaExtentWriterStream,
   type VmaWriterOptions,
   type VmaWriterStats,
   VmaWriterStream,
@@ -197,6 +198,10 @@ export {
   type ArchiveOutput,
   archiveOutput,
   type ArchiveOutputOptions,
+  encodeArchive,
+  type EncodedArchive,
+  type IndexedOutput,
+  indexedOutput,
 } from "./lib/transforms/archive_output.ts";
 export {
   type EmbeddedIndex,
@@ -207,6 +212,8 @@ export {
   type DecodedExtentHeader,
   decodeExtentHeader,
   encodeExtentHeader,
+  type SlotRun,
+  slotRuns,
 } from "./lib/vma/extent_header.ts";
 export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
 export {

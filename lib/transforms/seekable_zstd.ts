@@ -13,7 +13,7 @@ import { IndexBuilder } from "../index/index_builder.ts";
 import { SeekTableWriter } from "../index/seek_table.ts";
 import type { VmaExtentPiece, VmaHeaderPiece } from "../vma/extent_stream.ts";
 import { BLOCK_SIZE, EXTENT_HEADER_SIZE, MAX_EXTENT_SIZE } from "../vma/format.ts";
-import type { VmaExtentSlot } from "../vma/extent_header.ts";
+import { slotRuns, type VmaExtentSlot } from "../vma/extent_header.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
 import { deliver } from "./_deliver.ts";
@@ -159,7 +159,11 @@ export class SeekableZstdStream
       lengths.forEach((length, i) => table.add(length, sizes[i]!, checksums[i]!));
       if (stored !== undefined) {
         table.add(stored.frame.byteLength, stored.blockCount * BLOCK_SIZE, stored.checksum);
-        builder!.addExtent(stored, stored.digest);
+        const { blockCount, slots } = stored;
+        builder!.addExtent(
+          { blockCount, slotCount: slots.length, runs: slotRuns(slots) },
+          stored.digest,
+        );
         return deliver(controller, chunk) && deliver(controller, stored.frame);
       }
       for (const extent of extents) {

@@ -9,9 +9,7 @@ import { createHash } from "node:crypto";
 import { BufferPool, releaseChunk } from "../_pool.ts";
 import type { SeekTable } from "../index/seek_table.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { MAX_EXTENT_SIZE } from "../vma/format.ts";
 import { FrameDecoderPool } from "./_frame_decoder.ts";
-import { frameBound } from "./_zstd_workers.ts";
 import { deliver } from "./_deliver.ts";
 
 /** Options of {@linkcode SeekableZstdDecompressStream}. */
@@ -93,14 +91,22 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const stats: SeekableDecodeStats = { frames: 0, checksummedFrames: 0, digestsChecked: 0 };
     const table = options.seekTable;
     const frames = table.compressedSizes.length;
-    const decoders = new FrameDecoderPool(options.workers);
+    // Workers for the cores but one, and this thread decodes when they all have two frames
+    // queued: each frame in flight holds its input and output (about 5 MB for a full
+    // extent), and each Worker about 15 MiB.
+    const decoders = new FrameDecoderPool(options.workers, undefined, { mainThread: true });
     const maxInFlight = 2 * decoders.size + 1;
-    const largest = Math.max(0, ...table.compressedSizes);
-    const inputs = new BufferPool(Math.max(largest, frameBound(MAX_EXTENT_SIZE)), {
-      maxFree: maxInFlight + 1,
-    });
-    const outputs = new BufferPool(Math.max(MAX_EXTENT_SIZE, ...table.decompressedSizes), {
-      maxFree: maxInFlight + 4,
+    // Buffers of the sizes this file needs: its largest frame, compressed and decoded.
+    let largest = 0;
+    let largestDecoded = 0;
+    for (let f = 0; f < frames; f++) {
+      if (table.decompressedSizes[f] === 0) continue;
+      largest = Math.max(largest, table.compressedSizes[f]!);
+      largestDecoded = Math.max(largestDecoded, table.decompressedSizes[f]!);
+    }
+    const inputs = new BufferPool(largest, { maxFree: maxInFlight });
+    const outputs = new BufferPool(largestDecoded, {
+      maxFree: maxInFlight + 2, // and the chunks the reader holds
       trackChunks: true,
       recycle: options.reuseBuffers ?? false,
     });

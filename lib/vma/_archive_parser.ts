@@ -28,7 +28,7 @@ import {
 } from "./format.ts";
 import { type DecodedVmaHeader, decodeHeader, headerSizeOf } from "./header.ts";
 import type { VmaClusterRecord, VmaDeviceRecord, VmaRecord } from "./records.ts";
-import { decodeExtentHeader, type VmaExtentSlot } from "./extent_header.ts";
+import { decodeExtentHeader, type SlotRun, slotRuns, type VmaExtentSlot } from "./extent_header.ts";
 
 export type { VmaExtentSlot } from "./extent_header.ts";
 
@@ -96,8 +96,10 @@ export interface VmaExtentPiece {
   bytes: Uint8Array;
   /** 4 KiB data blocks after the header. */
   blockCount: number;
-  /** The used slots, in slot order (empty slots, dev_id 0, are left out). */
-  slots: VmaExtentSlot[];
+  /** Used slots (empty slots, dev_id 0, are left out). */
+  slotCount: number;
+  /** The used slots' clusters, in slot order, as runs. */
+  runs: SlotRun[];
 }
 
 /** What the parser hands on: records, or header and extent pieces. */
@@ -567,7 +569,8 @@ export class ArchiveParser {
       offset: this.#extentOffset,
       bytes,
       blockCount: this.#blockCount,
-      slots: this.#slots,
+      slotCount: this.#slots.length,
+      runs: slotRuns(this.#slots),
     });
   }
 

@@ -20,6 +20,51 @@ export interface VmaExtentSlot {
   cluster: number;
 }
 
+/**
+ * Consecutive used slots of one extent that hold consecutive clusters of one device, all
+ * zero (mask 0) or all with data: how an index records where clusters are, at a cost per
+ * run rather than per cluster.
+ */
+export interface SlotRun {
+  /** Device id. */
+  devId: number;
+  /** The first slot's cluster. */
+  cluster: number;
+  /** Slots in the run. */
+  count: number;
+  /** Whether the run's clusters are all zero. */
+  zero: boolean;
+}
+
+/**
+ * The runs of `slots` (used slots, in slot order).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { slotRuns } from "./extent_header.ts";
+ *
+ * const slots = [0, 1, 2].map((cluster) => ({ index: cluster, mask: cluster === 2 ? 0 : 1, devId: 1, cluster }));
+ * assert.deepEqual(slotRuns(slots), [
+ *   { devId: 1, cluster: 0, count: 2, zero: false },
+ *   { devId: 1, cluster: 2, count: 1, zero: true },
+ * ]);
+ * ```
+ */
+export function slotRuns(slots: VmaExtentSlot[]): SlotRun[] {
+  const runs: SlotRun[] = [];
+  for (const { devId, cluster, mask } of slots) {
+    const zero = mask === 0;
+    const last = runs.at(-1);
+    if (
+      last !== undefined && last.devId === devId && last.cluster + last.count === cluster &&
+      last.zero === zero
+    ) last.count++;
+    else runs.push({ devId, cluster, count: 1, zero });
+  }
+  return runs;
+}
+
 /** What an extent header says. */
 export interface DecodedExtentHeader {
   /** 4 KiB data blocks after the header. */

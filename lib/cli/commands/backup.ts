@@ -11,14 +11,13 @@ import { QmpClient } from "../../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../../sources/combine.ts";
 import { imageDiskSource } from "../../sources/image_disk.ts";
 import { nbdDiskSource } from "../../sources/nbd_disk.ts";
-import { archiveOutput } from "../../transforms/archive_output.ts";
+import { encodeArchive, type EncodedArchive } from "../../transforms/archive_output.ts";
 import { type WritableCompression, type ZstdEngine } from "../../transforms/compression.ts";
 import { encodeIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
 import { CLUSTER_SIZE, configName, MAX_BLOB_SIZE } from "../../vma/format.ts";
 import { checkHeaderLimits } from "../../vma/header.ts";
 import type { VmaRecord } from "../../vma/records.ts";
-import { VmaWriterStream } from "../../vma/writer_stream.ts";
 import {
   type Command,
   jsonLine,
@@ -367,24 +366,16 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   });
   const sizes = new Map<number, number>();
   const uuid = crypto.randomUUID();
-  const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
   const onAbort = () => {
     output.discardSync();
     sidecar?.discardSync();
   };
-  const encoded = archiveOutput({
-    compression: plan.compression,
-    level: plan.level,
-    zstd: plan.zstd,
-    mainThread: !started.servesQemu,
-    index: plan.index !== false,
-    reuseBuffers: true, // every stage of this pipeline is its chunks' only consumer
-  });
   context.signal.addEventListener("abort", onAbort);
+  let encoded: EncodedArchive | undefined;
   try {
-    await combineRecordStreams(started.sources, { configs: plan.configs })
+    const records = combineRecordStreams(started.sources, { configs: plan.configs })
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
@@ -395,10 +386,17 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
         const size = sizes.get(record.devId) ?? 0;
         progress.add(Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE));
       }))
-      .pipeThrough(new ZeroFilterStream())
-      .pipeThrough(writer)
-      .pipeThrough(encoded)
-      .pipeTo(output.writable, { signal: context.signal });
+      .pipeThrough(new ZeroFilterStream());
+    encoded = encodeArchive(records, {
+      uuid,
+      compression: plan.compression,
+      level: plan.level,
+      zstd: plan.zstd,
+      mainThread: !started.servesQemu,
+      index: plan.index !== false,
+      reuseBuffers: true, // every stage of this pipeline is its chunks' only consumer
+    });
+    await encoded.readable.pipeTo(output.writable, { signal: context.signal });
     await live?.finished;
     if (sidecar !== undefined) {
       await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
@@ -417,7 +415,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   }
 
   const seconds = (performance.now() - startTime) / 1000;
-  const stats = writer.stats;
+  const stats = encoded!.stats();
   const diskBytes = [...sizes.values()].reduce((a, b) => a + b, 0);
   const written = output.writable.bytesWritten;
   const result = {
@@ -426,9 +424,9 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     output: plan.output,
     uuid,
     compression: plan.compression,
-    index: encoded.indexPlace === "sidecar"
+    index: encoded!.indexPlace === "sidecar"
       ? (sidecarPath === undefined ? "none" : "sidecar")
-      : encoded.indexPlace,
+      : encoded!.indexPlace,
     ...(sidecarPath !== undefined && { indexPath: sidecarPath }),
     disks: disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
     configs: plan.configs.map((config) => configName(config.name)),

@@ -10,6 +10,8 @@
  * ({@linkcode ZstdCompressStream}) → any WritableStream. A restore goes back:
  * decompressor ({@linkcode decompressInput}) → {@linkcode VmaReaderStream} →
  * {@linkcode RestoreSink}, {@linkcode ImageRestoreSink} or {@linkcode DeviceBytesStream}.
+ * Archives in S3 object storage take the place of files: {@linkcode s3Sink} uploads a stream,
+ * {@linkcode s3Source} reads one back, {@linkcode s3RangeReader} reads ranges.
  *
  * @example Back up a raw image and restore it
  * ```ts
@@ -238,3 +240,37 @@ export {
   type SyntheticFullStats,
   type SyntheticPiece,
 } from "./lib/access/synthetic_full.ts";
+export {
+  formatS3Url,
+  isS3Url,
+  parseS3Url,
+  resolveS3Config,
+  type S3Config,
+  type S3Credentials,
+  type S3Location,
+  type S3Options,
+} from "./lib/storage/s3_config.ts";
+export { S3Error, type S3ErrorInit } from "./lib/storage/s3_errors.ts";
+export {
+  DEFAULT_RETRY,
+  type RetryPolicy,
+  S3Client,
+  type S3ClientOptions,
+  type S3Request,
+} from "./lib/storage/s3_client.ts";
+export {
+  DEFAULT_PART_SIZE,
+  DEFAULT_QUEUE_SIZE,
+  S3Sink,
+  s3Sink,
+  type S3SinkOptions,
+  type S3UploadResult,
+} from "./lib/storage/s3_upload.ts";
+export {
+  S3ByteSource,
+  type S3ObjectInfo,
+  s3RangeReader,
+  type S3RangeReaderOptions,
+  type S3ReadOptions,
+  s3Source,
+} from "./lib/storage/s3_download.ts";

@@ -9,6 +9,7 @@
 import { type Compression, decompressInput, type ZstdEngine } from "../transforms/compression.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { openInput } from "./files.ts";
+import type { StorageOptions } from "./s3_files.ts";
 import type { Progress } from "./progress.ts";
 
 /** An archive being read as plain VMA bytes. */
@@ -26,7 +27,7 @@ export interface ArchiveBytes {
 }
 
 /**
- * Opens `path` (or `-`) and undoes its compression. A zstd, gzip or lzop stream that does
+ * Opens `path` (or `-`, or `s3://BUCKET/KEY`) and undoes its compression. A zstd, gzip or lzop stream that does
  * not decode becomes a `VmaFormatError` (`bad-compression`, at the input byte reached); a
  * failed read of the input itself stays the I/O error it is. Throws a `VmaFormatError` at
  * once for an input that is neither compressed nor a VMA archive; `progress`, when given,
@@ -52,9 +53,14 @@ export interface ArchiveBytes {
  */
 export async function openArchiveBytes(
   path: string,
-  options: { progress?: (size: number | undefined) => Progress; zstd?: ZstdEngine },
+  options: {
+    progress?: (size: number | undefined) => Progress;
+    zstd?: ZstdEngine;
+    /** How to reach S3 storage, for `s3://` archives. */
+    storage?: StorageOptions;
+  },
 ): Promise<ArchiveBytes> {
-  const input = await openInput(path);
+  const input = await openInput(path, options.storage);
   let read = 0;
   const failed: { error?: unknown } = {};
   const progress = options.progress?.(input.size);

@@ -17,6 +17,9 @@ import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { openInput } from "./files.ts";
+import { openS3RangeReader, readS3Object, type StorageOptions } from "./s3_files.ts";
+import { isS3Url } from "../storage/s3_config.ts";
+import { S3Error } from "../storage/s3_errors.ts";
 import { tapStream } from "../transforms/tap.ts";
 import type { Progress } from "./progress.ts";
 
@@ -84,10 +87,12 @@ export interface OpenArchiveOptions {
   indexPath?: string | undefined;
   /** Hash the data of a plain archive to check its sidecar's digests (a cost; for verify). */
   digestData?: boolean;
+  /** How to reach S3 storage, for `s3://` archives (and sidecars). */
+  storage?: StorageOptions;
 }
 
 /**
- * Opens `path` (or `-`) as a record stream; `progress`, when given, counts input bytes.
+ * Opens `path` (or `-`, or `s3://BUCKET/KEY`) as a record stream; `progress`, when given, counts input bytes.
  *
  * @example Read a small archive from a file
  * ```ts
@@ -111,9 +116,11 @@ export async function openArchive(
   path: string,
   options: OpenArchiveOptions,
 ): Promise<ArchiveInput> {
-  const found = options.index === "ignore" ? undefined : await findIndex(path, options.indexPath);
+  const found = options.index === "ignore"
+    ? undefined
+    : await findIndex(path, options.indexPath, options.storage);
   // The CLI's pipelines give every chunk and record one final consumer: buffers are reused.
-  const input = await openInput(path, { reuseBuffers: true });
+  const input = await openInput(path, { ...options.storage, reuseBuffers: true });
   let read = 0;
   const progress = options.progress?.(input.size);
   const failure: { error?: unknown } = {};
@@ -185,11 +192,13 @@ export async function openArchive(
 async function findIndex(
   path: string,
   indexPath: string | undefined,
+  storage: StorageOptions | undefined,
 ): Promise<FoundIndex | undefined> {
   if (path !== "-" && indexPath === undefined) {
-    const info = await Deno.stat(path).catch(() => undefined);
-    if (info?.isFile) {
-      const file = await fileRangeReader(path);
+    const s3 = isS3Url(path);
+    const info = s3 ? undefined : await Deno.stat(path).catch(() => undefined);
+    if (s3 || info?.isFile) {
+      const file = s3 ? await openS3RangeReader(path, storage) : await fileRangeReader(path);
       try {
         const embedded = await readEmbeddedIndex(file);
         if (embedded?.index !== undefined) {
@@ -204,9 +213,11 @@ async function findIndex(
   if (sidecar === undefined) return undefined;
   let bytes: Uint8Array;
   try {
-    bytes = await Deno.readFile(sidecar);
+    bytes = isS3Url(sidecar) ? await readS3Object(sidecar, storage) : await Deno.readFile(sidecar);
   } catch (error) {
-    if (error instanceof Deno.errors.NotFound && indexPath === undefined) return undefined;
+    const missing = error instanceof Deno.errors.NotFound ||
+      error instanceof S3Error && error.code === "NoSuchKey";
+    if (missing && indexPath === undefined) return undefined;
     throw error;
   }
   return { index: decodeIndex(bytes), source: "sidecar", path: sidecar };

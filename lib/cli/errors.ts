@@ -6,6 +6,7 @@
  */
 import { NbdError, type NbdErrorReason } from "../protocols/nbd_protocol.ts";
 import { ImageFileError } from "../qemu/qemu_img.ts";
+import { S3Error } from "../storage/s3_errors.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 
 /**
@@ -40,6 +41,11 @@ export const ExitCode = {
   exists: 6,
   /** The archive has no config or disk of the requested name. */
   notFound: 7,
+  /**
+   * The object storage refused the credentials or the access (S3 403: a wrong key or secret,
+   * no permission for the bucket), or no credentials were found.
+   */
+  denied: 8,
   /** Interrupted by SIGINT (128 + 2). */
   interrupted: 130,
   /** Stopped by SIGTERM (128 + 15). */
@@ -158,6 +164,7 @@ const IO_ERRORS = [
  * @example Exit codes and messages of a few errors
  * ```ts
  * import assert from "node:assert/strict";
+ * import { S3Error } from "../storage/s3_errors.ts";
  * import { describeError, ExitCode } from "./errors.ts";
  * import { NbdError } from "../protocols/nbd_protocol.ts";
  *
@@ -170,6 +177,9 @@ const IO_ERRORS = [
  * assert.equal(describeError(new Error("a \x1b[2J b")).message, "a \\x1b[2J b"); // escaped
  * const full = new NbdError("command-failed", "Cannot write: ENOSPC", { code: 28 });
  * assert.equal(describeError(full).exitCode, ExitCode.io); // a disk error reported over NBD
+ * const denied = { url: "s3://b/k", operation: "open", status: 403, code: "Forbidden", detail: "x" };
+ * assert.equal(describeError(new S3Error(denied)).exitCode, ExitCode.denied);
+ * assert.equal(describeError(new S3Error({ ...denied, status: 0, code: "NetworkError" })).exitCode, 4);
  * assert.equal(describeError("not an Error").exitCode, ExitCode.failure);
  * ```
  */
@@ -190,6 +200,10 @@ function classify(error: unknown): { exitCode: number; message: string } {
   if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
   if (error instanceof VmaFormatError) {
     return { exitCode: ExitCode.corrupt, message: error.message };
+  }
+  // Storage failures are I/O errors, a missing bucket or key as much as a missing file.
+  if (error instanceof S3Error) {
+    return { exitCode: error.denied ? ExitCode.denied : ExitCode.io, message: error.message };
   }
   if (error instanceof Deno.errors.NotCapable) {
     return { exitCode: ExitCode.permission, message: `permission denied: ${error.message}` };

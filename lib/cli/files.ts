@@ -8,9 +8,11 @@
  */
 import { fileByteSource } from "../sources/file_bytes.ts";
 import { ByteSink } from "../sinks/file_sink.ts";
+import { isS3Url } from "../storage/s3_config.ts";
 import type { CliContext } from "./context.ts";
 import { commitFiles, type PendingFile } from "./durable.ts";
 import { CliError, ExitCode, UsageError } from "./errors.ts";
+import { openS3Input, openS3Output, type StorageOptions } from "./s3_files.ts";
 
 /** An archive opened for reading. */
 export interface Input {
@@ -22,8 +24,9 @@ export interface Input {
 }
 
 /**
- * Opens `path` for reading, or stdin for `-`. With `reuseBuffers`, the chunks are recycled
- * once their final consumer calls `releaseChunk` (for a pipeline without fan-out).
+ * Opens `path` for reading, stdin for `-`, or an S3 object for `s3://BUCKET/KEY`. With
+ * `reuseBuffers`, file and stdin chunks are recycled once their final consumer calls
+ * `releaseChunk` (for a pipeline without fan-out).
  *
  * @example Read a file
  * ```ts
@@ -40,10 +43,12 @@ export interface Input {
  */
 export async function openInput(
   path: string,
-  options: { reuseBuffers?: boolean } = {},
+  options: StorageOptions & { reuseBuffers?: boolean } = {},
 ): Promise<Input> {
-  const chunks = { reuseBuffers: options.reuseBuffers ?? false };
+  const { reuseBuffers = false, ...storage } = options;
+  const chunks = { reuseBuffers };
   if (path === "-") return { readable: fileByteSource(Deno.stdin, chunks), name: "stdin" };
+  if (isS3Url(path)) return await openS3Input(path, storage);
   const file = await Deno.open(path, { read: true });
   const info = await file.stat();
   if (info.isDirectory) {
@@ -123,21 +128,20 @@ export async function exists(path: string): Promise<boolean> {
   }
 }
 
-/** An output that is either stdout or a file that only appears once complete. */
+/** An output that is stdout, or a file or S3 object that only appears once complete. */
 export interface Output {
-  writable: ByteSink;
-  /** Final path, or `-` for stdout. */
+  writable: WritableStream<Uint8Array> & { readonly bytesWritten: number };
+  /** Final path, `-` for stdout, or the `s3://` URL. */
   path: string;
-  /** The file being written (`PATH.partial`), or `undefined` for stdout. */
-  partial: string | undefined;
+  /** Tells the output how many bytes to expect (S3 sizes its upload parts by it). */
+  expectSize?(bytes: number): void;
   /**
-   * Makes the output final, durably (see {@linkcode commitFiles}): its data are flushed,
-   * it is renamed to `PATH` (one atomic rename, also over an existing `PATH`), and the
-   * directory is flushed. `sidecars`, outputs written beside it (such as its index), are
-   * committed with it: flushed with it and renamed just before it, so `PATH` never appears
-   * without them.
+   * Makes the output final. A file durably (see {@linkcode commitFiles}): its data are
+   * flushed, it is renamed to `PATH` (one atomic rename, also over an existing `PATH`), and
+   * the directory is flushed. To commit it together with sidecar outputs (its index), use
+   * {@linkcode commitOutputs}.
    */
-  commit(...sidecars: Output[]): Promise<void>;
+  commit(): Promise<void>;
   /** Removes the partial output; safe to call more than once, and after commit. */
   discard(): Promise<void>;
   /** The same as discard, for signal handlers that cannot wait. */
@@ -145,9 +149,9 @@ export interface Output {
 }
 
 /**
- * Opens an output: stdout for `-` (refused when it is a terminal), otherwise `PATH.partial`,
- * which {@linkcode Output.commit} renames to `PATH`. An existing `PATH` is refused unless
- * `force`.
+ * Opens an output: stdout for `-` (refused when it is a terminal), an S3 upload for
+ * `s3://BUCKET/KEY` (see `openS3Output`), otherwise `PATH.partial`, which
+ * {@linkcode Output.commit} renames to `PATH`. An existing `PATH` is refused unless `force`.
  *
  * @example The file appears only on commit
  * ```ts
@@ -160,11 +164,8 @@ export interface Output {
  * const output = await openOutput(`${dir}/out.vma`, context, { force: false });
  * await ReadableStream.from([new Uint8Array([1, 2, 3])]).pipeTo(output.writable);
  * assert.equal(await exists(`${dir}/out.vma`), false); // only out.vma.partial so far
- * const index = await openOutput(`${dir}/out.vma.idx`, context, { force: false });
- * await ReadableStream.from([new Uint8Array([4])]).pipeTo(index.writable);
- * await output.commit(index); // both flushed, the index renamed first
+ * await output.commit();
  * assert.deepEqual(await Deno.readFile(`${dir}/out.vma`), new Uint8Array([1, 2, 3]));
- * assert.deepEqual(await Deno.readFile(`${dir}/out.vma.idx`), new Uint8Array([4]));
  * await assert.rejects(openOutput(`${dir}/out.vma`, context, { force: false }), /already exists/);
  * await Deno.remove(dir, { recursive: true });
  * ```
@@ -172,16 +173,16 @@ export interface Output {
 export async function openOutput(
   path: string,
   context: CliContext,
-  options: { force: boolean },
+  options: { force: boolean } & StorageOptions,
 ): Promise<Output> {
+  if (isS3Url(path)) return await openS3Output(path, context, options);
   if (path === "-") {
     refuseTerminal(context, "binary output");
     const noop = () => Promise.resolve();
     return {
       writable: new ByteSink(context.stdout),
       path,
-      partial: undefined,
-      commit: (...sidecars) => commitSealed(sidecars.map((sidecar) => sealers.get(sidecar)?.())),
+      commit: noop,
       discard: noop,
       discardSync: () => {},
     };
@@ -210,9 +211,7 @@ export async function openOutput(
   const output: Output = {
     writable: new ByteSink(file),
     path,
-    partial,
-    commit: (...sidecars) =>
-      commitSealed([...sidecars.map((sidecar) => sealers.get(sidecar)?.()), seal()]),
+    commit: () => commitSealed([seal()]),
     async discard() {
       if (state === "committed" || state === "discarded") return;
       close();
@@ -238,12 +237,42 @@ interface Sealed {
   committed(): void;
 }
 
-/** How each file output is sealed when another output commits it as its sidecar. */
+/** How each file output is sealed when it is committed together with others. */
 const sealers = new WeakMap<Output, () => Sealed>();
 
-async function commitSealed(entries: (Sealed | undefined)[]): Promise<void> {
-  const sealed = entries.filter((entry) => entry !== undefined);
-  if (sealed.length === 0) return;
+async function commitSealed(sealed: Sealed[]): Promise<void> {
   await commitFiles(sealed.map((entry) => entry.file));
   for (const entry of sealed) entry.committed();
+}
+
+/**
+ * Commits `output` together with `sidecars`, outputs written beside it (its index), so that
+ * `output` never appears without them: files are all flushed first, then renamed, sidecars
+ * before `output`, then their directories flushed (see {@linkcode commitFiles}); other
+ * outputs (S3 objects) are committed one by one, sidecars first.
+ *
+ * @example An archive and its index
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { processContext } from "./context.ts";
+ * import { commitOutputs, openOutput } from "./files.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const context = processContext(new AbortController().signal);
+ * const archive = await openOutput(`${dir}/vm.vma`, context, { force: false });
+ * const index = await openOutput(`${dir}/vm.vma.idx`, context, { force: false });
+ * await ReadableStream.from([new Uint8Array([1, 2, 3])]).pipeTo(archive.writable);
+ * await ReadableStream.from([new Uint8Array([4])]).pipeTo(index.writable);
+ * await commitOutputs(archive, index);
+ * assert.deepEqual(await Deno.readFile(`${dir}/vm.vma`), new Uint8Array([1, 2, 3]));
+ * assert.deepEqual(await Deno.readFile(`${dir}/vm.vma.idx`), new Uint8Array([4]));
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function commitOutputs(output: Output, ...sidecars: Output[]): Promise<void> {
+  const all = [...sidecars, output];
+  if (all.every((each) => sealers.has(each))) {
+    return await commitSealed(all.map((each) => sealers.get(each)!()));
+  }
+  for (const each of all) await each.commit();
 }

@@ -30,7 +30,8 @@ import {
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
 import { isDeviceFileLike } from "../file_names.ts";
-import { openOutput } from "../files.ts";
+import { commitOutputs, openOutput } from "../files.ts";
+import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
 
@@ -50,8 +51,9 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        first free of drive-scsi0, drive-scsi1, ...
   --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable.
                        Names like disk files (disk-..., vmstate.bin) are refused
-  -o, --output OUT     the archive; '-' writes to stdout (not to a terminal). Written to
-                       OUT.partial, flushed to disk, then renamed to OUT
+  -o, --output OUT     the archive; '-' writes to stdout (not to a terminal); s3://BUCKET/KEY
+                       uploads it (a multipart upload: the key appears only once complete).
+                       A file is written to OUT.partial, flushed to disk, then renamed to OUT
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
                        (any other extension is an error without --compress)
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
@@ -60,6 +62,9 @@ ${ZSTD_HELP}
   --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
                        with -o - none unless given). A .vma.zst carries its index inside
   --force              replace an existing OUT (and its sidecar index), in one atomic rename
+  --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 5M, more when the
+                       disks need it to stay within 10,000 parts); memory holds 3 parts
+${S3_HELP}
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
@@ -81,7 +86,9 @@ while the VM keeps running and writing):
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
 also need --allow-run=qemu-nbd and --allow-net (qemu-nbd serves them on a private socket);
-NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets)
+NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets).
+An s3:// OUT needs --allow-net=HOST and --allow-env (credentials), and --allow-read of
+~/.aws/credentials for a profile
 
 example: deno run --allow-read --allow-write cli.ts backup \\
            --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
@@ -313,6 +320,8 @@ export interface BackupPlan {
   index?: boolean | undefined;
   /** Where a sidecar index goes (default `OUT.idx`; with `-o -` only when given). */
   indexPath?: string | undefined;
+  /** How to reach S3 storage, for `s3://` outputs. */
+  storage?: StorageOptions | undefined;
 }
 
 /**
@@ -345,12 +354,13 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const sidecarPath = plan.index === false || plan.compression === "zstd" && plan.zstd !== "program"
     ? undefined
     : plan.indexPath ?? (plan.output === "-" ? undefined : `${plan.output}.idx`);
-  const output = await openOutput(plan.output, context, { force: plan.force });
+  const outputOptions = { force: plan.force, ...plan.storage };
+  const output = await openOutput(plan.output, context, outputOptions);
   let sidecar: Awaited<ReturnType<typeof openOutput>> | undefined;
   let started: BackupSources;
   try {
     if (sidecarPath !== undefined) {
-      sidecar = await openOutput(sidecarPath, context, { force: plan.force });
+      sidecar = await openOutput(sidecarPath, context, outputOptions);
     }
     started = await plan.start();
   } catch (error) {
@@ -365,6 +375,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     total: totalBytes,
   });
   const sizes = new Map<number, number>();
+  let expected = 0;
   const uuid = crypto.randomUUID();
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
@@ -379,6 +390,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
+          output.expectSize?.(expected += record.size); // sizes S3 parts; all come first
           if (totalBytes === undefined) progress.addTotal(record.size);
         }
         if (record.type !== "cluster" && record.type !== "zeros") return;
@@ -401,7 +413,8 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     if (sidecar !== undefined) {
       await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
     }
-    await output.commit(...(sidecar === undefined ? [] : [sidecar])); // both durably, index first
+    // Both durably, the index renamed first: the archive never appears without it.
+    await commitOutputs(output, ...(sidecar === undefined ? [] : [sidecar]));
     await progress.finish(true);
   } catch (error) {
     await output.discard();
@@ -476,6 +489,8 @@ const OPTIONS = {
   zstd: { type: "string" },
   "no-index": { type: "boolean" },
   index: { type: "string" },
+  "s3-part-size": { type: "string" },
+  ...S3_OPTIONS,
 } as const;
 
 type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"];
@@ -504,6 +519,7 @@ async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start
     json: values.json ?? false,
     index: !(values["no-index"] ?? false),
     indexPath: values.index,
+    storage: storageOptions(values),
   };
 }
 

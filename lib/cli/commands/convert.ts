@@ -22,6 +22,7 @@ import { formatBytes, formatRate, writeText } from "../context.ts";
 import { ExitCode, UsageError } from "../errors.ts";
 import { openOutput } from "../files.ts";
 import { Progress } from "../progress.ts";
+import { S3_HELP, S3_OPTIONS, storageOptions } from "../s3_files.ts";
 
 const HELP = `Rewrite a VMA archive as a seekable .vma.zst with its index inside, for random access.
 
@@ -29,9 +30,9 @@ usage: cli.ts convert IN|- OUT.vma.zst|- [--level N] [--force] [--progress auto|
                       [--json] [--zstd builtin|program]
 
   IN                 a .vma, .vma.zst, .vma.gz or .vma.lzo file (written by Proxmox vzdump,
-                     vma-tool, or this tool), or '-' for stdin
-  OUT                the new archive; its name must end in .vma.zst ('-' writes to stdout).
-                     Written to OUT.partial first
+                     vma-tool, or this tool), s3://BUCKET/KEY, or '-' for stdin
+  OUT                the new archive; its name must end in .vma.zst ('-' writes to stdout;
+                     s3://BUCKET/KEY.vma.zst uploads it). Written to OUT.partial first
   --level N          zstd level, -7..19 (default 3)
   --force            replace an existing OUT
   --progress MODE    auto (a bar when stderr is a terminal), json (JSON lines), none;
@@ -39,6 +40,8 @@ usage: cli.ts convert IN|- OUT.vma.zst|- [--level N] [--force] [--progress auto|
   --json             print a JSON result object instead of the summary line
 ${ZSTD_HELP}
                      (--zstd decodes a zstd IN; OUT is always written by the built-in one)
+  --s3-part-size SIZE  bytes per part of an s3:// OUT (default 5M, more for large archives)
+${S3_HELP}
 
 The archive is re-framed, not re-written: 'zstd -d OUT' gives exactly the VMA bytes of IN
 (the same UUID, ctime, configs and extents), so Proxmox restores it as before. OUT has the
@@ -48,7 +51,7 @@ checksum, then the index (a SHA-256 of each data frame) and a zstd seek table.
 Every reader check runs on the way. Exit code 0 on success, 3 when IN is corrupt or
 incomplete (no OUT is left), 6 when OUT exists.
 permissions: --allow-read (IN, and OUT to see whether it exists) --allow-write (OUT); none
-from stdin to stdout; --allow-run=lzop for .lzo`;
+from stdin to stdout; --allow-run=lzop for .lzo; s3:// needs --allow-net=HOST --allow-env`;
 
 /**
  * `cli.ts convert`: rewrites an archive as a seekable, indexed `.vma.zst`.
@@ -94,9 +97,12 @@ export const convertCommand: Command = {
       progress: { type: "string" },
       json: { type: "boolean" },
       zstd: { type: "string" },
+      "s3-part-size": { type: "string" },
+      ...S3_OPTIONS,
     });
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("convert", positionals, 2);
+    const storage = storageOptions(values);
     const [from, to] = positionals as [string, string];
     if (to !== "-" && !/\.vma\.zst$/i.test(to)) {
       throw new UsageError(
@@ -111,9 +117,10 @@ export const convertCommand: Command = {
     let progress: Progress | undefined;
     const archive = await openArchiveBytes(from, {
       zstd,
+      storage,
       progress: (total) => (progress = new Progress(context, { mode, command: "convert", total })),
     });
-    const output = await openOutput(to, context, { force: values.force ?? false })
+    const output = await openOutput(to, context, { force: values.force ?? false, ...storage })
       .catch(async (error) => {
         await archive.readable.cancel(error).catch(() => {});
         await progress?.finish(false);

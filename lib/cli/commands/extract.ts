@@ -29,12 +29,14 @@ import { commitDirectory } from "../durable.ts";
 import { configFileName, deviceFileName, findDevice } from "../file_names.ts";
 import { exists, existsError, refuseTerminal } from "../files.ts";
 import { Progress } from "../progress.ts";
+import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 
 const HELP = `Extract a VMA archive: configs and one sparse raw image per disk.
 
 usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT] [--force]
        cli.ts extract ARCHIVE|- --stdout NAME
 
+  ARCHIVE            a .vma, .vma.zst, .vma.gz or .vma.lzo file, s3://BUCKET/KEY, or '-'
   TARGETDIR          a new directory; gets the configs and disk-<name>.raw per disk
                      (vmstate.bin for a VM state stream). Built in TARGETDIR.partial and
                      renamed when complete
@@ -50,13 +52,15 @@ usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT]
   --progress MODE    auto, json or none
   --json             print a JSON result object
 ${ZSTD_HELP}
+${S3_HELP}
 
 Disk names match with or without the drive- prefix (scsi0 = drive-scsi0, unless a disk
 is named scsi0). A config named like a disk file (disk-..., vmstate.bin) is written as
 config-NAME. Names that would leave TARGETDIR ('/', '..') or are too long for a file name
 are refused (exit code 3).
 permissions: --allow-read (ARCHIVE) --allow-write (TARGETDIR); --format other than raw also
-needs --allow-run=qemu-img,qemu-nbd and --allow-net`;
+needs --allow-run=qemu-img,qemu-nbd and --allow-net; an s3:// ARCHIVE needs --allow-net=HOST
+--allow-env (and --allow-read of ~/.aws/credentials for a profile)`;
 
 /** What the archive header holds: its configs and devices. */
 interface HeaderRecords {
@@ -173,9 +177,11 @@ export const extractCommand: Command = {
       json: { type: "boolean" },
       format: { type: "string" },
       zstd: { type: "string" },
+      ...S3_OPTIONS,
     });
     if (values.help) return await printHelp(context, HELP);
     const zstd = zstdEngine(values.zstd);
+    const storage = storageOptions(values);
     const mode = progressMode(values.progress);
     const format = (values.format ?? "raw") as ImageFormat;
     if (!IMAGE_FORMATS.includes(format)) {
@@ -190,7 +196,11 @@ export const extractCommand: Command = {
         );
       }
       refuseTerminal(context, "the disk");
-      return await extractToStdout(positionals[0]!, values.stdout, context, { mode, zstd });
+      return await extractToStdout(positionals[0]!, values.stdout, context, {
+        mode,
+        zstd,
+        storage,
+      });
     }
     expectPositionals("extract", positionals, 2);
     const wanted = values.disk?.flatMap((list) => list.split(",")).filter((name) => name !== "");
@@ -203,6 +213,7 @@ export const extractCommand: Command = {
       progress: mode,
       format,
       zstd,
+      storage,
     }, context);
   },
 };
@@ -211,13 +222,18 @@ async function extractToStdout(
   path: string,
   name: string,
   context: CliContext,
-  { mode, zstd }: { mode: "auto" | "json" | "none"; zstd: ZstdEngine },
+  { mode, zstd, storage }: {
+    mode: "auto" | "json" | "none";
+    zstd: ZstdEngine;
+    storage: StorageOptions;
+  },
 ): Promise<number> {
   let progress: Progress | undefined;
   let chosen: number | undefined; // the device's id, once the header is complete
   const isChosen = (device: VmaDeviceRecord) => device.devId === chosen;
   const archive = await openArchive(path, {
     zstd,
+    storage,
     reader: { requireComplete: isChosen },
     progress: (total) => (progress = new Progress(context, { mode, command: "extract", total })),
   });
@@ -245,6 +261,7 @@ interface ExtractPlan {
   progress: "auto" | "json" | "none";
   format: ImageFormat;
   zstd: ZstdEngine;
+  storage: StorageOptions;
 }
 
 /**
@@ -277,6 +294,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   let progress: Progress | undefined;
   const archive = await openArchive(plan.archive, {
     zstd: plan.zstd,
+    storage: plan.storage,
     reader: { requireComplete: selected },
     progress: (
       total,

@@ -27,6 +27,14 @@ import { formatBytes, formatRate, writeText } from "../context.ts";
 import { ExitCode, UsageError } from "../errors.ts";
 import { openOutput } from "../files.ts";
 import { Progress } from "../progress.ts";
+import {
+  openS3RangeReader,
+  S3_HELP,
+  S3_OPTIONS,
+  type StorageOptions,
+  storageOptions,
+} from "../s3_files.ts";
+import { isS3Url } from "../../storage/s3_config.ts";
 
 const HELP = `Build the index of an existing VMA archive in one pass and write it beside it.
 
@@ -34,7 +42,7 @@ usage: cli.ts index ARCHIVE|- [-o FILE|-] [--force] [--progress auto|json|none] 
                     [--zstd builtin|program]
 
   ARCHIVE            a .vma, .vma.zst, .vma.gz or .vma.lzo file (written by Proxmox vzdump,
-                     vma-tool, or this tool), or '-' for stdin
+                     vma-tool, or this tool), s3://BUCKET/KEY, or '-' for stdin
   -o, --output FILE  where the index goes (default ARCHIVE.idx; needed with '-' for stdin;
                      '-' writes it to stdout). Written to FILE.partial first
   --force            replace an existing index file
@@ -42,6 +50,7 @@ usage: cli.ts index ARCHIVE|- [-o FILE|-] [--force] [--progress auto|json|none] 
                      counts input bytes
   --json             print a JSON result object instead of the summary line
 ${ZSTD_HELP}
+${S3_HELP}
 
 The index records where every cluster of every disk is and a SHA-256 of each extent's data.
 For a plain .vma that is random access (extent offsets). A gzip, lzop or zstd stream (as the
@@ -52,7 +61,7 @@ by backup or convert carries its index inside: index says so and writes nothing.
 Every reader check runs on the way. Exit code 0 on success, 3 when the archive is corrupt
 or incomplete (no index file is left), 6 when the index file exists.
 permissions: --allow-read (ARCHIVE, and FILE to see whether it exists) --allow-write (FILE);
-none for stdin with -o -; --allow-run=lzop for .lzo`;
+none for stdin with -o -; --allow-run=lzop for .lzo; s3:// needs --allow-net=HOST --allow-env`;
 
 /** The JSON result of `index`. */
 interface IndexResult {
@@ -119,9 +128,11 @@ export const indexCommand: Command = {
       progress: { type: "string" },
       json: { type: "boolean" },
       zstd: { type: "string" },
+      ...S3_OPTIONS,
     });
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("index", positionals, 1);
+    const storage = storageOptions(values);
     const path = positionals[0]!;
     const mode = progressMode(values.progress);
     const zstd = zstdEngine(values.zstd);
@@ -135,7 +146,7 @@ export const indexCommand: Command = {
     const started = performance.now();
     const resultTarget = indexPath === "-" ? context.stderr : context.stdout;
 
-    const embedded = path === "-" ? undefined : await embeddedIndex(path);
+    const embedded = path === "-" ? undefined : await embeddedIndex(path, storage);
     if (embedded !== undefined) {
       await writeText(
         context.stderr,
@@ -159,9 +170,13 @@ export const indexCommand: Command = {
     let progress: Progress | undefined;
     const archive = await openArchiveBytes(path, {
       zstd,
+      storage,
       progress: (total) => (progress = new Progress(context, { mode, command: "index", total })),
     });
-    const output = await openOutput(indexPath, context, { force: values.force ?? false })
+    const output = await openOutput(indexPath, context, {
+      force: values.force ?? false,
+      ...storage,
+    })
       .catch(async (error) => {
         await archive.readable.cancel(error).catch(() => {});
         await progress?.finish(false);
@@ -212,12 +227,17 @@ export const indexCommand: Command = {
   },
 };
 
-/** The index inside a seekable `.vma.zst` file, if `path` is one. */
-async function embeddedIndex(path: string): Promise<VmaIndex | undefined> {
-  const info = await Deno.stat(path);
-  if (!info.isFile || info.size < 4) return undefined; // a pipe, a device: read it as a stream
-  const reader = await fileRangeReader(path);
+/** The index inside a seekable `.vma.zst` file or S3 object, if `path` is one. */
+async function embeddedIndex(
+  path: string,
+  storage: StorageOptions,
+): Promise<VmaIndex | undefined> {
+  const s3 = isS3Url(path);
+  const info = s3 ? undefined : await Deno.stat(path);
+  if (info && (!info.isFile || info.size < 4)) return undefined; // a pipe: read it as a stream
+  const reader = s3 ? await openS3RangeReader(path, storage) : await fileRangeReader(path);
   try {
+    if (reader.size < 4) return undefined;
     if (detectCompression(await reader.read(0, 4)) !== "zstd") return undefined;
     return (await readEmbeddedIndex(reader))?.index;
   } finally {

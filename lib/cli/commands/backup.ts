@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { checkArchiveLimits, type LiveDrive } from "../../live/drives.ts";
 import { startPullBackup } from "../../live/pull_backup.ts";
 import { startPushBackup } from "../../live/push_backup.ts";
 import type { LiveBackup } from "../../live/session.ts";
@@ -41,7 +42,8 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                      [--compress zstd|gzip|none] [--level N] [--force]
                      [--progress auto|json|none] [--json]
        cli.ts backup --qmp SOCKET [--drive ID]... [--mode push|pull] [--config FILE]...
-                     -o OUT|- [--speed BYTES] [--fleece-dir DIR] [--discard-read] [...]
+                     -o OUT|- [--speed BYTES] [--fleece-dir DIR] [--discard-read]
+                     [--cbw-timeout SECONDS] [...]
 
   --disk [NAME=]PATH   a disk: an image file of any format QEMU reads (raw, qcow2, vmdk,
                        vdi, vhdx, vpc, qed; recognised by its magic bytes), a block device,
@@ -79,9 +81,14 @@ while the VM keeps running and writing):
   --mode pull          fleecing: a copy-before-write filter keeps the old data of clusters
                        the guest overwrites in a fleece image, read over NBD
   --speed BYTES        rate limit of QEMU's copy in push mode (bytes per second)
-  --fleece-dir DIR     where pull mode keeps the fleece images (default a private temporary
-                       directory); they are removed afterwards
+  --fleece-dir DIR     where pull mode keeps the fleece images: the old data of clusters the
+                       guest overwrites during the backup, up to the drives' size (default
+                       a new directory in /var/tmp, on disk: /tmp is often a small tmpfs);
+                       removed afterwards
   --discard-read       pull mode: discard fleece data once archived, so the image stays small
+  --cbw-timeout SECONDS  pull mode: how long a guest write may wait for its old data to be
+                       copied before the snapshot breaks (the write then goes on, the backup
+                       fails; default 30)
 
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
@@ -408,7 +415,12 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       index: plan.index !== false,
       reuseBuffers: true, // every stage of this pipeline is its chunks' only consumer
     });
-    await encoded.readable.pipeTo(output.writable, { signal: context.signal });
+    const pipeline = encoded.readable.pipeTo(output.writable, { signal: context.signal });
+    // A live backup is aborted straight from the signal, not once the pipeline noticed it:
+    // the pipeline may wait forever for a write to a stalled pipe, and QEMU must not.
+    await (live
+      ? Promise.race([pipeline, abortOnSignal(live, context.signal, pipeline)])
+      : pipeline);
     await live?.finished;
     if (sidecar !== undefined) {
       await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
@@ -486,6 +498,7 @@ const OPTIONS = {
   speed: { type: "string" },
   "fleece-dir": { type: "string" },
   "discard-read": { type: "boolean" },
+  "cbw-timeout": { type: "string" },
   zstd: { type: "string" },
   "no-index": { type: "boolean" },
   index: { type: "string" },
@@ -558,8 +571,13 @@ export const backupCommand: Command = {
     if (positionals.length > 0) {
       throw new UsageError(`backup takes no positional arguments, got '${positionals[0]}'`);
     }
-    if (values.drive || values.mode || values.speed || values["fleece-dir"]) {
-      throw new UsageError("--drive, --mode, --speed and --fleece-dir need --qmp SOCKET");
+    if (
+      values.drive || values.mode || values.speed || values["fleece-dir"] ||
+      values["cbw-timeout"]
+    ) {
+      throw new UsageError(
+        "--drive, --mode, --speed, --fleece-dir and --cbw-timeout need --qmp SOCKET",
+      );
     }
     if (!values.disk?.length && !values.config?.length) {
       throw new UsageError(
@@ -606,15 +624,28 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
   if (speed !== undefined && (!Number.isSafeInteger(speed) || speed <= 0)) {
     throw new UsageError(`--speed must be a positive number of bytes per second`);
   }
+  const cbwTimeout = values["cbw-timeout"] === undefined
+    ? undefined
+    : Number(values["cbw-timeout"]);
+  if (cbwTimeout !== undefined && (!Number.isInteger(cbwTimeout) || cbwTimeout < 1)) {
+    throw new UsageError("--cbw-timeout must be a whole number of seconds, at least 1");
+  }
   if (mode === "pull" && speed !== undefined) throw new UsageError("--speed is for --mode push");
-  if (mode === "push" && (values["fleece-dir"] || values["discard-read"])) {
-    throw new UsageError("--fleece-dir and --discard-read are for --mode pull");
+  if (
+    mode === "push" &&
+    (values["fleece-dir"] || values["discard-read"] || cbwTimeout !== undefined)
+  ) {
+    throw new UsageError("--fleece-dir, --discard-read and --cbw-timeout are for --mode pull");
   }
   const plan = await outputPlan(values);
   // Every flag is checked before QMP is connected; the VM is touched only in start(), once
-  // the output is open.
+  // the output is open, and only after the drives and configs were found to fit an archive.
   using qmp = await QmpClient.connect(values.qmp!);
-  const options = { qmp, ...(values.drive && { drives: values.drive }) };
+  const options = {
+    qmp,
+    ...(values.drive && { drives: values.drive }),
+    checkDrives: (drives: LiveDrive[]) => checkArchiveLimits(drives, plan.configs),
+  };
   return await runBackup({
     ...plan,
     async start() {
@@ -623,8 +654,15 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
         : await startPullBackup({
           ...options,
           ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
+          ...(cbwTimeout && { cbwTimeoutSeconds: cbwTimeout }),
           discardRead: values["discard-read"] ?? false,
         });
+      if (live.fleeceDir !== undefined && values["fleece-dir"] === undefined) {
+        await writeText(
+          context.stderr,
+          `note: the fleece images (the old data of clusters the guest overwrites during the backup) go to ${live.fleeceDir}, removed afterwards; choose with --fleece-dir\n`,
+        );
+      }
       return {
         sources: [live.records],
         totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
@@ -634,6 +672,29 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
       };
     },
   }, context);
+}
+
+/**
+ * Aborts `live` as soon as `signal` fires, and then rejects with the signal's reason; the
+ * `pipeline` it races against is left behind (its rejection handled), since it may never
+ * settle while a write to a stalled pipe is pending.
+ */
+function abortOnSignal(
+  live: LiveBackup,
+  signal: AbortSignal,
+  pipeline: Promise<void>,
+): Promise<never> {
+  pipeline.catch(() => {});
+  return new Promise<never>((_, reject) => {
+    const abort = () => {
+      live.abort(signal.reason).finally(() => reject(signal.reason));
+    };
+    if (signal.aborted) return abort();
+    signal.addEventListener("abort", abort, { once: true });
+    // Once the pipeline settled on its own, the signal is runBackup's concern again.
+    const forget = () => signal.removeEventListener("abort", abort);
+    pipeline.then(forget, forget);
+  });
 }
 
 function isNbdUri(path: string): boolean {

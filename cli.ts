@@ -24,6 +24,7 @@ import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
 import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
 import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
+import { checkBufferReuse } from "./lib/_pool.ts";
 import { zstdFallbackNote } from "./lib/transforms/_zstd_note.ts";
 
 const commands: Command[] = [
@@ -82,6 +83,7 @@ export async function main(args: string[], context: CliContext): Promise<number>
     return name === undefined ? ExitCode.usage : ExitCode.ok;
   }
   const command = commands.find((candidate) => candidate.name === name);
+  if (debugEnabled()) checkBufferReuse(true); // a buffer reused too early becomes an error
   if (command === undefined) {
     await writeText(context.stderr, `error: unknown command '${name}' (see 'cli.ts --help')\n`);
     return ExitCode.usage;

@@ -95,7 +95,7 @@ export {
   type FileByteSourceOptions,
 } from "./lib/sources/file_bytes.ts";
 export { ByteSink, type ByteWriter } from "./lib/sinks/file_sink.ts";
-export { releaseChunk } from "./lib/_pool.ts";
+export { BufferReuseError, checkBufferReuse, releaseChunk } from "./lib/_pool.ts";
 export {
   type Compression,
   compressionForPath,

@@ -119,13 +119,17 @@ export async function openArchive(
   const found = options.index === "ignore"
     ? undefined
     : await findIndex(path, options.indexPath, options.storage);
-  const input = await openInput(path, options.storage);
+  // The CLI's pipelines give every chunk and record one final consumer: buffers are reused.
+  const input = await openInput(path, { ...options.storage, reuseBuffers: true });
   let read = 0;
   const progress = options.progress?.(input.size);
-  const counted = input.readable.pipeThrough(tapStream<Uint8Array>((chunk) => {
-    read += chunk.byteLength;
-    progress?.add(chunk.byteLength);
-  }));
+  const failure: { error?: unknown } = {};
+  const counted = noteFailure(input.readable, failure).pipeThrough(
+    tapStream<Uint8Array>((chunk) => {
+      read += chunk.byteLength;
+      progress?.add(chunk.byteLength);
+    }),
+  );
   const checker = found && new IndexChecker(found.index);
   const map = found && new IndexMap(found.index);
   const seekable = found?.seekTable && {
@@ -140,16 +144,19 @@ export async function openArchive(
     describe: (_frame: number, decodedOffset: number) => checker!.describeOffset(decodedOffset),
     framesDigest: found.index.framesDigest,
   };
-  const decompressed = await decompressInput(counted, options.zstd, seekable || undefined);
+  const decompressed = await decompressInput(counted, options.zstd, seekable || undefined, {
+    reuseBuffers: true,
+  });
   const digestData = options.digestData === true && found?.index.digestScope === "vma-data";
   const reader: VmaReaderStream = new VmaReaderStream({
     ...options.reader,
+    reuseBuffers: true,
     ...(checker && {
       onExtent: (extent) => checker.extent(extent, reader.stats),
       digestData,
     }),
   });
-  const records = asArchiveErrors(decompressed.readable, decompressed.compression, () => read)
+  const records = asArchiveErrors(decompressed, () => read, failure)
     .pipeThrough(reader)
     .pipeThrough(new TransformStream({ flush: () => checker?.finish(reader.stats.bytes) }));
   return {
@@ -216,14 +223,10 @@ async function findIndex(
   return { index: decodeIndex(bytes), source: "sidecar", path: sidecar };
 }
 
-/**
- * Decompressed bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
- * become {@linkcode VmaFormatError}s: the archive is bad, and the error says how and where.
- */
-function asArchiveErrors(
+/** The same bytes; a read error is also kept in `failure.error`. */
+function noteFailure(
   input: ReadableStream<Uint8Array>,
-  compression: Compression,
-  bytesRead: () => number,
+  failure: { error?: unknown },
 ): ReadableStream<Uint8Array> {
   const reader = input.getReader();
   return new ReadableStream<Uint8Array>({
@@ -232,6 +235,34 @@ function asArchiveErrors(
       try {
         next = await reader.read();
       } catch (error) {
+        failure.error = error;
+        throw error;
+      }
+      if (next.done) controller.close();
+      else controller.enqueue(next.value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
+}
+
+/**
+ * Decompressed bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
+ * become {@linkcode VmaFormatError}s: the archive is bad, and the error says how and where.
+ */
+function asArchiveErrors(
+  { readable, compression }: { readable: ReadableStream<Uint8Array>; compression: Compression },
+  bytesRead: () => number,
+  input: { error?: unknown },
+): ReadableStream<Uint8Array> {
+  const reader = readable.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let next;
+      try {
+        next = await reader.read();
+      } catch (error) {
+        // Reading the input failed (EIO, a closed pipe): an I/O error, not a corrupt archive.
+        if ("error" in input) throw input.error;
         if (
           compression === "none" || error instanceof Deno.errors.NotCapable ||
           error instanceof VmaFormatError

@@ -26,13 +26,18 @@ export interface FrameEncoderOptions {
   workers?: number | undefined;
   /** Whether this thread compresses a job when every worker has two queued (default true). */
   mainThread?: boolean | undefined;
+  /**
+   * Recycle the output chunks that their final consumer gives back with `releaseChunk`
+   * (default `false`: only for a pipeline without fan-out).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** A finished job: its frames, contiguous in one recycled chunk, and what they carry. */
 export interface EncodedJob {
   /**
    * The frames, one after another. The chunk belongs to the receiver, who gives it back
-   * with `releaseChunk` once written.
+   * with `releaseChunk` once written (recycled with `reuseBuffers`).
    */
   chunk: Uint8Array;
   /** Length of each frame in `chunk`. */
@@ -97,6 +102,7 @@ export class FrameEncoder {
     this.#outputs = new BufferPool(options.outputSize, {
       maxFree: this.maxInFlight + 5, // and the chunks queued downstream
       trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
     });
   }
 

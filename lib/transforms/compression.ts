@@ -67,7 +67,7 @@ export function compressor(
     case "zstd":
       if (engine === "program") {
         const strength = (level ?? 3) < 0 ? `--fast=${-level!}` : `-${level ?? 3}`;
-        return zstdProgram([strength, "-T0"], "encode zstd");
+        return zstdProgram([strength, "-T0"], "encode zstd", zstdOptions.reuseBuffers);
       }
       return new ZstdCompressStream(level === undefined ? zstdOptions : { ...zstdOptions, level });
     case "gzip":
@@ -120,10 +120,13 @@ export class GzipDecompressStream extends TransformStream<Uint8Array, Uint8Array
  * assert.equal(await new Response(packed.pipeThrough(lzopDecompress())).text(), "VMA");
  * ```
  */
-export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
+export function lzopDecompress(
+  options: { reuseBuffers?: boolean } = {},
+): ReadableWritablePair<Uint8Array, Uint8Array> {
   return programTransform("lzop", ["-d", "-c", "-q"], {
     purpose: "decode the lzop-compressed archive",
     debianPackage: "lzop",
+    ...options,
   });
 }
 
@@ -134,8 +137,9 @@ export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
  */
 export type ZstdEngine = "builtin" | "program";
 
-function zstdProgram(args: string[], purpose: string) {
-  return programTransform("zstd", ["-q", "-c", ...args], { purpose, debianPackage: "zstd" });
+function zstdProgram(args: string[], purpose: string, reuseBuffers = false) {
+  const options = { purpose, debianPackage: "zstd", reuseBuffers };
+  return programTransform("zstd", ["-q", "-c", ...args], options);
 }
 
 /**
@@ -156,15 +160,18 @@ function zstdProgram(args: string[], purpose: string) {
 export function decompressor(
   compression: Compression,
   engine: ZstdEngine = "builtin",
+  options: { reuseBuffers?: boolean } = {},
 ): ReadableWritablePair<Uint8Array, Uint8Array> {
   switch (compression) {
     case "zstd":
-      if (engine === "program") return zstdProgram(["-d", "--long=31"], "decode zstd");
-      return new ZstdDecompressStream();
+      if (engine === "program") {
+        return zstdProgram(["-d", "--long=31"], "decode zstd", options.reuseBuffers);
+      }
+      return new ZstdDecompressStream(options);
     case "gzip":
       return new GzipDecompressStream();
     case "lzop":
-      return lzopDecompress();
+      return lzopDecompress(options);
     case "none":
       return new TransformStream();
   }
@@ -206,6 +213,7 @@ export async function decompressInput(
   input: ReadableStream<Uint8Array>,
   engine: ZstdEngine = "builtin",
   seekable?: SeekableDecodeOptions,
+  options: { reuseBuffers?: boolean } = {},
 ): Promise<DecompressedInput> {
   const reader = input.getReader();
   const head: Uint8Array[] = [];
@@ -247,9 +255,10 @@ export async function decompressInput(
   }, { highWaterMark: 0 });
   if (compression === "zstd" && engine === "builtin") {
     const decoder = seekable === undefined
-      ? new ZstdDecompressStream()
-      : new SeekableZstdDecompressStream(seekable);
+      ? new ZstdDecompressStream(options)
+      : new SeekableZstdDecompressStream({ ...seekable, ...options });
     return { compression, readable: replayed.pipeThrough(decoder), frames: () => decoder.stats };
   }
-  return { compression, readable: replayed.pipeThrough(decompressor(compression, engine)) };
+  const decoded = replayed.pipeThrough(decompressor(compression, engine, options));
+  return { compression, readable: decoded };
 }

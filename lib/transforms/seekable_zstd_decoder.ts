@@ -28,6 +28,11 @@ export interface SeekableDecodeOptions {
   workers?: number;
   /** SHA-256 (hex) of every frame without an expected digest, in order (the index's). */
   framesDigest?: string | undefined;
+  /**
+   * Recycle the decoded chunks (default `false`); only for a pipeline in which every chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** Counters of a decode. */
@@ -49,8 +54,9 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * checks each frame's XXH64 as it decodes, and a frame with an expected digest must have
  * it. The index frame and the table at the end are skipped. A failure is a
  * `VmaFormatError` (`bad-frame-checksum`) naming the frame, its byte offset in the file and,
- * with `describe`, what it holds. Memory: a few frames in flight per worker; decoded
- * frames come from a pool, and a final consumer gives them back with `releaseChunk`.
+ * with `describe`, what it holds. Memory: a few frames in flight per worker; with
+ * `reuseBuffers`, decoded frames come from a pool, and a final consumer gives them back with
+ * `releaseChunk`.
  *
  * @example Decode a seekable archive in parallel
  * ```ts
@@ -104,6 +110,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const outputs = new BufferPool(largestDecoded, {
       maxFree: maxInFlight + 2, // and the chunks the reader holds
       trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
     });
     /** The frame being assembled, and where the next ones start. */
     let frame = 0;

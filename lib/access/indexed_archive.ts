@@ -24,6 +24,7 @@ import {
   EXTENT_HEADER_SIZE,
   HEADER_FIXED_SIZE,
   HeaderOffset,
+  SLOTS_PER_EXTENT,
   VMA_MAGIC,
 } from "../vma/format.ts";
 import { scanPlainArchive } from "./scan_plain.ts";
@@ -32,6 +33,8 @@ import { scanPlainArchive } from "./scan_plain.ts";
 export interface IndexedArchiveOptions {
   /** The index of a plain `.vma`, from its sidecar file. Without it, one is built by scanning. */
   sidecar?: Uint8Array | undefined;
+  /** The same, already decoded (`decodeIndex`). */
+  index?: VmaIndex | undefined;
   /** Bytes of decoded extents kept for reuse (default 64 MiB). */
   cacheBytes?: number | undefined;
   /** Reads of the stored archive in flight at once (default 4). */
@@ -117,7 +120,8 @@ export class IndexedArchive {
   #frameStored = new Float64Array(0);
   #frameDecoded = new Float64Array(0);
   #reads: { active: number; waiting: (() => void)[]; limit: number };
-  #lastExtent = -2;
+  /** Where each device's last read ended, to see sequential readers. */
+  #lastEnd = new Map<number, number>();
   #header: DecodedVmaHeader | undefined;
 
   private constructor(
@@ -165,10 +169,10 @@ export class IndexedArchive {
       : 0;
     let archive: IndexedArchive;
     if (magic === VMA_MAGIC) {
-      const index = options.sidecar === undefined
-        ? await scanPlainArchive(reader)
-        : decodeIndex(options.sidecar);
-      const source = options.sidecar === undefined ? "scan" : "sidecar";
+      const given = options.index ??
+        (options.sidecar === undefined ? undefined : decodeIndex(options.sidecar));
+      const index = given ?? await scanPlainArchive(reader);
+      const source = given === undefined ? "scan" : "sidecar";
       archive = new IndexedArchive(reader, index, "vma", source, undefined, options);
       if (index.archiveBytes !== reader.size) {
         throw new VmaFormatError(
@@ -277,8 +281,28 @@ export class IndexedArchive {
         }),
       );
     }
+    // A reader that goes on where it stopped gets the extents of the next clusters of this
+    // disk read ahead (the archive's next extents may hold another disk).
+    if (this.#lastEnd.get(devId) === offset) this.#readAhead(devId, end, device.size);
+    this.#lastEnd.set(devId, end);
     await Promise.all(reads);
     return out;
+  }
+
+  /** Starts reading the extents that hold the two extents' worth of clusters after `from`. */
+  #readAhead(devId: number, from: number, size: number): void {
+    const first = Math.ceil(from / CLUSTER_SIZE);
+    const last = Math.min(Math.ceil(size / CLUSTER_SIZE), first + 2 * SLOTS_PER_EXTENT);
+    const seen = new Set<number>();
+    for (let cluster = first; cluster < last; cluster++) {
+      const place = this.#map.locate(devId, cluster);
+      if (place === null || seen.has(place.extent)) continue;
+      seen.add(place.extent);
+      if (seen.size > 2) return;
+      if (!this.#cache.has(place.extent)) {
+        this.#load(place.extent).catch(() => {}); // a failed read-ahead fails the read that needs it
+      }
+    }
   }
 
   /**
@@ -338,15 +362,6 @@ export class IndexedArchive {
 
   /** A decoded extent, from the cache or read now; reads ahead for sequential readers. */
   #extent(e: number): Promise<DecodedExtent> {
-    const sequential = e === this.#lastExtent + 1 || e === this.#lastExtent;
-    this.#lastExtent = e;
-    if (sequential) {
-      for (let next = e + 1; next <= e + 2 && next < this.index.blockCounts.length; next++) {
-        if (this.index.blockCounts[next]! > 0 && !this.#cache.has(next)) {
-          this.#load(next).catch(() => {}); // a failed read-ahead fails the read that needs it
-        }
-      }
-    }
     const cached = this.#cache.get(e);
     if (cached !== undefined) {
       this.stats.cacheHits++;

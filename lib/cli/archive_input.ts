@@ -8,6 +8,7 @@
 import { type Compression, decompressInput, type ZstdEngine } from "../transforms/compression.ts";
 import { readEmbeddedIndex } from "../index/embedded_index.ts";
 import { decodeIndex, type VmaIndex } from "../index/index_format.ts";
+import { IndexedArchive, NotSeekableError } from "../access/indexed_archive.ts";
 import { IndexChecker } from "../index/index_checker.ts";
 import { IndexMap } from "../index/index_map.ts";
 import type { SeekTable } from "../index/seek_table.ts";
@@ -182,6 +183,50 @@ export async function openArchive(
       return { level, frames, checksummedFrames, extentsWithData, digestsChecked };
     },
   };
+}
+
+/**
+ * Opens the archive at `path` (a file or an `s3://` object) for random access through its
+ * index, for commands that need a part of it: a seekable `.vma.zst`, or a plain `.vma` with
+ * its sidecar (or mapped by a scan of its extent headers). `undefined` for stdin and for
+ * archives that can only be read from the start (gzip, lzop, zstd without a seek table).
+ * A damaged or foreign index is a `VmaFormatError`.
+ *
+ * @example A plain archive, mapped by a scan
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../mod.ts";
+ * import { openRandomAccess } from "./archive_input.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * await Deno.writeFile(path, ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "zeros" as const, devId: 1, cluster: 0, count: 1 },
+ * ]).pipeThrough(new VmaWriterStream()));
+ * const archive = await openRandomAccess(path, {});
+ * assert.equal(archive?.indexSource, "scan");
+ * archive?.close();
+ * assert.equal(await openRandomAccess("-", {}), undefined);
+ * await Deno.remove(path);
+ * ```
+ */
+export async function openRandomAccess(
+  path: string,
+  options: { indexPath?: string | undefined; storage?: StorageOptions | undefined },
+): Promise<IndexedArchive | undefined> {
+  if (path === "-") return undefined;
+  const s3 = isS3Url(path);
+  if (!s3 && !(await Deno.stat(path).catch(() => undefined))?.isFile) return undefined;
+  const reader = s3 ? await openS3RangeReader(path, options.storage) : await fileRangeReader(path);
+  try {
+    const found = await findIndex(path, options.indexPath, options.storage);
+    const index = found?.source === "sidecar" ? found.index : undefined;
+    return await IndexedArchive.open(reader, { index });
+  } catch (error) {
+    reader.close();
+    if (error instanceof NotSeekableError) return undefined;
+    throw error;
+  }
 }
 
 /**

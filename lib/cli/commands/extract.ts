@@ -11,7 +11,9 @@ import { ImageRestoreSink } from "../../sinks/nbd_restore.ts";
 import { RestoreSink } from "../../sinks/restore_files.ts";
 import { IMAGE_FORMATS, type ImageFormat } from "../../qemu/image_format.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../../vma/records.ts";
-import { openArchive } from "../archive_input.ts";
+import { openArchive, openRandomAccess } from "../archive_input.ts";
+import { archiveRecords } from "../../access/archive_records.ts";
+import type { IndexedArchive } from "../../access/indexed_archive.ts";
 import {
   type Command,
   expectPositionals,
@@ -231,14 +233,16 @@ async function extractToStdout(
   let progress: Progress | undefined;
   let chosen: number | undefined; // the device's id, once the header is complete
   const isChosen = (device: VmaDeviceRecord) => device.devId === chosen;
-  const archive = await openArchive(path, {
+  // With an index, only the extents of this disk are read; otherwise the whole archive.
+  const random = await openRandomAccess(path, { storage });
+  const records = random !== undefined ? randomRecords(random, [name]) : (await openArchive(path, {
     zstd,
     storage,
     reader: { requireComplete: isChosen },
     progress: (total) => (progress = new Progress(context, { mode, command: "extract", total })),
-  });
+  })).records;
   try {
-    await archive.records
+    await records
       .pipeThrough(afterHeader(({ devices }) => {
         [chosen] = chooseDevices(devices, [name]);
       }))
@@ -247,6 +251,8 @@ async function extractToStdout(
   } catch (error) {
     await progress?.finish(false);
     throw context.signal.aborted ? context.signal.reason : error;
+  } finally {
+    random?.close();
   }
   await progress?.finish(true);
   return ExitCode.ok;
@@ -292,7 +298,12 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   let chosen = new Set<number>(); // the devices to write, once the header is complete
   const selected = (device: VmaDeviceRecord) => chosen.has(device.devId);
   let progress: Progress | undefined;
-  const archive = await openArchive(plan.archive, {
+  // Some disks of an indexed archive: read only their extents. All disks, or no index:
+  // one pass over the whole archive.
+  const random = wanted === undefined
+    ? undefined
+    : await openRandomAccess(plan.archive, { storage: plan.storage });
+  const archive = random !== undefined ? undefined : await openArchive(plan.archive, {
     zstd: plan.zstd,
     storage: plan.storage,
     reader: { requireComplete: selected },
@@ -300,6 +311,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
       total,
     ) => (progress = new Progress(context, { mode: plan.progress, command: "extract", total })),
   });
+  const records = random !== undefined ? randomRecords(random, wanted!) : archive!.records;
   const started = performance.now();
   let found: HeaderRecords = { configs: [], devices: [] };
   /** Picks the devices and checks that every name to write is a file name, before writing. */
@@ -326,7 +338,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   await Deno.mkdir(partial);
   context.signal.addEventListener("abort", onAbort);
   try {
-    const checked = archive.records.pipeThrough(afterHeader(check));
+    const checked = records.pipeThrough(afterHeader(check));
     if (imageSink === undefined) {
       await checked.pipeTo(sink, { signal: context.signal });
     } else {
@@ -342,6 +354,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     throw context.signal.aborted ? context.signal.reason : error;
   } finally {
     context.signal.removeEventListener("abort", onAbort);
+    random?.close();
   }
   const seconds = (performance.now() - started) / 1000;
   const restored = found.devices.filter(selected).map((device) => ({
@@ -358,8 +371,14 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
       jsonLine({
         ok: true,
         command: "extract",
-        archive: archive.name,
-        compression: archive.compression,
+        archive: random?.name ?? archive!.name,
+        compression: random === undefined
+          ? archive!.compression
+          : random.layout === "vma"
+          ? "none"
+          : "zstd",
+        access: random === undefined ? "sequential" : "random",
+        bytesRead: random?.stats.storedBytesRead ?? archive!.bytesRead(),
         target,
         configs: found.configs.map((config) => `${target}/${configFileName(config.name)}`),
         disks: restored,
@@ -375,4 +394,15 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     );
   }
   return ExitCode.ok;
+}
+
+/** The records of the disks named `wanted`, read at random (exit code 7 for a missing one). */
+function randomRecords(archive: IndexedArchive, wanted: string[]): ReadableStream<VmaRecord> {
+  const devices = archive.header.devices.map(({ devId, name, size }) => ({
+    type: "device" as const,
+    devId,
+    name,
+    size,
+  }));
+  return archiveRecords(archive, [...chooseDevices(devices, wanted)]);
 }

@@ -146,6 +146,7 @@ Deno.test("names: a name with a newline cannot forge a vma list line (exit 3, es
         assert.equal(result.code, 3, `${command.join(" ")}: ${result.stderr}`);
         assert.ok(!result.text.includes("forged"), `${command.join(" ")} prints no forged line`);
         assert.match(result.stderr, /^error: .*contains control characters/);
+        // deno-lint-ignore no-control-regex
         assert.ok(!/[\x00-\x09\x0b-\x1f\x7f]/.test(result.stderr), `raw control: ${result.stderr}`);
         assert.equal(result.stderr.split("\n").length, 2, "one line");
       }

@@ -16,7 +16,6 @@ import { fileRangeReader } from "../storage/range_reader.ts";
 import { EXTENT_HEADER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
-import { VmaFormatError } from "../vma/errors.ts";
 import { openInput } from "./files.ts";
 import { openS3RangeReader, readS3Object, type StorageOptions } from "./s3_files.ts";
 import { isS3Url } from "../storage/s3_config.ts";
@@ -124,8 +123,7 @@ export async function openArchive(
   const input = await openInput(path, { ...options.storage, reuseBuffers: true });
   let read = 0;
   const progress = options.progress?.(input.size);
-  const failure: { error?: unknown } = {};
-  const counted = noteFailure(input.readable, failure).pipeThrough(
+  const counted = input.readable.pipeThrough(
     tapStream<Uint8Array>((chunk) => {
       read += chunk.byteLength;
       progress?.add(chunk.byteLength);
@@ -157,7 +155,7 @@ export async function openArchive(
       digestData,
     }),
   });
-  const records = asArchiveErrors(decompressed, () => read, failure)
+  const records = decompressed.readable
     .pipeThrough(reader)
     .pipeThrough(new TransformStream({ flush: () => checker?.finish(reader.stats.bytes) }));
   return {
@@ -266,61 +264,6 @@ async function findIndex(
     throw error;
   }
   return { index: decodeIndex(bytes), source: "sidecar", path: sidecar };
-}
-
-/** The same bytes; a read error is also kept in `failure.error`. */
-function noteFailure(
-  input: ReadableStream<Uint8Array>,
-  failure: { error?: unknown },
-): ReadableStream<Uint8Array> {
-  const reader = input.getReader();
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      let next;
-      try {
-        next = await reader.read();
-      } catch (error) {
-        failure.error = error;
-        throw error;
-      }
-      if (next.done) controller.close();
-      else controller.enqueue(next.value);
-    },
-    cancel: (reason) => reader.cancel(reason),
-  }, { highWaterMark: 0 });
-}
-
-/**
- * Decompressed bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
- * become {@linkcode VmaFormatError}s: the archive is bad, and the error says how and where.
- */
-function asArchiveErrors(
-  { readable, compression }: { readable: ReadableStream<Uint8Array>; compression: Compression },
-  bytesRead: () => number,
-  input: { error?: unknown },
-): ReadableStream<Uint8Array> {
-  const reader = readable.getReader();
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      let next;
-      try {
-        next = await reader.read();
-      } catch (error) {
-        // Reading the input failed (EIO, a closed pipe): an I/O error, not a corrupt archive.
-        if ("error" in input) throw input.error;
-        if (
-          compression === "none" || error instanceof Deno.errors.NotCapable ||
-          error instanceof VmaFormatError
-        ) throw error;
-        const detail = (error instanceof Error ? error.message : String(error))
-          .replace(/^Cannot decode [^:]*: /, "");
-        throw new VmaFormatError("bad-compression", bytesRead(), `${compression} data: ${detail}`);
-      }
-      if (next.done) controller.close();
-      else controller.enqueue(next.value);
-    },
-    cancel: (reason) => reader.cancel(reason),
-  }, { highWaterMark: 0 });
 }
 
 /**

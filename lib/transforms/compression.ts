@@ -192,7 +192,9 @@ export interface DecompressedInput {
 
 /**
  * Looks at the first bytes of `input` and decompresses it accordingly, so plain, zstd,
- * gzip and lzop archives all come out as plain VMA bytes. With `seekable` (a seekable
+ * gzip and lzop archives all come out as plain VMA bytes. A corrupt or truncated compressed
+ * stream fails the readable with a `VmaFormatError` (`bad-compression`, at the input offset
+ * reached); a failed read of `input` with its own error. With `seekable` (a seekable
  * `.vma.zst`'s table, read first from the file's end), zstd frames decode on every core. Throws a `VmaFormatError`
  * (`bad-magic`, naming the first bytes, or `truncated-header` for an empty input) when the
  * input is none of these.
@@ -242,14 +244,25 @@ export async function decompressInput(
       `unknown compression or not a VMA archive (first bytes: ${shown})`,
     );
   }
-  // Put the bytes that were looked at back in front of the rest.
+  // Put the bytes that were looked at back in front of the rest, counting what was read
+  // and keeping a read error apart from the decoder's own.
+  const read = { bytes: 0, failure: undefined as { error: unknown } | undefined };
   const replayed = new ReadableStream<Uint8Array>({
     pull: async (controller) => {
-      const chunk = head.shift();
-      if (chunk !== undefined) return controller.enqueue(chunk);
-      const { value, done } = await reader.read();
-      if (done) controller.close();
-      else controller.enqueue(value);
+      let chunk = head.shift();
+      if (chunk === undefined) {
+        let next;
+        try {
+          next = await reader.read();
+        } catch (error) {
+          read.failure = { error };
+          throw error;
+        }
+        if (next.done) return controller.close();
+        chunk = next.value;
+      }
+      read.bytes += chunk.byteLength;
+      controller.enqueue(chunk);
     },
     cancel: (reason) => reader.cancel(reason),
   }, { highWaterMark: 0 });
@@ -257,8 +270,43 @@ export async function decompressInput(
     const decoder = seekable === undefined
       ? new ZstdDecompressStream(options)
       : new SeekableZstdDecompressStream({ ...seekable, ...options });
-    return { compression, readable: replayed.pipeThrough(decoder), frames: () => decoder.stats };
+    const readable = asFormatErrors(replayed.pipeThrough(decoder), compression, read);
+    return { compression, readable, frames: () => decoder.stats };
   }
   const decoded = replayed.pipeThrough(decompressor(compression, engine, options));
-  return { compression, readable: decoded };
+  return { compression, readable: asFormatErrors(decoded, compression, read) };
+}
+
+/**
+ * Decoded bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
+ * become `VmaFormatError`s (`bad-compression`) at the input offset reached: the archive is
+ * bad, and the error says how and where. A failed read of the input stays what it was (an
+ * I/O error), and so do permission errors and errors that already are format errors.
+ */
+function asFormatErrors(
+  readable: ReadableStream<Uint8Array>,
+  compression: Compression,
+  input: { bytes: number; failure: { error: unknown } | undefined },
+): ReadableStream<Uint8Array> {
+  const reader = readable.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let next;
+      try {
+        next = await reader.read();
+      } catch (error) {
+        if (input.failure !== undefined) throw input.failure.error;
+        if (
+          compression === "none" || error instanceof Deno.errors.NotCapable ||
+          error instanceof VmaFormatError
+        ) throw error;
+        const detail = (error instanceof Error ? error.message : String(error))
+          .replace(/^Cannot decode [^:]*: /, "");
+        throw new VmaFormatError("bad-compression", input.bytes, `${compression} data: ${detail}`);
+      }
+      if (next.done) controller.close();
+      else controller.enqueue(next.value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
 }

@@ -35,3 +35,23 @@ Deno.test("the memory probe sees stale data when recycled records are tee()d", a
   assert.equal(result.dataClusters, 2 ** 14 / 64);
   assert.ok(result.corrupt > 0, "a stale buffer is detected");
 });
+
+Deno.test("with the index: a 64 GiB device, and a scrambled one, stream with bounded memory", async () => {
+  // Writer → index and seekable zstd → decoder → reader → sink. The probe's layout is the
+  // worst case for per-extent costs: one data cluster per 4 MiB, so almost every extent holds
+  // one cluster. Scrambled, as copy-before-write sends clusters, the index holds a run per
+  // cluster (18 bytes each).
+  const inOrder = await runProbe("64", "index");
+  assert.equal(inOrder.clusters, 64 * 2 ** 14);
+  assert.equal(inOrder.corrupt, 0);
+  const growth = (inOrder.peak - inOrder.baseline) / 2 ** 20;
+  assert.ok(growth < 64, `RSS grew by ${growth.toFixed(1)} MiB after the first 4 GiB`);
+  assert.ok(inOrder.peak < 256 * 2 ** 20, `peak RSS ${(inOrder.peak / 2 ** 20).toFixed(0)} MiB`);
+  const scrambled = await runProbe("32", "index-scrambled");
+  assert.equal(scrambled.clusters, 32 * 2 ** 14);
+  assert.equal(scrambled.corrupt, 0);
+  assert.ok(
+    scrambled.peak < 320 * 2 ** 20,
+    `peak RSS ${(scrambled.peak / 2 ** 20).toFixed(0)} MiB`,
+  );
+});

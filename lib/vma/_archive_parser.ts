@@ -209,8 +209,11 @@ export class ArchiveParser {
    * Extent data. Tracked, so that a cluster passed on as bytes (`DeviceBytesStream`) comes
    * back through the final byte consumer's `releaseChunk`, instead of its lease.
    */
-  #pool: BufferPool;
+  /** Layout buffers by size: 1, 4, 16 and 59 clusters. */
+  #pools: BufferPool[];
   #layout: PooledBuffer | null = null;
+  /** Clusters with data in the current extent. */
+  #dataClusters = 0;
 
   /** The buffer of the extent being captured whole (pieces mode). */
   #capture: PooledBuffer | null = null;
@@ -224,11 +227,9 @@ export class ArchiveParser {
   constructor(options: ArchiveParserOptions) {
     // Emitted buffers come back only where the caller proved a single consumer.
     const recycle = options.reuseBuffers ?? false;
-    this.#pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, {
-      maxFree: 2,
-      trackChunks: true,
-      recycle,
-    });
+    this.#pools = [1, 4, 16, SLOTS_PER_EXTENT].map((clusters) =>
+      new BufferPool(clusters * CLUSTER_SIZE, { maxFree: 2, trackChunks: true, recycle })
+    );
     this.#capturePool = new BufferPool(MAX_EXTENT_SIZE, { maxFree: 2, trackChunks: true, recycle });
     const require = options.requireComplete ?? true;
     this.#requireComplete = typeof require === "function" ? require : () => require;
@@ -406,13 +407,19 @@ export class ArchiveParser {
     this.#blockCount = blockCount;
     this.#slots = slots;
     this.#mappedBlocks = 0;
-    for (const { index, mask } of slots) {
+    // The layout holds the clusters with data only, one after another: an extent of one such
+    // cluster among 58 needs 64 KiB, not 3.8 MB (a sparse disk's extents mostly are).
+    let rank = 0;
+    for (const { mask } of slots) {
+      if (mask === 0) continue;
       for (let block = 0; block < 16; block++) {
         if ((mask & (1 << block)) && this.#mappedBlocks < blockCount) {
-          this.#blockTargets[this.#mappedBlocks++] = index * CLUSTER_SIZE + block * BLOCK_SIZE;
+          this.#blockTargets[this.#mappedBlocks++] = rank * CLUSTER_SIZE + block * BLOCK_SIZE;
         }
       }
+      rank++;
     }
+    this.#dataClusters = rank;
     this.#dataFill = 0;
   }
 
@@ -436,7 +443,7 @@ export class ArchiveParser {
       if (this.#dataFill === total) this.#finishExtent(output);
       return used;
     }
-    this.#layout ??= this.#pool.acquire();
+    this.#layout ??= this.#layoutPool(this.#dataClusters).acquire();
     const layout = this.#layout.bytes;
     // Scatter each stored block to its place in the cluster layout; neighbouring blocks of
     // neighbouring slots are contiguous, so a full extent is copied in one go.
@@ -586,6 +593,11 @@ export class ArchiveParser {
     }
   }
 
+  /** The pool of the smallest layout that holds `clusters` clusters. */
+  #layoutPool(clusters: number): BufferPool {
+    return this.#pools.find((pool) => pool.size >= clusters * CLUSTER_SIZE)!;
+  }
+
   #emitClusters(output: Extract<Output, { kind: "records" }>): void {
     const layout = this.#layout;
     this.#layout = null;
@@ -594,14 +606,16 @@ export class ArchiveParser {
       this.#slots.reduce((holders, slot) => holders + (slot.mask === 0 ? 0 : 1), 0),
     );
     let lent = 0;
+    let rank = 0;
     for (const slot of this.#slots) {
-      const { index, mask, devId, cluster } = slot;
+      const { mask, devId, cluster } = slot;
       this.#count(slot);
       if (mask === 0 || layout === null) {
         output.enqueue({ type: "cluster", devId, cluster, mask, data: null });
         continue;
       }
-      const data = layout!.view(index * CLUSTER_SIZE, (index + 1) * CLUSTER_SIZE);
+      const data = layout!.view(rank * CLUSTER_SIZE, (rank + 1) * CLUSTER_SIZE);
+      rank++;
       if (mask !== 0xffff) {
         // The recycled buffer holds stale bytes where no block was stored.
         for (let block = 0; block < 16; block++) {

@@ -142,6 +142,8 @@ export async function openArchive(
     },
     describe: (_frame: number, decodedOffset: number) => checker!.describeOffset(decodedOffset),
     framesDigest: found.index.framesDigest,
+    // Reading without copying the data (verify) leaves this thread free to decode too.
+    mainThread: options.reader?.skipData === true,
   };
   const decompressed = await decompressInput(counted, options.zstd, seekable || undefined, {
     reuseBuffers: true,

@@ -26,6 +26,12 @@ export interface SeekableDecodeOptions {
   describe?: (frame: number, decodedOffset: number) => string;
   /** Decoding workers (default one per core). */
   workers?: number;
+  /**
+   * Whether this thread decodes frames too when the workers are busy (default true): right
+   * when it has little else to do (verify); a restore, whose thread copies and writes every
+   * byte, is faster with a Worker per core.
+   */
+  mainThread?: boolean;
   /** SHA-256 (hex) of every frame without an expected digest, in order (the index's). */
   framesDigest?: string | undefined;
   /**
@@ -94,7 +100,9 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     // Workers for the cores but one, and this thread decodes when they are all busy: each
     // frame in flight holds its input and output (about 5 MB for a full extent), and each
     // Worker about 15 MiB.
-    const decoders = new FrameDecoderPool(options.workers, undefined, { mainThread: true });
+    const decoders = new FrameDecoderPool(options.workers, undefined, {
+      mainThread: options.mainThread ?? true,
+    });
     // A data frame for each worker and one for this thread; twice that many entries, since
     // every data frame comes after its small header frame (decoded at once).
     const maxInFlight = 2 * (decoders.size + 1);

@@ -19,6 +19,8 @@ import { backupCommand } from "./lib/cli/commands/backup.ts";
 import { demoCommand } from "./lib/cli/commands/demo.ts";
 import { extractCommand } from "./lib/cli/commands/extract.ts";
 import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
+import { restoreCommand } from "./lib/cli/commands/restore.ts";
+import { serveCommand } from "./lib/cli/commands/serve.ts";
 import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
 import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
@@ -29,6 +31,8 @@ const commands: Command[] = [
   listCommand,
   configCommand,
   verifyCommand,
+  serveCommand,
+  restoreCommand,
   demoCommand,
 ];
 

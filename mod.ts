@@ -214,3 +214,16 @@ export {
   SeekableZstdDecompressStream,
 } from "./lib/transforms/seekable_zstd_decoder.ts";
 export { IndexChecker } from "./lib/index/index_checker.ts";
+export { archiveExports, type ArchiveExportsOptions } from "./lib/access/archive_exports.ts";
+export {
+  LiveRestore,
+  type LiveRestoreCompleteOptions,
+  type LiveRestoreDrive,
+  type LiveRestoreDriveOptions,
+  LiveRestoreError,
+  type LiveRestoreMode,
+  type LiveRestoreOptions,
+  type LiveRestoreProgress,
+  type LiveRestoreResult,
+  startLiveRestore,
+} from "./lib/live/live_restore.ts";

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { NotSeekableError } from "../access/indexed_archive.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 
 /**
@@ -38,6 +39,11 @@ export const ExitCode = {
   exists: 6,
   /** The archive has no config or disk of the requested name. */
   notFound: 7,
+  /**
+   * The archive cannot be read at random (a `.vma.zst` without a seek table, gzip, lzop):
+   * `serve` and live restores need `convert` first.
+   */
+  notSeekable: 9,
   /** Interrupted by SIGINT (128 + 2). */
   interrupted: 130,
   /** Stopped by SIGTERM (128 + 15). */
@@ -170,6 +176,9 @@ export function describeError(error: unknown): { exitCode: number; message: stri
   if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
   if (error instanceof VmaFormatError) {
     return { exitCode: ExitCode.corrupt, message: error.message };
+  }
+  if (error instanceof NotSeekableError) {
+    return { exitCode: ExitCode.notSeekable, message: error.message };
   }
   if (error instanceof Deno.errors.NotCapable) {
     return { exitCode: ExitCode.permission, message: `permission denied: ${error.message}` };

@@ -7,6 +7,7 @@
  */
 import type { NbdExportHandler, NbdReadChunk } from "../protocols/nbd_server.ts";
 import type { VmaIndexDevice } from "../index/index_format.ts";
+import { BufferPool, type PooledBuffer } from "../_pool.ts";
 import type { IndexedArchive } from "./indexed_archive.ts";
 
 /** Options of {@linkcode archiveExports}. */
@@ -83,17 +84,40 @@ export function archiveExports(
       return device;
     });
   const maximum = options.maximumRead ?? 4 << 20;
+  const buffers = new ReadBuffers(maximum);
   const exports = new Map<string, NbdExportHandler>();
   for (const device of devices) {
-    exports.set(device.name, diskExport(archive, device, maximum));
+    exports.set(device.name, diskExport(archive, device, maximum, buffers));
   }
   return exports;
+}
+
+/**
+ * Reply buffers in size classes from 64 KiB to the largest read, a few of each kept free:
+ * fresh multi-MiB buffers stay resident long after they became garbage.
+ */
+class ReadBuffers {
+  #classes: BufferPool[] = [];
+
+  constructor(maximum: number) {
+    for (let size = 64 << 10;; size *= 4) {
+      const top = size >= maximum;
+      this.#classes.push(new BufferPool(top ? maximum : size, { maxFree: top ? 2 : 8 }));
+      if (top) break;
+    }
+  }
+
+  /** A buffer of at least `length` bytes (at most the largest read). */
+  acquire(length: number): PooledBuffer {
+    return this.#classes.find((pool) => pool.size >= length)!.acquire();
+  }
 }
 
 function diskExport(
   archive: IndexedArchive,
   device: VmaIndexDevice,
   maximum: number,
+  buffers: ReadBuffers,
 ): NbdExportHandler {
   const { devId, size } = device;
   return {
@@ -101,16 +125,28 @@ function diskExport(
     readOnly: true,
     description: `${device.name} of ${archive.name}`,
     blockSizes: { minimum: 1, preferred: 65536, maximum },
-    async read(offset, length) {
+    async read(offset, length, context) {
       const parts = archive.allocation(devId, offset, length);
-      return await Promise.all(
-        parts.map(async (part): Promise<NbdReadChunk> =>
-          part.zero ? { type: "hole", offset: part.offset, length: part.length } : {
-            type: "data",
-            offset: part.offset,
-            data: await archive.read(devId, part.offset, part.length),
-          }
-        ),
+      if (parts.every((part) => part.zero)) return [{ type: "hole", offset, length }];
+      // The reply is built in a recycled buffer, given back once the server wrote it.
+      const lease = context.afterReply === undefined ? undefined : buffers.acquire(length);
+      let data: Uint8Array;
+      try {
+        data = await archive.read(devId, offset, length, lease?.bytes);
+      } catch (error) {
+        lease?.hold(0);
+        throw error;
+      }
+      if (lease !== undefined) {
+        lease.hold(1);
+        context.afterReply!(() => lease.release());
+      }
+      return parts.map((part): NbdReadChunk =>
+        part.zero ? { type: "hole", offset: part.offset, length: part.length } : {
+          type: "data",
+          offset: part.offset,
+          data: data.subarray(part.offset - offset, part.offset - offset + part.length),
+        }
       );
     },
     blockStatus(offset, length, context) {

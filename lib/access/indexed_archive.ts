@@ -7,6 +7,7 @@
  */
 import { createHash } from "node:crypto";
 import { popcount16 } from "../_bytes.ts";
+import { BufferPool, type PooledBuffer } from "../_pool.ts";
 import { readEmbeddedIndex } from "../index/embedded_index.ts";
 import { decodeIndex, type VmaIndex, type VmaIndexDevice } from "../index/index_format.ts";
 import { type AllocationExtent, IndexMap } from "../index/index_map.ts";
@@ -14,7 +15,7 @@ import { type AllocationExtent, IndexMap } from "../index/index_map.ts";
 export type { AllocationExtent } from "../index/index_map.ts";
 import type { SeekTable } from "../index/seek_table.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
-import { FrameDecoderPool } from "../transforms/_frame_decoder.ts";
+import { FrameDecoderPool, INLINE_SIZE } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { decodeExtentHeader } from "../vma/extent_header.ts";
 import {
@@ -35,8 +36,16 @@ export interface IndexedArchiveOptions {
   cacheBytes?: number | undefined;
   /** Reads of the stored archive in flight at once (default 4). */
   readsInFlight?: number | undefined;
+  /** Worker threads that decode zstd frames (default one per core). */
+  workers?: number | undefined;
   /** Check every extent read against its digest in the index (default true). */
   checkDigests?: boolean | undefined;
+  /**
+   * Skip the index's SHA-256 for zstd frames that carry a content checksum: the decoder
+   * checks every byte against that one already (XXH64), and the seek table's copy of it
+   * ties the frame to its place (default false: check both).
+   */
+  trustFrameChecksums?: boolean | undefined;
 }
 
 /** Counters of an open archive. */
@@ -57,6 +66,23 @@ interface DecodedExtent {
   devIds: Uint8Array;
   clusters: Uint32Array;
   data: Uint8Array;
+  /** The pooled buffer `data` lives in, recycled once the extent leaves the cache. */
+  lease: PooledBuffer | undefined;
+}
+
+/** An extent in the cache: loading, or loaded; pinned while reads copy out of it. */
+interface CacheEntry {
+  promise: Promise<DecodedExtent>;
+  extent: DecodedExtent | undefined;
+  /** Reads that will copy out of it: its buffer is recycled only when none is left. */
+  pins: number;
+  evicted: boolean;
+}
+
+/** A decoded piece of the archive, in a pooled buffer or not. */
+interface Piece {
+  bytes: Uint8Array;
+  lease?: PooledBuffer | undefined;
 }
 
 /**
@@ -107,16 +133,25 @@ export class IndexedArchive {
   #seekTable: SeekTable | undefined;
   #decoders: FrameDecoderPool | undefined;
   #checkDigests: boolean;
+  #trustFrameChecksums: boolean;
   #cacheBytes: number;
   #cached = 0;
-  #cache = new Map<number, Promise<DecodedExtent>>();
-  #sizes = new Map<number, number>();
+  /** Decoded extents in least recently used order. */
+  #cache = new Map<number, CacheEntry>();
+  /** Buffers that frames are decoded into, reused once their extent left the cache. */
+  #outputs: BufferPool | undefined;
+  /** Buffers that an extent's stored frames are read into. */
+  #inputs: BufferPool | undefined;
   #map: IndexMap;
   /** Per frame: compressed and decompressed start offsets (one more entry: the ends). */
   #frameStored = new Float64Array(0);
   #frameDecoded = new Float64Array(0);
   #reads: { active: number; waiting: (() => void)[]; limit: number };
-  #lastExtent = -2;
+  /** Data bytes of the extents being read and decoded. */
+  #loadingBytes = 0;
+  /** The extents read last, to recognize sequential readers. */
+  #recent: number[] = new Array(8).fill(-2);
+  #recentAt = 0;
 
   private constructor(
     reader: RangeReader,
@@ -133,6 +168,7 @@ export class IndexedArchive {
     this.indexSource = source;
     this.#seekTable = seekTable;
     this.#checkDigests = options.checkDigests ?? true;
+    this.#trustFrameChecksums = options.trustFrameChecksums ?? false;
     this.#cacheBytes = options.cacheBytes ?? 64 << 20;
     this.#reads = { active: 0, waiting: [], limit: options.readsInFlight ?? 4 };
     this.#map = new IndexMap(index);
@@ -144,7 +180,19 @@ export class IndexedArchive {
         this.#frameStored[f + 1] = this.#frameStored[f]! + seekTable.compressedSizes[f]!;
         this.#frameDecoded[f + 1] = this.#frameDecoded[f]! + seekTable.decompressedSizes[f]!;
       }
-      this.#decoders = new FrameDecoderPool();
+      this.#decoders = new FrameDecoderPool(options.workers);
+      const largest = Math.max(0, ...seekTable.decompressedSizes);
+      // Evicted extents hand their buffers straight to the next decodes: few stay free.
+      this.#outputs = new BufferPool(largest, { maxFree: 2 });
+      let span = 0;
+      for (let e = 0; e < index.blockCounts.length; e++) {
+        const [from, to] = [this.#map.extentOffsets[e]!, this.#map.extentOffsets[e + 1]!];
+        if (to <= from) continue;
+        const stored = this.#frameStored[this.#frameAt(to - 1) + 1]! -
+          this.#frameStored[this.#frameAt(from)]!;
+        span = Math.max(span, stored);
+      }
+      this.#inputs = new BufferPool(span, { maxFree: this.#reads.limit });
     }
   }
 
@@ -214,27 +262,43 @@ export class IndexedArchive {
   }
 
   /**
-   * The bytes `offset` to `offset + length` of device `devId`. Throws a `RangeError` past
-   * the device's end, a `VmaFormatError` when stored data fails its checks, and the
-   * reader's own error (for example `UnexpectedEof` for a file cut while it was open).
+   * The bytes `offset` to `offset + length` of device `devId`: in a new buffer, or in
+   * `into` (at its start; it must hold `length` bytes; what it held is overwritten, zero
+   * ranges included). Throws a `RangeError` past the device's end, a `VmaFormatError` when
+   * stored data fails its checks, and the reader's own error (for example `UnexpectedEof`
+   * for a file cut while it was open).
    */
-  async read(devId: number, offset: number, length: number): Promise<Uint8Array> {
+  async read(
+    devId: number,
+    offset: number,
+    length: number,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
     const device = this.#deviceOf(devId);
     if (offset < 0 || length < 0 || offset + length > device.size) {
       throw new RangeError(
         `Cannot read ${offset}+${length} of ${device.name}: It is ${device.size} bytes`,
       );
     }
-    const out = new Uint8Array(length);
+    if (into !== undefined && into.byteLength < length) {
+      throw new RangeError(`Cannot read ${length} bytes into a buffer of ${into.byteLength}`);
+    }
+    const out = into === undefined ? new Uint8Array(length) : into.subarray(0, length);
+    const dirty = into !== undefined; // a reused buffer: its zero ranges must be written
     const end = offset + length;
     const reads: Promise<void>[] = [];
     for (let cluster = Math.floor(offset / CLUSTER_SIZE); cluster * CLUSTER_SIZE < end; cluster++) {
       const place = this.#map.locate(devId, cluster);
-      if (place === null) continue; // a zero cluster: nothing stored, nothing to read
       const from = Math.max(offset, cluster * CLUSTER_SIZE);
       const to = Math.min(end, (cluster + 1) * CLUSTER_SIZE);
+      if (place === null) { // a zero cluster: nothing stored, nothing to read
+        if (dirty) out.fill(0, from - offset, to - offset);
+        continue;
+      }
+      const entry = this.#extent(place.extent);
+      entry.pins++;
       reads.push(
-        this.#extent(place.extent).then((extent) => {
+        entry.promise.then((extent) => {
           copyCluster(
             extent,
             place.slot,
@@ -245,8 +309,9 @@ export class IndexedArchive {
             from - offset,
             to - from,
             this.name,
+            dirty,
           );
-        }),
+        }).finally(() => this.#unpin(entry)),
       );
     }
     await Promise.all(reads);
@@ -262,6 +327,7 @@ export class IndexedArchive {
   close(): void {
     this.#decoders?.stop();
     this.#reader.close();
+    for (const entry of this.#cache.values()) entry.evicted = true;
     this.#cache.clear();
   }
 
@@ -272,46 +338,78 @@ export class IndexedArchive {
   }
 
   /** A decoded extent, from the cache or read now; reads ahead for sequential readers. */
-  #extent(e: number): Promise<DecodedExtent> {
-    const sequential = e === this.#lastExtent + 1 || e === this.#lastExtent;
-    this.#lastExtent = e;
-    if (sequential) {
-      for (let next = e + 1; next <= e + 2 && next < this.index.blockCounts.length; next++) {
-        if (this.index.blockCounts[next]! > 0 && !this.#cache.has(next)) {
-          this.#load(next).catch(() => {}); // a failed read-ahead fails the read that needs it
-        }
-      }
+  #extent(e: number): CacheEntry {
+    // Several sequential readers at once (nbdcopy's connections) each count as sequential.
+    const recent = this.#recent;
+    const sequential = recent.includes(e - 1) || recent.includes(e);
+    if (!recent.includes(e)) {
+      recent[this.#recentAt] = e;
+      this.#recentAt = (this.#recentAt + 1) % recent.length;
     }
-    const cached = this.#cache.get(e);
-    if (cached !== undefined) {
+    let entry = this.#cache.get(e);
+    if (entry !== undefined) {
       this.stats.cacheHits++;
       this.#cache.delete(e); // most recently used last
-      this.#cache.set(e, cached);
-      return cached;
+      this.#cache.set(e, entry);
+    } else {
+      entry = this.#load(e); // before the read-ahead: the reader waits for this one
     }
-    return this.#load(e);
+    if (sequential) {
+      // Read ahead only into free room: evicting what other readers still use costs more.
+      const last = Math.min(e + READ_AHEAD, this.index.blockCounts.length - 1);
+      for (let next = e + 1; next <= last; next++) {
+        const size = this.index.blockCounts[next]! * BLOCK_SIZE;
+        if (size === 0 || this.#cache.has(next)) continue;
+        if (this.#cached + this.#loadingBytes + size > this.#cacheBytes) break;
+        this.#load(next).promise.catch(() => {}); // a failed read-ahead fails its reader
+      }
+    }
+    return entry;
   }
 
-  #load(e: number): Promise<DecodedExtent> {
-    const loading = this.#limited(() => this.#readExtent(e));
-    this.#cache.set(e, loading);
-    loading.then((extent) => {
-      if (this.#cache.get(e) !== loading) return;
-      this.#sizes.set(e, extent.data.byteLength);
+  #load(e: number): CacheEntry {
+    const size = this.index.blockCounts[e]! * BLOCK_SIZE;
+    this.#loadingBytes += size;
+    const entry: CacheEntry = {
+      promise: this.#limited(() => this.#readExtent(e)).finally(() => this.#loadingBytes -= size),
+      extent: undefined,
+      pins: 0,
+      evicted: false,
+    };
+    this.#cache.set(e, entry);
+    entry.promise.then((extent) => {
+      entry.extent = extent;
+      if (entry.evicted) return; // the archive was closed meanwhile
       this.#cached += extent.data.byteLength;
       this.#evict();
-    }, () => this.#cache.delete(e));
-    return loading;
+    }, () => {
+      if (this.#cache.get(e) === entry) this.#cache.delete(e);
+    });
+    return entry;
   }
 
   #evict(): void {
-    for (const e of this.#cache.keys()) {
+    for (const [e, entry] of this.#cache) {
       if (this.#cached <= this.#cacheBytes) break;
-      const size = this.#sizes.get(e);
-      if (size === undefined) continue; // still loading
+      // Still loading, or being copied out of: reads that need it now must not decode it again.
+      if (entry.extent === undefined || entry.pins > 0) continue;
       this.#cache.delete(e);
-      this.#sizes.delete(e);
-      this.#cached -= size;
+      this.#cached -= entry.extent.data.byteLength;
+      entry.evicted = true;
+      entry.extent.lease?.release();
+    }
+  }
+
+  /** A read is done with `entry`: an evicted extent's buffer can be reused now. */
+  #unpin(entry: CacheEntry): void {
+    if (entry.pins > 0) entry.pins--;
+    if (entry.pins > 0) return;
+    if (entry.evicted) {
+      const lease = entry.extent?.lease;
+      if (entry.extent !== undefined) entry.extent.lease = undefined;
+      lease?.release();
+    } else if (this.#cached > this.#cacheBytes) {
+      this.#evict(); // it may have been kept over the budget while it was pinned
     }
   }
 
@@ -329,34 +427,79 @@ export class IndexedArchive {
   }
 
   /** Reads the stored bytes `start` to `end` of the (decompressed) archive. */
-  async #archiveBytes(start: number, end: number, digestOf?: number): Promise<Uint8Array[]> {
+  async #archiveBytes(start: number, end: number, digestOf?: number): Promise<Piece[]> {
     if (this.#seekTable === undefined) {
       this.stats.storedBytesRead += end - start;
-      return [await this.#reader.read(start, end - start)];
+      return [{ bytes: await this.#reader.read(start, end - start) }];
     }
     const table = this.#seekTable;
     const f0 = this.#frameAt(start);
     const f1 = this.#frameAt(end - 1);
     const from = this.#frameStored[f0]!;
-    const stored = await this.#reader.read(from, this.#frameStored[f1 + 1]! - from);
-    this.stats.storedBytesRead += stored.byteLength;
-    const pieces: Promise<Uint8Array>[] = [];
+    const span = this.#frameStored[f1 + 1]! - from;
+    // An extent's frames (a small header frame, one data frame) are read into a pooled
+    // buffer and decoded from it: the small ones here, at once, and then the data frame in
+    // a worker, which takes the whole buffer along and gives it back.
+    const order: number[] = [];
+    let toWorker = 0;
     for (let f = f0; f <= f1; f++) {
+      if (table.decompressedSizes[f]! > INLINE_SIZE) toWorker++;
+      else order.push(f);
+    }
+    for (let f = f0; f <= f1; f++) if (table.decompressedSizes[f]! > INLINE_SIZE) order.push(f);
+    const inputs = this.#inputs!;
+    const pooled = toWorker <= 1 && span <= inputs.size && this.#reader.readInto !== undefined
+      ? inputs.acquire()
+      : undefined;
+    let stored: Uint8Array<ArrayBuffer>;
+    if (pooled !== undefined) {
+      stored = pooled.bytes.subarray(0, span);
+      await this.#reader.readInto!(from, stored).catch((error) => {
+        pooled.hold(0);
+        throw error;
+      });
+    } else {
+      stored = await this.#reader.read(from, span) as Uint8Array<ArrayBuffer>;
+    }
+    this.stats.storedBytesRead += stored.byteLength;
+    const pieces: Promise<Piece>[] = [];
+    for (const f of order) {
       const size = table.decompressedSizes[f]!;
       if (size === 0) continue; // a skippable frame
       const at = this.#frameStored[f]! - from;
-      const frame = stored.slice(at, at + table.compressedSizes[f]!);
-      this.#checkFrameChecksum(frame, f);
-      const digest = digestOf !== undefined && this.#frameDecoded[f] === start + EXTENT_HEADER_SIZE;
+      const view = stored.subarray(at, at + table.compressedSizes[f]!);
+      const frame = pooled !== undefined ? view : view.slice();
+      try {
+        this.#checkFrameChecksum(frame, f); // the worker frame comes last: still ours here
+      } catch (error) {
+        pooled?.hold(0);
+        for (const piece of pieces) piece.then((p) => p.lease?.release(), () => {});
+        throw error;
+      }
+      const checksummed = frame.byteLength >= 9 && (frame[4]! & 0x04) !== 0;
+      const digest = digestOf !== undefined && this.#checkDigests &&
+        !(checksummed && this.#trustFrameChecksums) &&
+        this.#frameDecoded[f] === start + EXTENT_HEADER_SIZE;
       const begin = Math.max(start, this.#frameDecoded[f]!) - this.#frameDecoded[f]!;
       const finish = Math.min(end, this.#frameDecoded[f + 1]!) - this.#frameDecoded[f]!;
+      // Data frames decode into recycled buffers: fresh multi-MiB ones stay resident.
+      const lent = size > INLINE_SIZE ? this.#outputs!.acquire() : undefined;
       pieces.push(
-        this.#decoders!.decode({ input: frame, size, digest }).then(
-          ({ output, digest: sha }) => {
-            if (sha !== undefined) this.#checkDigest(digestOf!, sha);
-            return output.subarray(begin, finish);
-          },
-          (error) => {
+        this.#decoders!.decode({ input: frame, size, digest, ...(lent && { output: lent.bytes }) })
+          .then(({ input, output, digest: sha }) => {
+            if (pooled !== undefined && size > INLINE_SIZE) inputs.adopt(input);
+            const lease = lent && this.#outputs!.wrap(new Uint8Array(output.buffer));
+            lease?.hold(1);
+            if (sha !== undefined) {
+              try {
+                this.#checkDigest(digestOf!, sha);
+              } catch (error) {
+                lease?.release();
+                throw error;
+              }
+            }
+            return { bytes: output.subarray(begin, finish), lease };
+          }, (error) => {
             throw new VmaFormatError(
               "bad-frame-checksum",
               this.#frameStored[f]!,
@@ -364,11 +507,20 @@ export class IndexedArchive {
                 this.#map.describe(digestOf)
               }`,
             );
-          },
-        ),
+          }),
       );
     }
-    return await Promise.all(pieces);
+    // Without a data frame, the buffer was only read here: it can be reused now.
+    if (pooled !== undefined && toWorker === 0) pooled.hold(0);
+    const settled = await Promise.allSettled(pieces);
+    const failed = settled.find((result) => result.status === "rejected");
+    if (failed !== undefined) {
+      for (const result of settled) {
+        if (result.status === "fulfilled") result.value.lease?.release();
+      }
+      throw failed.reason;
+    }
+    return settled.map((result) => (result as PromiseFulfilledResult<Piece>).value);
   }
 
   async #readExtent(e: number): Promise<DecodedExtent> {
@@ -376,13 +528,32 @@ export class IndexedArchive {
     const end = this.#map.extentOffsets[e + 1]!;
     const pieces = await this.#archiveBytes(start, end, e);
     this.stats.extentsRead++;
-    const joined = pieces.length === 1 ? pieces[0]! : concat(pieces, end - start);
-    const header = pieces[0]!.byteLength >= EXTENT_HEADER_SIZE
-      ? pieces[0]!.subarray(0, EXTENT_HEADER_SIZE)
-      : joined.subarray(0, EXTENT_HEADER_SIZE);
-    const data = pieces.length === 2 && pieces[0]!.byteLength === EXTENT_HEADER_SIZE
-      ? pieces[1]!
-      : joined.subarray(EXTENT_HEADER_SIZE);
+    // The usual seekable layout is [header frame, data frame]: no need to join them.
+    const split = pieces.length === 2 && pieces[0]!.bytes.byteLength === EXTENT_HEADER_SIZE;
+    const joined = pieces.length === 1 || split
+      ? undefined
+      : concat(pieces.map((piece) => piece.bytes), end - start);
+    const first = joined ?? pieces[0]!.bytes;
+    const header = first.subarray(0, EXTENT_HEADER_SIZE);
+    const data = split ? pieces[1]!.bytes : first.subarray(EXTENT_HEADER_SIZE);
+    // The buffer that holds `data` stays leased with the extent; the others go back now.
+    const kept = split ? pieces[1]!.lease : pieces.length === 1 ? pieces[0]!.lease : undefined;
+    for (const piece of pieces) if (piece.lease !== kept) piece.lease?.release();
+    try {
+      return this.#decodeSlots(e, start, header, data, kept);
+    } catch (error) {
+      kept?.release();
+      throw error;
+    }
+  }
+
+  #decodeSlots(
+    e: number,
+    start: number,
+    header: Uint8Array,
+    data: Uint8Array,
+    lease: PooledBuffer | undefined,
+  ): DecodedExtent {
     const { blockCount, slots } = decodeExtentHeader(header, start, this.#uuidBytes());
     if (blockCount !== this.index.blockCounts[e] || slots.length !== this.index.slotCounts[e]) {
       throw new VmaFormatError(
@@ -402,6 +573,7 @@ export class IndexedArchive {
       devIds: new Uint8Array(slots.length),
       clusters: new Uint32Array(slots.length),
       data,
+      lease,
     };
     let at = 0;
     slots.forEach((slot, k) => {
@@ -461,10 +633,9 @@ export class IndexedArchive {
 
   /** The stored header must be the one the index was made for. */
   async #checkHeader(): Promise<void> {
-    const [header] = await this.#archiveBytes(0, this.index.headerSize);
-    const bytes = header!.byteLength >= this.index.headerSize
-      ? header!
-      : concat(await this.#archiveBytes(0, this.index.headerSize), this.index.headerSize);
+    const pieces = await this.#archiveBytes(0, this.index.headerSize);
+    const bytes = concat(pieces.map((piece) => piece.bytes), this.index.headerSize);
+    for (const piece of pieces) piece.lease?.release();
     const uuid = bytes.subarray(HeaderOffset.uuid, HeaderOffset.uuid + 16).toHex();
     const md5 = bytes.subarray(HeaderOffset.md5, HeaderOffset.md5 + 16).toHex();
     const want = this.index.uuid.replaceAll("-", "");
@@ -487,12 +658,34 @@ export class IndexedArchive {
   }
 }
 
+/** Extents read ahead of a sequential reader. */
+const READ_AHEAD = 3;
+
 /** The archive cannot be read at random (it is not seekable). */
 export class NotSeekableError extends Error {
   /** An error with `message`. */
   constructor(message: string) {
     super(message);
     this.name = "NotSeekableError";
+  }
+}
+
+/** The slot must hold the cluster the index says it does. */
+function checkSlot(
+  extent: DecodedExtent,
+  slot: number,
+  devId: number,
+  cluster: number,
+  name: string,
+): void {
+  if (extent.devIds[slot] !== devId || extent.clusters[slot] !== cluster) {
+    throw new VmaFormatError(
+      "index-mismatch",
+      0,
+      `the index of ${name} points cluster ${cluster} of device ${devId} at a slot that holds cluster ${
+        extent.clusters[slot]
+      } of device ${extent.devIds[slot]}`,
+    );
   }
 }
 
@@ -507,30 +700,36 @@ function copyCluster(
   outAt: number,
   length: number,
   name: string,
+  dirty: boolean,
 ): void {
-  if (extent.devIds[slot] !== devId || extent.clusters[slot] !== cluster) {
-    throw new VmaFormatError(
-      "index-mismatch",
-      0,
-      `the index of ${name} points cluster ${cluster} of device ${devId} at a slot that holds cluster ${
-        extent.clusters[slot]
-      } of device ${extent.devIds[slot]}`,
-    );
-  }
+  checkSlot(extent, slot, devId, cluster, name);
   const mask = extent.masks[slot]!;
   let stored = extent.starts[slot]!;
-  for (let block = 0; block < 16; block++) {
-    if (!(mask & (1 << block))) continue;
-    const blockStart = block * BLOCK_SIZE;
-    const lo = Math.max(within, blockStart);
-    const hi = Math.min(within + length, blockStart + BLOCK_SIZE);
+  // Runs of stored blocks are contiguous in the extent: one copy per run, not per block.
+  for (let block = 0; block < 16;) {
+    if (!(mask & (1 << block))) {
+      if (dirty) {
+        const lo = Math.max(within, block * BLOCK_SIZE);
+        const hi = Math.min(within + length, (block + 1) * BLOCK_SIZE);
+        if (lo < hi) out.fill(0, outAt + lo - within, outAt + hi - within);
+      }
+      block++;
+      continue;
+    }
+    let last = block;
+    while (last < 15 && mask & (1 << (last + 1))) last++;
+    const runStart = block * BLOCK_SIZE;
+    const runEnd = (last + 1) * BLOCK_SIZE;
+    const lo = Math.max(within, runStart);
+    const hi = Math.min(within + length, runEnd);
     if (lo < hi) {
       out.set(
-        extent.data.subarray(stored + lo - blockStart, stored + hi - blockStart),
+        extent.data.subarray(stored + lo - runStart, stored + hi - runStart),
         outAt + lo - within,
       );
     }
-    stored += BLOCK_SIZE;
+    stored += runEnd - runStart;
+    block = last + 1;
   }
 }
 

@@ -10,16 +10,37 @@ import { IndexedArchive, type IndexedArchiveOptions } from "../access/indexed_ar
 import { fileRangeReader } from "../storage/range_reader.ts";
 import { UsageError } from "./errors.ts";
 
+/**
+ * What bounds the memory of a process that serves an archive (`serve`, `restore --live`;
+ * README "Serving an archive"): 4 decoded extents of about 3.8 MB kept, one zstd decoding
+ * thread with two extents in flight, and at most 16 clients holding at most 1 MiB of
+ * replies each.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { SERVE_LIMITS } from "./random_access.ts";
+ *
+ * assert.equal(SERVE_LIMITS.cacheBytes, 16 << 20);
+ * ```
+ */
+export const SERVE_LIMITS = {
+  cacheBytes: 16 << 20,
+  workers: 1,
+  readsInFlight: 2,
+  maxConnections: 16,
+  maxRead: 1 << 20,
+  maxInFlightBytes: 512 << 10,
+} as const;
+
 /** Options of {@linkcode openIndexedArchive}. */
 export interface OpenIndexedOptions {
   /** The sidecar index (`--index FILE`); default `ARCHIVE.idx` when it exists. */
   indexPath?: string | undefined;
-  /** Bytes of decoded extents the archive keeps. */
-  cacheBytes?: number | undefined;
 }
 
 /**
- * Opens `path` for random reads. A `.vma.zst` without a seek table (from the `zstd` CLI, or
+ * Opens `path` for random reads, within {@linkcode SERVE_LIMITS}. A `.vma.zst` without a seek table (from the `zstd` CLI, or
  * written before the index existed), gzip or lzop is a `NotSeekableError` that says to run
  * `convert` (exit code 9); stdin is a usage error.
  *
@@ -52,7 +73,10 @@ export async function openIndexedArchive(
   const reader = await fileRangeReader(path);
   const archiveOptions: IndexedArchiveOptions = {
     sidecar,
-    ...(options.cacheBytes !== undefined && { cacheBytes: options.cacheBytes }),
+    cacheBytes: SERVE_LIMITS.cacheBytes,
+    workers: SERVE_LIMITS.workers,
+    readsInFlight: SERVE_LIMITS.readsInFlight,
+    trustFrameChecksums: true, // every byte is still checked, by zstd's own checksum
   };
   try {
     return await IndexedArchive.open(reader, archiveOptions);

@@ -198,10 +198,15 @@ export async function startLiveRestore(options: LiveRestoreOptions): Promise<Liv
   const created: string[] = [];
   let server: NbdServer | undefined;
   try {
-    const exports = archiveExports(archive, { disks: drives.map((d) => d.device.name) });
+    // QEMU reads 64 KiB (guest reads) to 512 KiB (block-stream) at a time: 1 MiB requests at
+    // most, half a MiB in flight per connection, keep the replies' memory small.
+    const exports = archiveExports(archive, {
+      disks: drives.map((d) => d.device.name),
+      maximumRead: 1 << 20,
+    });
     server = NbdServer.listen({ path: `${dir}/nbd.sock` }, exports, {
       maxConnections: 16,
-      maxInFlightBytes: 4 << 20,
+      maxInFlightBytes: 512 << 10,
     });
     const prepared: LiveRestoreDrive[] = [];
     for (const drive of drives) {

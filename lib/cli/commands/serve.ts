@@ -10,7 +10,7 @@ import { type NbdListenAddress, NbdServer } from "../../protocols/nbd_server.ts"
 import { type Command, expectPositionals, parseCommandArgs, printHelp } from "../command.ts";
 import { type CliContext, formatBytes, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
-import { openIndexedArchive } from "../random_access.ts";
+import { openIndexedArchive, SERVE_LIMITS } from "../random_access.ts";
 
 const HELP = `Serve the disks of an archive as read-only NBD exports, named after the disks
 (drive-scsi0, ...), for QEMU, qemu-img, nbdcopy, nbdinfo or nbdfuse. Reads decode only the
@@ -36,12 +36,6 @@ A .vma.zst written by the zstd program (no seek table) is refused with exit code
 seekable with 'cli.ts convert'.
 permissions: --allow-read --allow-write --allow-net (unix socket); --allow-read --allow-net
 (TCP)`;
-
-/** The bound of a serve process's memory, as the README states it. */
-const CACHE_BYTES = 32 << 20;
-/** Most clients at once; with MAX_READ each, requests hold at most 16 × 4 MiB. */
-const MAX_CONNECTIONS = 16;
-const MAX_READ = 4 << 20;
 
 /**
  * `cli.ts serve`: serves an archive's disks over NBD until the signal aborts.
@@ -101,7 +95,6 @@ export const serveCommand: Command = {
     const tcp = values.listen === undefined ? undefined : parseListen(values.listen);
     const archive = await openIndexedArchive(positionals[0]!, {
       indexPath: values.index,
-      cacheBytes: CACHE_BYTES,
     });
     let tempDir: string | undefined;
     let server: NbdServer | undefined;
@@ -127,6 +120,16 @@ export const serveCommand: Command = {
       }
       await writeText(context.stdout, lines.join(""));
       await untilAborted(context.signal);
+      const { stats } = server;
+      const { extentsRead, storedBytesRead, cacheHits } = archive.stats;
+      await writeText(
+        context.stderr,
+        `stopped: ${stats.connections} connection(s), ${stats.reads} reads of ${
+          formatBytes(stats.bytesRead)
+        } (${stats.errors} failed); ${extentsRead} extents decoded from ${
+          formatBytes(storedBytesRead)
+        } of the archive, ${cacheHits} cache hits\n`,
+      ).catch(() => {}); // a closed stderr does not make a clean stop fail
       return ExitCode.ok;
     } finally {
       await server?.close();
@@ -139,7 +142,7 @@ export const serveCommand: Command = {
 /** The exports of the chosen disks; an unknown name is exit code 7. */
 function diskExports(archive: IndexedArchive, disks: string[]) {
   try {
-    return archiveExports(archive, { disks, maximumRead: MAX_READ });
+    return archiveExports(archive, { disks, maximumRead: SERVE_LIMITS.maxRead });
   } catch (error) {
     if (error instanceof RangeError) {
       throw new CliError(ExitCode.notFound, error.message.replace(/^The/, "the"));
@@ -161,8 +164,8 @@ function listen(
   try {
     return NbdServer.listen(address, exports, {
       logger: log,
-      maxConnections: MAX_CONNECTIONS,
-      maxInFlightBytes: MAX_READ,
+      maxConnections: SERVE_LIMITS.maxConnections,
+      maxInFlightBytes: SERVE_LIMITS.maxInFlightBytes,
     });
   } catch (error) {
     if (error instanceof Deno.errors.AddrInUse) {

@@ -68,6 +68,7 @@
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { runServeBench } from "./serve.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -90,7 +91,7 @@ usage: deno task bench [--runs N] [--work DIR] [--quick] [--only GROUP] [--cli F
   --runs N      runs per measurement; the best counts (default 3)
   --work DIR    inputs and outputs (default bench/work/, git-ignored)
   --quick       run the slow zstd on the 16 GiB sparse image only once
-  --only GROUP  one group of measurements: ${GROUPS.join(", ")}
+  --only GROUP  one group of measurements: ${GROUPS.join(", ")} or serve (bench/serve.ts)
   --cli FILE    the cli.ts to measure (default this checkout's), e.g. of a snapshot made with
                 git archive HEAD | tar -x -C /tmp/vmabackup-head
   --clean       delete the generated inputs and outputs in the work directory, then exit
@@ -104,6 +105,8 @@ interface Options {
   work: string;
   quick: boolean;
   groups: GroupName[];
+  /** Run bench/serve.ts too (`--only serve` runs only that). */
+  serve: boolean;
   clean: boolean;
 }
 
@@ -1045,15 +1048,16 @@ function parseOptions(args: string[]): Options | "help" {
   const runs = Number(values.runs);
   if (!Number.isInteger(runs) || runs < 1) throw new TypeError(`--runs: not a positive integer`);
   const only = values.only;
-  if (only !== undefined && !(GROUPS as readonly string[]).includes(only)) {
-    throw new TypeError(`--only: '${only}' is not one of ${GROUPS.join(", ")}`);
+  if (only !== undefined && only !== "serve" && !(GROUPS as readonly string[]).includes(only)) {
+    throw new TypeError(`--only: '${only}' is not one of ${GROUPS.join(", ")}, serve`);
   }
   return {
     cli: resolve(values.cli),
     runs,
     work: resolve(values.work),
     quick: values.quick,
-    groups: only === undefined ? [...GROUPS] : [only as GroupName],
+    groups: only === undefined ? [...GROUPS] : only === "serve" ? [] : [only as GroupName],
+    serve: only === undefined || only === "serve",
     clean: values.clean,
   };
 }
@@ -1082,6 +1086,7 @@ async function main(args: string[]): Promise<number> {
   const byGroup = inputs(options.work);
   const needed = options.groups.map((name) => byGroup[name]);
   if (options.groups.includes("holes")) needed.push(holesInput(options.work, 8));
+  if (options.serve && !options.groups.includes("dense")) needed.push(byGroup.dense);
   await prepareInputs(options.work, needed, byGroup.dense);
   await run(cli("--version")); // fills Deno's module cache, untimed
 
@@ -1094,8 +1099,23 @@ async function main(args: string[]): Promise<number> {
     ratios.push(...group.ratios);
     checks.push(...group.checks);
   }
+  const serve = options.serve
+    ? await runServeBench({
+      work: options.work,
+      dense: byGroup.dense.path,
+      runs: options.runs,
+      cli: cliPath,
+    })
+    : undefined;
+  for (const check of serve?.checks ?? []) {
+    log(`  check: ${check.ok ? "ok" : "FAILED"}: ${check.label}: ${check.detail}`);
+    checks.push(check);
+  }
   const rss = rssTarget(results);
-  const table = markdown(results, [...ratios, rss], checks, byGroup);
+  const table = [
+    ...(options.groups.length > 0 ? [markdown(results, [...ratios, rss], checks, byGroup)] : []),
+    ...(serve ? [serve.markdown] : []),
+  ].join("\n\n");
   console.log(["", ...heading(startedAt, env, options), "", table, ""].join("\n"));
 
   const report = {
@@ -1109,6 +1129,7 @@ async function main(args: string[]): Promise<number> {
     measurements: results,
     ratios: [...ratios, rss],
     checks,
+    ...(serve && { serve }),
     markdown: table,
   };
   await writeResults(report, `${startedAt.toISOString().slice(0, 10)}-${env.hostname}.json`);

@@ -7,7 +7,7 @@
  */
 import type { NbdExportHandler, NbdReadChunk } from "../protocols/nbd_server.ts";
 import type { VmaIndexDevice } from "../index/index_format.ts";
-import { BufferPool, type PooledBuffer } from "../_pool.ts";
+import { SizedBufferPool } from "../_pool.ts";
 import type { IndexedArchive } from "./indexed_archive.ts";
 
 /** Options of {@linkcode archiveExports}. */
@@ -84,7 +84,8 @@ export function archiveExports(
       return device;
     });
   const maximum = options.maximumRead ?? 4 << 20;
-  const buffers = new ReadBuffers(maximum);
+  // Replies are built in recycled buffers: fresh multi-MiB ones stay resident.
+  const buffers = new SizedBufferPool(64 << 10, maximum, 8);
   const exports = new Map<string, NbdExportHandler>();
   for (const device of devices) {
     exports.set(device.name, diskExport(archive, device, maximum, buffers));
@@ -92,32 +93,11 @@ export function archiveExports(
   return exports;
 }
 
-/**
- * Reply buffers in size classes from 64 KiB to the largest read, a few of each kept free:
- * fresh multi-MiB buffers stay resident long after they became garbage.
- */
-class ReadBuffers {
-  #classes: BufferPool[] = [];
-
-  constructor(maximum: number) {
-    for (let size = 64 << 10;; size *= 4) {
-      const top = size >= maximum;
-      this.#classes.push(new BufferPool(top ? maximum : size, { maxFree: top ? 2 : 8 }));
-      if (top) break;
-    }
-  }
-
-  /** A buffer of at least `length` bytes (at most the largest read). */
-  acquire(length: number): PooledBuffer {
-    return this.#classes.find((pool) => pool.size >= length)!.acquire();
-  }
-}
-
 function diskExport(
   archive: IndexedArchive,
   device: VmaIndexDevice,
   maximum: number,
-  buffers: ReadBuffers,
+  buffers: SizedBufferPool,
 ): NbdExportHandler {
   const { devId, size } = device;
   return {

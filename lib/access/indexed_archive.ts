@@ -7,7 +7,7 @@
  */
 import { createHash } from "node:crypto";
 import { popcount16 } from "../_bytes.ts";
-import { BufferPool, type PooledBuffer } from "../_pool.ts";
+import { BufferPool, type PooledBuffer, SizedBufferPool } from "../_pool.ts";
 import { readEmbeddedIndex } from "../index/embedded_index.ts";
 import { decodeIndex, type VmaIndex, type VmaIndexDevice } from "../index/index_format.ts";
 import { type AllocationExtent, IndexMap } from "../index/index_map.ts";
@@ -140,8 +140,8 @@ export class IndexedArchive {
   #cache = new Map<number, CacheEntry>();
   /** Buffers that frames are decoded into, reused once their extent left the cache. */
   #outputs: BufferPool | undefined;
-  /** Buffers that an extent's stored frames are read into. */
-  #inputs: BufferPool | undefined;
+  /** Buffers that an extent's stored frames are read into, by size. */
+  #inputs: SizedBufferPool | undefined;
   #map: IndexMap;
   /** Per frame: compressed and decompressed start offsets (one more entry: the ends). */
   #frameStored = new Float64Array(0);
@@ -149,6 +149,8 @@ export class IndexedArchive {
   #reads: { active: number; waiting: (() => void)[]; limit: number };
   /** Data bytes of the extents being read and decoded. */
   #loadingBytes = 0;
+  /** Cached extents that a sequential reader has moved past: evicted first. */
+  #passed = new Set<number>();
   /** The extents read last, to recognize sequential readers. */
   #recent: number[] = new Array(8).fill(-2);
   #recentAt = 0;
@@ -182,8 +184,10 @@ export class IndexedArchive {
       }
       this.#decoders = new FrameDecoderPool(options.workers);
       const largest = Math.max(0, ...seekTable.decompressedSizes);
-      // Evicted extents hand their buffers straight to the next decodes: few stay free.
-      this.#outputs = new BufferPool(largest, { maxFree: 2 });
+      // Evicted extents hand their buffers to the next decodes. Enough of them stay free
+      // that none is dropped: a dropped one means a fresh one later, and the memory of
+      // both stays resident.
+      this.#outputs = new BufferPool(largest, { maxFree: 8 });
       let span = 0;
       for (let e = 0; e < index.blockCounts.length; e++) {
         const [from, to] = [this.#map.extentOffsets[e]!, this.#map.extentOffsets[e + 1]!];
@@ -192,7 +196,7 @@ export class IndexedArchive {
           this.#frameStored[this.#frameAt(from)]!;
         span = Math.max(span, stored);
       }
-      this.#inputs = new BufferPool(span, { maxFree: this.#reads.limit });
+      this.#inputs = new SizedBufferPool(256 << 10, Math.max(span, 1), this.#reads.limit + 2);
     }
   }
 
@@ -329,6 +333,7 @@ export class IndexedArchive {
     this.#reader.close();
     for (const entry of this.#cache.values()) entry.evicted = true;
     this.#cache.clear();
+    this.#passed.clear();
   }
 
   #deviceOf(devId: number): VmaIndexDevice {
@@ -341,11 +346,15 @@ export class IndexedArchive {
   #extent(e: number): CacheEntry {
     // Several sequential readers at once (nbdcopy's connections) each count as sequential.
     const recent = this.#recent;
-    const sequential = recent.includes(e - 1) || recent.includes(e);
+    const moved = !recent.includes(e) && recent.includes(e - 1);
+    const sequential = moved || recent.includes(e);
     if (!recent.includes(e)) {
       recent[this.#recentAt] = e;
       this.#recentAt = (this.#recentAt + 1) % recent.length;
     }
+    // A reader that moved on from e - 1 is likely done with it: it goes first.
+    if (moved && this.#cache.has(e - 1)) this.#passed.add(e - 1);
+    this.#passed.delete(e);
     let entry = this.#cache.get(e);
     if (entry !== undefined) {
       this.stats.cacheHits++;
@@ -360,7 +369,9 @@ export class IndexedArchive {
       for (let next = e + 1; next <= last; next++) {
         const size = this.index.blockCounts[next]! * BLOCK_SIZE;
         if (size === 0 || this.#cache.has(next)) continue;
-        if (this.#cached + this.#loadingBytes + size > this.#cacheBytes) break;
+        const room = () => this.#cacheBytes - this.#cached - this.#loadingBytes;
+        if (room() < size) this.#evict(size - room(), true);
+        if (room() < size) break;
         this.#load(next).promise.catch(() => {}); // a failed read-ahead fails its reader
       }
     }
@@ -388,13 +399,27 @@ export class IndexedArchive {
     return entry;
   }
 
-  #evict(): void {
-    for (const [e, entry] of this.#cache) {
-      if (this.#cached <= this.#cacheBytes) break;
+  /**
+   * Evicts until the cache is within its budget (or, with `passedOnly`, until `bytes` are
+   * freed from extents sequential readers have moved past): those first, then the least
+   * recently used.
+   */
+  #evict(bytes = 0, passedOnly = false): void {
+    const over = () => this.#cached - this.#cacheBytes;
+    let freed = 0;
+    const done = () => passedOnly ? freed >= bytes : over() <= 0;
+    const candidates = [
+      ...[...this.#passed].map((e) => [e, this.#cache.get(e)] as const),
+      ...(passedOnly ? [] : this.#cache),
+    ];
+    for (const [e, entry] of candidates) {
+      if (done()) break;
       // Still loading, or being copied out of: reads that need it now must not decode it again.
-      if (entry.extent === undefined || entry.pins > 0) continue;
+      if (entry?.extent === undefined || entry.pins > 0 || entry.evicted) continue;
       this.#cache.delete(e);
+      this.#passed.delete(e);
       this.#cached -= entry.extent.data.byteLength;
+      freed += entry.extent.data.byteLength;
       entry.evicted = true;
       entry.extent.lease?.release();
     }
@@ -448,8 +473,8 @@ export class IndexedArchive {
     }
     for (let f = f0; f <= f1; f++) if (table.decompressedSizes[f]! > INLINE_SIZE) order.push(f);
     const inputs = this.#inputs!;
-    const pooled = toWorker <= 1 && span <= inputs.size && this.#reader.readInto !== undefined
-      ? inputs.acquire()
+    const pooled = toWorker <= 1 && span <= inputs.largest && this.#reader.readInto !== undefined
+      ? inputs.acquire(span)
       : undefined;
     let stored: Uint8Array<ArrayBuffer>;
     if (pooled !== undefined) {

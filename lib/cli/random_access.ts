@@ -12,8 +12,8 @@ import { UsageError } from "./errors.ts";
 
 /**
  * What bounds the memory of a process that serves an archive (`serve`, `restore --live`;
- * README "Serving an archive"): 4 decoded extents of about 3.8 MB kept, one zstd decoding
- * thread with two extents in flight, and at most 16 clients holding at most 1 MiB of
+ * README "Serving an archive"): 3 decoded extents of about 3.8 MB kept, one zstd decoding
+ * thread with two extents in flight, and at most 16 clients holding at most 512 KiB of
  * replies each.
  *
  * @example
@@ -21,15 +21,15 @@ import { UsageError } from "./errors.ts";
  * import assert from "node:assert/strict";
  * import { SERVE_LIMITS } from "./random_access.ts";
  *
- * assert.equal(SERVE_LIMITS.cacheBytes, 16 << 20);
+ * assert.equal(SERVE_LIMITS.cacheBytes, 12 << 20);
  * ```
  */
 export const SERVE_LIMITS = {
-  cacheBytes: 16 << 20,
+  cacheBytes: 12 << 20,
   workers: 1,
   readsInFlight: 2,
   maxConnections: 16,
-  maxRead: 1 << 20,
+  maxRead: 512 << 10,
   maxInFlightBytes: 512 << 10,
 } as const;
 

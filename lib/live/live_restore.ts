@@ -198,11 +198,11 @@ export async function startLiveRestore(options: LiveRestoreOptions): Promise<Liv
   const created: string[] = [];
   let server: NbdServer | undefined;
   try {
-    // QEMU reads 64 KiB (guest reads) to 512 KiB (block-stream) at a time: 1 MiB requests at
+    // QEMU reads 64 KiB (guest reads) to 512 KiB (block-stream) at a time: 512 KiB requests at
     // most, half a MiB in flight per connection, keep the replies' memory small.
     const exports = archiveExports(archive, {
       disks: drives.map((d) => d.device.name),
-      maximumRead: 1 << 20,
+      maximumRead: 512 << 10,
     });
     server = NbdServer.listen({ path: `${dir}/nbd.sock` }, exports, {
       maxConnections: 16,

@@ -16,7 +16,7 @@ import {
   VmaWriterStream,
   ZeroFilterStream,
 } from "../mod.ts";
-import { spawnCli } from "./_cli.ts";
+import { cli, spawnCli, tool } from "./_cli.ts";
 import { connectQmp, diskContent, firstDifference, qemuTest, run, startPausedVm } from "./_qemu.ts";
 
 const MiB = 1 << 20;
@@ -325,5 +325,54 @@ qemuTest("examples/live_restore.ts boots a VM on its backup and restores it", as
     } finally {
       await vm.stop();
     }
+  });
+});
+
+Deno.test("restore: usage errors, an unknown disk (7), an existing target (6), an archive that is not seekable (9), nothing left behind", async () => {
+  await withArchive(async ({ dir, archive }) => {
+    const run = (args: string[]) => cli(["restore", ...args], { permissions: ["-A"] });
+    const noLive = await run([archive, "--qmp", "x", "--drive", "vda=t.qcow2"]);
+    assert.equal(noLive.code, 2);
+    assert.match(
+      noLive.stderr,
+      /restore needs --live \(for an offline restore use 'cli\.ts extract'/,
+    );
+    const badDrive = await run(["--live", archive, "--qmp", "x", "--drive", "t.qcow2"]);
+    assert.equal(badDrive.code, 2);
+    assert.match(badDrive.stderr, /--drive must be NAME=TARGET/);
+    const unknown = await run(["--live", archive, "--qmp", "x", "--drive", `vdz=${dir}/t.qcow2`]);
+    assert.equal(unknown.code, 7);
+    assert.match(unknown.stderr, /no disk named 'vdz' \(it has drive-vda\)/);
+    await Deno.writeTextFile(`${dir}/exists.qcow2`, "keep me");
+    const exists = await run([
+      "--live",
+      archive,
+      "--qmp",
+      "x",
+      "--drive",
+      `vda=${dir}/exists.qcow2`,
+    ]);
+    assert.equal(exists.code, 6, exists.stderr);
+    assert.equal(await Deno.readTextFile(`${dir}/exists.qcow2`), "keep me");
+    const stream = await run([
+      "--live",
+      archive,
+      "--qmp",
+      "x",
+      "--drive",
+      `vda=${dir}/t.raw`,
+      "--mode",
+      "stream",
+    ]);
+    assert.equal(stream.code, 2);
+    assert.match(stream.stderr, /block-stream needs a \.qcow2 target/);
+    const plain = `${dir}/plain.vma.zst`;
+    await tool("zstd", ["-q", "-dc", archive, "-o", `${dir}/plain.vma`]);
+    await tool("zstd", ["-q", `${dir}/plain.vma`, "-o", plain]);
+    const notSeekable = await run(["--live", plain, "--qmp", "x", "--drive", `vda=${dir}/t.qcow2`]);
+    assert.equal(notSeekable.code, 9);
+    assert.match(notSeekable.stderr, /cannot be read at random.*convert/);
+    const names = await Array.fromAsync(Deno.readDir(dir), (entry) => entry.name);
+    assert.deepEqual(names.sort(), ["exists.qcow2", "plain.vma", "plain.vma.zst", "vm.vma.zst"]);
   });
 });

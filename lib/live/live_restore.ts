@@ -109,6 +109,16 @@ export interface LiveRestoreResult {
 /**
  * A live restore failed. `vmStopped` says whether the VM was stopped (it then must not be
  * continued: its disks are incomplete); the message says what is where.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { LiveRestoreError } from "./live_restore.ts";
+ *
+ * const error = new LiveRestoreError("live restore failed: ...; the VM is stopped", true);
+ * assert.equal(error.name, "LiveRestoreError");
+ * assert.ok(error.vmStopped);
+ * ```
  */
 export class LiveRestoreError extends Error {
   /** The VM was stopped. */
@@ -238,7 +248,36 @@ export async function startLiveRestore(options: LiveRestoreOptions): Promise<Liv
 /**
  * A prepared live restore: the archive is being served and the overlays exist. Start the
  * VM paused on {@linkcode LiveRestoreDrive.overlay} for every drive, then call
- * {@linkcode LiveRestore.complete}. {@linkcode LiveRestore.close} stops serving.
+ * {@linkcode LiveRestore.complete}. {@linkcode LiveRestore.close} stops serving (and,
+ * before the VM was attached, removes what was created).
+ *
+ * @example Prepare a restore: the overlay's backing file is the served disk
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import {
+ *   archiveOutput, fileRangeReader, IndexedArchive, rawDiskSource, startLiveRestore,
+ *   VmaWriterStream, ZeroFilterStream,
+ * } from "../../mod.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/disk.raw`, new Uint8Array(1 << 20).fill(3));
+ * await Deno.writeFile(`${dir}/vm.vma.zst`, rawDiskSource(`${dir}/disk.raw`, { name: "drive-vda" })
+ *   .pipeThrough(new ZeroFilterStream()).pipeThrough(new VmaWriterStream())
+ *   .pipeThrough(archiveOutput({ compression: "zstd" })));
+ * const archive = await IndexedArchive.open(await fileRangeReader(`${dir}/vm.vma.zst`));
+ * const restore = await startLiveRestore({
+ *   archive,
+ *   drives: [{ disk: "vda", target: `${dir}/vda.qcow2` }],
+ * });
+ * const [drive] = restore.drives;
+ * assert.deepEqual([drive!.mode, drive!.overlay], ["stream", `${dir}/vda.qcow2`]);
+ * assert.match(drive!.uri, /^nbd\+unix:\/\/\/drive-vda\?socket=/);
+ * assert.deepEqual(restore.qemuOptions(), ["-drive", `file=${dir}/vda.qcow2,format=qcow2,if=virtio`]);
+ * await restore.close(); // the VM never came: the overlay goes again
+ * await assert.rejects(Deno.stat(`${dir}/vda.qcow2`), Deno.errors.NotFound);
+ * archive.close();
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export class LiveRestore implements AsyncDisposable {
   /** The disks, with the overlay the VM must use for each. */

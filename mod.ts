@@ -10,6 +10,8 @@
  * ({@linkcode ZstdCompressStream}) → any WritableStream. A restore goes back:
  * decompressor ({@linkcode decompressInput}) → {@linkcode VmaReaderStream} →
  * {@linkcode RestoreSink}, {@linkcode ImageRestoreSink} or {@linkcode DeviceBytesStream}.
+ * Archives in S3 object storage take the place of files: {@linkcode s3Sink} uploads a stream,
+ * {@linkcode s3Source} reads one back, {@linkcode s3RangeReader} reads ranges.
  *
  * @example Back up a raw image and restore it
  * ```ts
@@ -58,6 +60,7 @@ export {
   type VmaHeader,
 } from "./lib/vma/header.ts";
 export {
+  VmaExtentWriterStream,
   type VmaWriterOptions,
   type VmaWriterStats,
   VmaWriterStream,
@@ -92,7 +95,7 @@ export {
   type FileByteSourceOptions,
 } from "./lib/sources/file_bytes.ts";
 export { ByteSink, type ByteWriter } from "./lib/sinks/file_sink.ts";
-export { releaseChunk } from "./lib/_pool.ts";
+export { BufferReuseError, checkBufferReuse, releaseChunk } from "./lib/_pool.ts";
 export {
   type Compression,
   compressionForPath,
@@ -105,7 +108,11 @@ export {
   type WritableCompression,
   type ZstdEngine,
 } from "./lib/transforms/compression.ts";
-export { type SeekableZstdOptions, SeekableZstdStream } from "./lib/transforms/seekable_zstd.ts";
+export {
+  type SeekableZstdOptions,
+  SeekableZstdStream,
+  type StoredExtentPiece,
+} from "./lib/transforms/seekable_zstd.ts";
 export {
   checkLevel,
   type ZstdCompressOptions,
@@ -193,19 +200,30 @@ export {
   type ArchiveOutput,
   archiveOutput,
   type ArchiveOutputOptions,
+  encodeArchive,
+  type EncodedArchive,
+  type IndexedOutput,
+  indexedOutput,
 } from "./lib/transforms/archive_output.ts";
 export {
   type EmbeddedIndex,
   INDEX_FRAME_MAGIC,
   readEmbeddedIndex,
 } from "./lib/index/embedded_index.ts";
-export { type DecodedExtentHeader, decodeExtentHeader } from "./lib/vma/extent_header.ts";
+export {
+  type DecodedExtentHeader,
+  decodeExtentHeader,
+  encodeExtentHeader,
+  type SlotRun,
+  slotRuns,
+} from "./lib/vma/extent_header.ts";
 export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
 export {
   IndexedArchive,
   type IndexedArchiveOptions,
   type IndexedArchiveStats,
   NotSeekableError,
+  type StoredExtent,
 } from "./lib/access/indexed_archive.ts";
 export { scanPlainArchive } from "./lib/access/scan_plain.ts";
 export {
@@ -214,6 +232,48 @@ export {
   SeekableZstdDecompressStream,
 } from "./lib/transforms/seekable_zstd_decoder.ts";
 export { IndexChecker } from "./lib/index/index_checker.ts";
+export { archiveRecords } from "./lib/access/archive_records.ts";
+export {
+  type SyntheticFull,
+  syntheticFull,
+  type SyntheticFullOptions,
+  type SyntheticFullStats,
+  type SyntheticPiece,
+} from "./lib/access/synthetic_full.ts";
+export {
+  formatS3Url,
+  isS3Url,
+  parseS3Url,
+  resolveS3Config,
+  type S3Config,
+  type S3Credentials,
+  type S3Location,
+  type S3Options,
+} from "./lib/storage/s3_config.ts";
+export { S3Error, type S3ErrorInit } from "./lib/storage/s3_errors.ts";
+export {
+  DEFAULT_RETRY,
+  type RetryPolicy,
+  S3Client,
+  type S3ClientOptions,
+  type S3Request,
+} from "./lib/storage/s3_client.ts";
+export {
+  DEFAULT_PART_SIZE,
+  DEFAULT_QUEUE_SIZE,
+  S3Sink,
+  s3Sink,
+  type S3SinkOptions,
+  type S3UploadResult,
+} from "./lib/storage/s3_upload.ts";
+export {
+  S3ByteSource,
+  type S3ObjectInfo,
+  s3RangeReader,
+  type S3RangeReaderOptions,
+  type S3ReadOptions,
+  s3Source,
+} from "./lib/storage/s3_download.ts";
 export { archiveExports, type ArchiveExportsOptions } from "./lib/access/archive_exports.ts";
 export {
   LiveRestore,

@@ -1,101 +1,164 @@
 // deno-lint-ignore-file no-console
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
- * Benchmark of the vmabackup CLI against the native tools, measured in the same run.
+ * Benchmark of the vmabackup CLI against the native tools, measured in the same run as
+ * interleaved pairs. This file is the runner: flags, the environment, the pairing, the results;
+ * the measurements live in `bench/groups/NAME.ts`, one group per file.
  *
  * ```sh
- * deno task bench                        # best of 3, all groups
- * deno task bench --runs 5               # best of 5
- * deno task bench --quick                # the slow zstd on the 16 GiB image only once
- * deno task bench --only dense           # one group: dense, sparse16g, sparse2g or holes
+ * deno task bench                        # every group, 5 pairs per row
+ * deno task bench --runs 9               # 9 pairs per row
+ * deno task bench --only dense,holes     # some groups (--list names them)
+ * deno task bench --quick                # smoke test: 1 pair per row, results in the work dir
  * deno task bench --work /tmp/vmabench   # inputs and outputs elsewhere (default bench/work/)
  * deno task bench --cli /tmp/snap/cli.ts # another copy of the CLI, e.g. a `git archive` snapshot
  * deno task bench --clean                # delete the inputs and outputs, then exit
  * ```
  *
- * Needs `zstd`, GNU coreutils (`cp`, `cmp`, `head`, `tail`, `sync`), `tar` and GNU time at
- * `/usr/bin/time`; `qemu-img` is only asked for its version.
+ * Needs GNU time at `/usr/bin/time` and `sync`; each group names the programs it needs (`tools`)
+ * and is skipped with a note without them.
  *
- * **Inputs**, built once in the work directory from local system files and reused while they
- * have the right size (so they are not byte-reproducible across machines):
+ * **Method.** A row compares ours with a yardstick (a native tool, or our own baseline command).
+ * It runs N pairs (`--runs`, default 5): ours then the yardstick, then the yardstick then ours, and
+ * so on (A B, B A, ...), each command as its own process with `NO_COLOR=1` under
+ * `/usr/bin/time -f %M` (peak RSS); the wall time is taken around the process, so ours includes
+ * Deno's start-up. Each pair gives a speed ratio, native s ÷ ours s; the row reports the median of
+ * the N ratios with their min–max, against its target, and best-of-N seconds and peak RSS of each
+ * side. Pairing keeps the ratio honest when the shared machine's speed drifts: both sides of a
+ * pair see about the same load. The rows of a group take turns (round 1 runs one pair of every
+ * row, then round 2, ...), so noise spreads over all of them.
  *
- * - `dense-1g.raw`: 1 GiB of mixed data. A 256 MiB block of 1 MiB pieces, per 16 MiB 6 text
- *   (tar of /usr/include and /usr/share/doc), 6 binary (tar of /usr/bin and
- *   /usr/lib/x86_64-linux-gnu), 3 mixed (tar of /usr/share) and 1 zero MiB (6.25 %), written
- *   4 times (`deno-toolchain.md` §9.1).
- * - `sparse-16g.raw`: 16 GiB sparse file with 128 pieces of 4 MiB (512 MiB) of the dense image,
- *   one every 128 MiB.
- * - `sparse-2g.raw`: 2 GiB sparse file with 102 pieces of 1 MiB (5 %) of the dense image,
- *   spread evenly.
- * - `holes-8g.raw` and `holes-64g.raw`: 8 GiB and 64 GiB sparse files with the same 256 MiB
- *   (64 pieces of 4 MiB of the dense image), spread evenly.
+ * **Isolation** (untimed, see `_timing.ts`): after every run `sync` writes its dirty pages back,
+ * its outputs are deleted and `sync` runs again (the deletion's journal commit and trims), so one
+ * run's write-back never lands in the next one's timing. The page cache is not dropped
+ * (`drop_caches` is machine-wide and would evict the inputs too). Each input is read once before
+ * its group's measurements to warm the page cache (holes included where a tool reads them); an
+ * archive made in a group's `setup` is warmed the same way. The `Dirty` + `Writeback` memory at
+ * each start is recorded: other users' writes still land in our timing, which only pairing evens
+ * out. The load average is recorded at the start and end of the run and of every group.
  *
- * **Measurements**, in three groups (`--only GROUP`), each command as its own process:
+ * **Targets**: each row's minimum median speed ratio (see the groups), figures' `{ max }` or
+ * `{ min }` bounds, and our peak RSS ≤ 128 MiB in every timed run. Correctness checks run once per
+ * group, untimed. The exit code is 1 when a command, a set-up or a check failed; a missed target
+ * is only reported.
  *
- * - `dense`: ours `backup` → `.vma.zst` (zstd level 3) and → `.vma`, `extract` of the `.vma.zst`
- *   into a new directory, `verify` of the `.vma.zst`; native `zstd -T0 -3 -q -c` (to /dev/null
- *   and to a file), `zstd -d -q -c ARCHIVE` (to /dev/null and, for comparison with extract,
- *   to a file), `cp --sparse=always`.
- * - `sparse16g`: ours `backup` → `.vma.zst` and → `.vma`; `zstd -T0 -3` (~45 s: once with
- *   `--quick`), `cp --sparse=always`.
- * - `sparse2g`: the same four as `sparse16g`.
- * - `holes`: ours `backup` → `.vma` of the 8 GiB and of the 64 GiB image (only their data is
- *   read, with SEEK_DATA); the 64 GiB one may take at most 1.5 times as long.
- * - The `dense` group also runs backup, extract and verify with `--zstd program` (the system
- *   zstd instead of the built-in Workers), against the same native figures.
+ * Results: markdown tables on stdout (pasteable into README.md) and JSON in
+ * `bench/results/<date>-<hostname>.json` and `bench/results/latest.json` (with `--quick`:
+ * `WORK/quick.json` only, so a smoke test never replaces the committed figures).
  *
- * Every command runs with `NO_COLOR=1` under `/usr/bin/time -f %M` (peak RSS, into a file); the
- * wall time is taken around the process, so ours includes Deno's start-up. Each measurement runs
- * N times in rounds (every measurement of a group once per round, so noise spreads over all of
- * them) and the best time counts. Each input is read once first, holes included, to warm the page
- * cache; outputs are deleted and `sync` runs before each run (untimed), so earlier writes do not
- * slow later runs.
- * MB/s is 10^6 bytes of the input image's (apparent) size per second, also for extract and verify.
+ * **Adding a group**: create `bench/groups/NAME.ts` (any name not starting with `_`; files
+ * starting with `_` are helpers) whose default export is a {@linkcode Group} made with
+ * `defineGroup`; the runner finds it, `--only NAME` runs it alone, and nothing else needs editing.
+ * `bench/groups/example.ts` is a runnable template (`--only example`) with every kind of row and
+ * a server started once around the measurements. In short:
  *
- * **Targets**, as speed ratios ours ÷ native (= native time ÷ our time): backup dense → `.vma.zst`
- * vs `zstd -T0 -3` ≥ 1.0; backup dense → `.vma` vs `cp --sparse=always` ≥ 0.8; extract and verify
- * of the `.vma.zst` vs `zstd -d` ≥ 0.9 each; backup of the 16 GiB sparse image → `.vma.zst` vs
- * `zstd -T0 -3` ≥ 8; and our peak RSS ≤ 128 MiB in every run. The other ratios are informational.
- * Correctness is checked once per run (untimed): extracted disks equal their input (`cmp`), and
- * `zstd -d` of our archive passes `cli.ts verify -`. The exit code is 1 when a command or a check
- * failed; a missed target is only reported.
+ * ```ts ignore
+ * import { join } from "node:path";
+ * import { backup, zstdCompress } from "../_commands.ts";
+ * import { defineGroup, pair, value } from "../_group.ts";
+ * import { DENSE_1G } from "../_inputs.ts";
  *
- * Results: a markdown table on stdout (pasteable into README.md) and JSON in
- * `bench/results/<date>-<hostname>.json` and `bench/results/latest.json`.
+ * export default defineGroup({
+ *   name: "mine",                          // = the file name
+ *   description: "what it measures",
+ *   inputs: [DENSE_1G],                    // built when missing, warmed before setup
+ *   tools: ["zstd"],                       // skipped with a note when one is missing
+ *   // setup(ctx) { start a server or a VM; return its state },  teardown(ctx, state) { stop it },
+ *   rows: (ctx) => [
+ *     pair({                               // (a) ours against a native tool
+ *       id: "backup",
+ *       label: "backup → .vma.zst vs `zstd -T0 -3`",
+ *       ours: backup(ctx, ctx.pathOf(DENSE_1G), join(ctx.out, "a.vma.zst")),
+ *       native: zstdCompress(ctx, ctx.pathOf(DENSE_1G)),
+ *       target: 1.0,                       // minimum median speed ratio; null: informational
+ *       bytes: DENSE_1G.size,              // for MB/s
+ *     }),
+ *     // (b) ours/ours: `native: ctx.ours([...the baseline's args], [outputs])`
+ *     value({                              // (c) figures measured by the group itself
+ *       id: "rss",
+ *       label: "backup → .vma",
+ *       figures: { rss: { unit: "MiB", target: { max: 128 }, summary: "worst" } },
+ *       sample: async (run) => {
+ *         const archive = join(ctx.out, "b.vma");
+ *         const timed = await run.time(backup(ctx, ctx.pathOf(DENSE_1G), archive));
+ *         return { rss: timed.rssMiB };
+ *       },
+ *     }),
+ *   ],
+ *   checks: (ctx) => [{ label: "…", run: async () => "detail; throws on failure" }],
+ * });
+ * ```
+ *
+ * Commands come from `ctx.ours(args, outputs)` (our CLI) and `ctx.native(script, outputs)`
+ * (`sh -c`), or the helpers in `_commands.ts`; everything a command writes goes under `ctx.out`
+ * and is listed in `outputs`, so it is flushed and deleted after each run. `deno task check`
+ * type-checks the groups; `deno test -A --doc bench/` runs the examples of the bench's helpers. No
+ * test and no CI step runs the benchmark.
  *
  * @module
  */
-import { basename, dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { basename, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { runServeBench } from "./serve.ts";
+import { pathToFileURL } from "node:url";
+import type {
+  Check,
+  Command,
+  Group,
+  GroupContext,
+  PairRow,
+  Row,
+  RunContext,
+  ValueRow,
+} from "./_group.ts";
+import { type Input, prepareInputs } from "./_inputs.ts";
+import { type Environment, environment, loadAverage } from "./_env.ts";
+import {
+  type CheckResult,
+  type FigureResult,
+  type GroupResult,
+  markdown,
+  type PairResult,
+  type RowResult,
+  type RssResult,
+  type SideResult,
+  type ValueResult,
+} from "./_report.ts";
+import { median, meets, pairOrder, type Side, speedRatio, spread } from "./_stats.ts";
+import { type Timed, timeRun } from "./_timing.ts";
+import {
+  DENO,
+  exists,
+  haveTool,
+  log,
+  messageOf,
+  MiB,
+  quote,
+  relative,
+  remove,
+  RESULTS_DIR,
+  ROOT,
+  round,
+  run,
+} from "./_util.ts";
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
 const RSS_LIMIT_MIB = 128;
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
-const RESULTS_DIR = join(ROOT, "bench", "results");
-const DENO = Deno.execPath();
-const ENV = { NO_COLOR: "1" };
-const GROUPS = ["dense", "sparse16g", "sparse2g", "holes"] as const;
-type GroupName = typeof GROUPS[number];
+const GROUPS_DIR = join(ROOT, "bench", "groups");
+const DEFAULT_RUNS = 5;
 
-/** The CLI measured: this checkout's, or another copy's with `--cli` (set once, in `main`). */
-let cliPath = join(ROOT, "cli.ts");
+const USAGE = `Benchmark of the vmabackup CLI against native tools, as interleaved pairs.
 
-const USAGE = `Benchmark of the vmabackup CLI against zstd and cp, best of N runs.
+usage: deno task bench [--runs N] [--only GROUP,...] [--quick] [--work DIR] [--cli FILE]
+       deno task bench --list | --clean | --help
 
-usage: deno task bench [--runs N] [--work DIR] [--quick] [--only GROUP] [--cli FILE] [--clean]
-
-  --runs N      runs per measurement; the best counts (default 3)
-  --work DIR    inputs and outputs (default bench/work/, git-ignored)
-  --quick       run the slow zstd on the 16 GiB sparse image only once
-  --only GROUP  one group of measurements: ${GROUPS.join(", ")} or serve (bench/serve.ts)
-  --cli FILE    the cli.ts to measure (default this checkout's), e.g. of a snapshot made with
-                git archive HEAD | tar -x -C /tmp/vmabackup-head
-  --clean       delete the generated inputs and outputs in the work directory, then exit
-  --help        this text
+  --runs N        pairs per row: ours and the yardstick, alternating who goes first (default ${DEFAULT_RUNS})
+  --only GROUP,.. these groups only, in this order (--list names them)
+  --quick         smoke test: 1 pair per row (unless --runs), results only in WORK/quick.json
+  --work DIR      inputs and outputs (default bench/work/, git-ignored)
+  --cli FILE      the cli.ts to measure (default this checkout's), e.g. of a snapshot made with
+                  git archive HEAD | tar -x -C /tmp/vmabackup-head
+  --list          the groups, with what they measure, then exit
+  --clean         delete the generated inputs and outputs in the work directory, then exit
+  --help          this text
 
 Writes bench/results/<date>-<hostname>.json and bench/results/latest.json.`;
 
@@ -104,928 +167,381 @@ interface Options {
   runs: number;
   work: string;
   quick: boolean;
-  groups: GroupName[];
-  /** Run bench/serve.ts too (`--only serve` runs only that). */
-  serve: boolean;
+  only: string[] | null;
+  list: boolean;
   clean: boolean;
 }
 
+type AnyGroup = Group<unknown>;
+
 // ---------------------------------------------------------------------------------------------
-// Inputs
+// Groups
 
-/** Where the data of a sparse input lies: `count` pieces of `piece` bytes, evenly spread. */
-interface SparseLayout {
-  piece: number;
-  count: number;
-  /** Distance between the pieces' sources in the dense image. */
-  sourceStride: number;
-}
-
-interface Input {
-  name: string;
-  path: string;
-  size: number;
-  description: string;
-  layout?: SparseLayout;
-}
-
-function inputs(work: string): Record<GroupName, Input> {
-  return {
-    dense: {
-      name: "dense-1g.raw",
-      path: join(work, "dense-1g.raw"),
-      size: GiB,
-      description: "1 GiB dense: text, ELF binaries, mixed files, 6.25 % zero MiBs",
-    },
-    sparse16g: {
-      name: "sparse-16g.raw",
-      path: join(work, "sparse-16g.raw"),
-      size: 16 * GiB,
-      description: "16 GiB sparse: 128 × 4 MiB of the dense image, one every 128 MiB",
-      layout: { piece: 4 * MiB, count: 128, sourceStride: 4 * MiB },
-    },
-    sparse2g: {
-      name: "sparse-2g.raw",
-      path: join(work, "sparse-2g.raw"),
-      size: 2 * GiB,
-      description: "2 GiB sparse, 5 % data: 102 × 1 MiB of the dense image, spread evenly",
-      layout: { piece: MiB, count: 102, sourceStride: 10 * MiB },
-    },
-    holes: holesInput(work, 64),
-  };
-}
-
-/** A raw image of `gib` GiB holding the same 256 MiB of data (64 × 4 MiB), spread evenly. */
-function holesInput(work: string, gib: number): Input {
-  return {
-    name: `holes-${gib}g.raw`,
-    path: join(work, `holes-${gib}g.raw`),
-    size: gib * GiB,
-    description: `${gib} GiB sparse: the same 256 MiB (64 × 4 MiB of the dense image) as its twin`,
-    layout: { piece: 4 * MiB, count: 64, sourceStride: 4 * MiB },
-  };
-}
-
-/** Offset of piece `index` in a sparse input: evenly spread, aligned to the piece size. */
-function pieceOffset(input: Input, layout: SparseLayout, index: number): number {
-  return Math.floor(index * input.size / layout.count / layout.piece) * layout.piece;
-}
-
-/** The sources of the dense image (`deno-toolchain.md` §9.1): key, size, shell command. */
-const DENSE_SOURCES = [
-  ["T", 96 * MiB, "tar --sort=name -cf - /usr/include /usr/share/doc"],
-  ["B", 96 * MiB, "tar --sort=name -cf - /usr/bin /usr/lib/x86_64-linux-gnu"],
-  ["S", 48 * MiB, `tar --sort=name -cf - /usr/share | tail -c +${200 * MiB}`],
-] as const;
-/** Per 16 MiB: 6 text, 6 binary, 3 mixed, 1 zero MiB. */
-const DENSE_PATTERN = "TBTBSTBTBZSTBTBS";
-const DENSE_BLOCK = 256 * MiB;
-
-async function buildDense(work: string, input: Input): Promise<void> {
-  const sources = new Map<string, Uint8Array>();
-  for (const [key, size, command] of DENSE_SOURCES) {
-    const file = join(work, `${key}.src`);
-    await sh(`${command} 2>/dev/null | head -c ${size} > ${quote(file)}`);
-    const data = await Deno.readFile(file);
-    await Deno.remove(file);
-    if (data.length < MiB) throw new Error(`'${command}' gave only ${data.length} bytes`);
-    sources.set(key, data.subarray(0, data.length - data.length % MiB));
-  }
-  const block = new Uint8Array(DENSE_BLOCK);
-  const used = new Map<string, number>();
-  for (let i = 0; i < DENSE_BLOCK / MiB; i++) {
-    const key = DENSE_PATTERN[i % DENSE_PATTERN.length]!;
-    const source = sources.get(key);
-    if (source === undefined) continue; // "Z": a zero MiB
-    const n = used.get(key) ?? 0;
-    used.set(key, n + 1);
-    const from = (n * MiB) % source.length; // wraps around on a machine with few files
-    block.set(source.subarray(from, from + MiB), i * MiB);
-  }
-  await writeAtomically(input.path, async (file) => {
-    for (let written = 0; written < input.size; written += DENSE_BLOCK) await writeAll(file, block);
-  });
-}
-
-async function buildSparse(input: Input, layout: SparseLayout, dense: Input): Promise<void> {
-  using source = await Deno.open(dense.path);
-  const piece = new Uint8Array(layout.piece);
-  await writeAtomically(input.path, async (file) => {
-    await file.truncate(input.size);
-    for (let i = 0; i < layout.count; i++) {
-      await readAt(source, (i * layout.sourceStride) % dense.size, piece);
-      await file.seek(pieceOffset(input, layout, i), Deno.SeekMode.Start);
-      await writeAll(file, piece);
-    }
-  });
-}
-
-/** Builds the inputs that are missing or have the wrong size; sparse ones follow the dense one. */
-async function prepareInputs(work: string, needed: Input[], dense: Input): Promise<void> {
-  await Deno.mkdir(work, { recursive: true });
-  let denseRebuilt = false;
-  if ((await fileSize(dense.path)) !== dense.size) {
-    log(`building ${dense.path} (1 GiB from /usr; takes a minute)`);
-    await buildDense(work, dense);
-    denseRebuilt = true;
-  }
-  for (const input of needed) {
-    if (input.layout === undefined) continue;
-    if (!denseRebuilt && (await fileSize(input.path)) === input.size) continue;
-    log(`building ${input.path}`);
-    await buildSparse(input, input.layout, dense);
-  }
-}
-
-/**
- * Reads an input once to bring it into the page cache, holes too: reading a hole caches zero
- * pages, which the first run of a tool that reads every byte (zstd) would otherwise pay for.
- */
-async function warm(input: Input): Promise<void> {
-  using file = await Deno.open(input.path);
-  const buffer = new Uint8Array(8 * MiB);
-  while ((await file.read(buffer)) !== null) { /* read on */ }
-}
-
-/** Reads only the data pieces of a sparse input: for measurements that never read holes. */
-async function warmData(input: Input): Promise<void> {
-  using file = await Deno.open(input.path);
-  const layout = input.layout!;
-  const buffer = new Uint8Array(layout.piece);
-  for (let i = 0; i < layout.count; i++) await readAt(file, pieceOffset(input, layout, i), buffer);
-}
-
-/** Deletes what the benchmark generated in `work`, and `work` itself when it is then empty. */
-async function clean(work: string): Promise<void> {
-  const names = [
-    ...Object.values(inputs(work)).map((input) => input.name),
-    holesInput(work, 8).name,
-    "out",
-    "time",
-    ...DENSE_SOURCES.map(([key]) => `${key}.src`),
-  ];
-  for (const name of names) {
-    for (const path of [join(work, name), join(work, `${name}.tmp`)]) {
-      await Deno.remove(path, { recursive: true }).catch(ignoreNotFound);
+/** Every `bench/groups/*.ts` not starting with `_`, by name; its default export is the group. */
+async function discoverGroups(): Promise<AnyGroup[]> {
+  const files = [];
+  for await (const entry of Deno.readDir(GROUPS_DIR)) {
+    if (entry.isFile && entry.name.endsWith(".ts") && !entry.name.startsWith("_")) {
+      files.push(entry.name);
     }
   }
-  await Deno.remove(work).catch(() => {}); // not empty: someone else's files stay
-  log(`cleaned ${work}`);
+  const groups = [];
+  for (const file of files.sort()) {
+    const module = await import(pathToFileURL(join(GROUPS_DIR, file)).href);
+    const group = module.default as AnyGroup | undefined;
+    const name = basename(file, ".ts");
+    if (group === undefined || typeof group.rows !== "function") {
+      throw new Error(`bench/groups/${file}: the default export is not a group (defineGroup)`);
+    }
+    if (group.name !== name) {
+      throw new Error(`bench/groups/${file}: the group is named '${group.name}', not '${name}'`);
+    }
+    groups.push(group);
+  }
+  return groups;
+}
+
+/** The context of one group: paths, command builders, untimed helpers. */
+function groupContext(group: AnyGroup, options: Options, signal: AbortSignal): GroupContext {
+  const work = options.work;
+  const ourArgv = (args: readonly string[]) => [DENO, "run", "-A", options.cli, ...args];
+  const runUntimed = (argv: readonly string[]) => run([...argv], signal);
+  return {
+    name: group.name,
+    work,
+    out: join(work, "out", group.name),
+    runs: options.runs,
+    quick: options.quick,
+    cli: options.cli,
+    signal,
+    pathOf(input: Input) {
+      if (!(group.inputs ?? []).includes(input)) {
+        throw new Error(`group ${group.name}: input ${input.name} is not in its inputs`);
+      }
+      return join(work, input.name);
+    },
+    ours(args, outputs = []): Command {
+      return {
+        kind: "ours",
+        display: ["deno run -A cli.ts", ...args.map((arg) => relative(arg, work))].join(" "),
+        argv: ourArgv(args),
+        outputs,
+      };
+    },
+    native(script, outputs = []): Command {
+      return {
+        kind: "native",
+        display: script((path) => relative(path, work)),
+        argv: ["sh", "-c", `exec ${script(quote)}`],
+        outputs,
+      };
+    },
+    run: runUntimed,
+    runOurs: (args) => runUntimed(ourArgv(args)),
+    async warm(path) {
+      using file = await Deno.open(path);
+      const buffer = new Uint8Array(8 * MiB);
+      while ((await file.read(buffer)) !== null) { /* read on */ }
+    },
+    log: (message) => log(`  ${message}`),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
-// Measurements
+// Measuring
 
-type Side = "ours" | "native";
-
-interface Measurement {
+/** Every timed run of ours, for the RSS bound. */
+interface OursRun {
   id: string;
-  label: string;
-  side: Side;
-  /** Command shown in the table, with paths relative to the work directory. */
-  display: string;
-  /** Command run under /usr/bin/time. */
-  argv: string[];
-  /** Bytes of the input image, for MB/s. */
-  inputBytes: number;
-  /** Outputs deleted (untimed) before each run. */
-  remove: string[];
-  /** With `--quick`, run only once. */
-  slow?: boolean;
-}
-
-interface Ratio {
-  id: string;
-  label: string;
-  ours: string;
-  native: string;
-  /** Minimum speed ratio (ours ÷ native); `null` for an informational ratio. */
-  target: number | null;
-}
-
-interface Check {
-  label: string;
-  run: () => Promise<string>; // a short detail; throws on failure
-}
-
-interface Group {
-  name: GroupName;
-  input: Input;
-  measurements: Measurement[];
-  ratios: Ratio[];
-  checks: Check[];
-}
-
-/** A native command line; `path` inserts a path: quoted to run it, relative to display it. */
-type Script = (path: (path: string) => string) => string;
-
-/** Builds the measurements of one group: ids are `<group>.<name>`, outputs go to `out`. */
-function measurementKit(group: GroupName, input: Input, work: string, out: string) {
-  const base = { inputBytes: input.size, remove: [] as string[] };
-  const ours = (name: string, label: string, args: string[], remove: string[] = []) => ({
-    ...base,
-    id: `${group}.${name}`,
-    label,
-    side: "ours" as const,
-    display: ["deno run -A cli.ts", ...args.map((arg) => relative(arg, work))].join(" "),
-    argv: cli(...args),
-    remove,
-  });
-  const native = (name: string, label: string, script: Script) => ({
-    ...base,
-    id: `${group}.${name}`,
-    label,
-    side: "native" as const,
-    display: script((path) => relative(path, work)),
-    argv: ["sh", "-c", `exec ${script(quote)}`],
-  });
-  const quiet = ["--force", "--progress", "none"];
-  return {
-    archive: (extension: ".vma" | ".vma.zst") => join(out, `${group}${extension}`),
-    backup(archive: string, program = false): Measurement {
-      const extension = archive.endsWith(".zst") ? ".vma.zst" : ".vma";
-      const args = ["backup", "--disk", input.path, "-o", archive, ...quiet, ...zstdFlag(program)];
-      const name = `backup${extension}${program ? "-program" : ""}`;
-      return ours(name, `backup → ${extension}${engineLabel(program)}`, args, [archive]);
-    },
-    extract(archive: string, target: string, program = false): Measurement {
-      const args = ["extract", archive, target, ...quiet, ...zstdFlag(program)];
-      const label = `extract .vma.zst → sparse raw${engineLabel(program)}`;
-      return ours(`extract${program ? "-program" : ""}`, label, args, [target]);
-    },
-    verify(archive: string, program = false): Measurement {
-      const args = ["verify", archive, "--progress", "none", ...zstdFlag(program)];
-      return ours(
-        `verify${program ? "-program" : ""}`,
-        `verify .vma.zst${engineLabel(program)}`,
-        args,
-      );
-    },
-    zstd(): Measurement {
-      return native(
-        "zstd",
-        "zstd -T0 -3 → /dev/null",
-        (p) => `zstd -T0 -3 -q -c ${p(input.path)} > /dev/null`,
-      );
-    },
-    zstdToFile(): Measurement {
-      const file = join(out, `${group}.raw.zst`);
-      const script: Script = (p) => `zstd -T0 -3 -q -c ${p(input.path)} > ${p(file)}`;
-      return { ...native("zstd-file", "zstd -T0 -3 → file", script), remove: [file] };
-    },
-    zstdDecompress(archive: string): Measurement {
-      return native(
-        "zstd-d",
-        "zstd -d → /dev/null",
-        (p) => `zstd -d -q -c ${p(archive)} > /dev/null`,
-      );
-    },
-    zstdDecompressToFile(archive: string): Measurement {
-      const file = join(out, `${group}-zstd-d.raw`);
-      const script: Script = (p) => `zstd -d -q -c ${p(archive)} > ${p(file)}`;
-      return { ...native("zstd-d-file", "zstd -d → file", script), remove: [file] };
-    },
-    cp(): Measurement {
-      const copy = join(out, `${group}-copy.raw`);
-      const script: Script = (p) => `cp --sparse=always ${p(input.path)} ${p(copy)}`;
-      return { ...native("cp", "cp --sparse=always", script), remove: [copy] };
-    },
-  };
-}
-
-/** `--zstd program`: the system zstd instead of the built-in Workers. */
-function zstdFlag(program: boolean): string[] {
-  return program ? ["--zstd", "program"] : [];
-}
-
-function engineLabel(program: boolean): string {
-  return program ? " (--zstd program)" : "";
-}
-
-function denseGroup(input: Input, work: string, out: string): Group {
-  const kit = measurementKit("dense", input, work, out);
-  const zst = kit.archive(".vma.zst");
-  const vma = kit.archive(".vma");
-  const restored = join(out, "dense-restored");
-  return {
-    name: "dense",
-    input,
-    measurements: [
-      kit.backup(zst),
-      kit.zstd(),
-      kit.zstdToFile(),
-      kit.backup(vma),
-      kit.cp(),
-      kit.extract(zst, restored),
-      kit.verify(zst),
-      kit.zstdDecompress(zst),
-      kit.zstdDecompressToFile(zst),
-      kit.backup(join(out, "dense-program.vma.zst"), true),
-      kit.extract(zst, join(out, "dense-restored-program"), true),
-      kit.verify(zst, true),
-    ],
-    ratios: [
-      ratio("dense.backup.vma.zst", "dense.zstd", 1.0, "backup dense → .vma.zst vs `zstd -T0 -3`"),
-      ratio(
-        "dense.backup.vma.zst",
-        "dense.zstd-file",
-        null,
-        "backup dense → .vma.zst vs `zstd -T0 -3 > file`",
-      ),
-      ratio("dense.backup.vma", "dense.cp", 0.8, "backup dense → .vma vs `cp --sparse=always`"),
-      ratio("dense.extract", "dense.zstd-d", 0.9, "restore .vma.zst → sparse raw vs `zstd -d`"),
-      ratio(
-        "dense.extract",
-        "dense.zstd-d-file",
-        null,
-        "restore .vma.zst → sparse raw vs `zstd -d > file`",
-      ),
-      ratio("dense.verify", "dense.zstd-d", 0.9, "verify .vma.zst vs `zstd -d`"),
-      ratio(
-        "dense.backup.vma.zst-program",
-        "dense.zstd",
-        1.0,
-        "backup dense → .vma.zst (--zstd program) vs `zstd -T0 -3`",
-      ),
-      ratio(
-        "dense.extract-program",
-        "dense.zstd-d",
-        0.9,
-        "restore .vma.zst → sparse raw (--zstd program) vs `zstd -d`",
-      ),
-      ratio(
-        "dense.verify-program",
-        "dense.zstd-d",
-        0.9,
-        "verify .vma.zst (--zstd program) vs `zstd -d`",
-      ),
-    ],
-    checks: [
-      {
-        label: "dense: extracted disk equals dense-1g.raw (cmp)",
-        run: () => compareRestored(restored, input.path),
-      },
-      {
-        label: "dense: `zstd -d -c dense.vma.zst | cli.ts verify -` passes",
-        run: () => verifyThroughZstd(zst),
-      },
-      { label: "dense: `cli.ts verify dense.vma` passes", run: () => verifyArchive(vma) },
-    ],
-  };
-}
-
-function sparse16Group(input: Input, work: string, out: string): Group {
-  const kit = measurementKit("sparse16g", input, work, out);
-  const zst = kit.archive(".vma.zst");
-  return {
-    name: "sparse16g",
-    input,
-    measurements: [
-      kit.backup(zst),
-      { ...kit.zstd(), slow: true },
-      kit.backup(kit.archive(".vma")),
-      kit.cp(),
-    ],
-    ratios: [
-      ratio(
-        "sparse16g.backup.vma.zst",
-        "sparse16g.zstd",
-        8,
-        "backup 16 GiB sparse → .vma.zst vs `zstd -T0 -3`",
-      ),
-      ratio(
-        "sparse16g.backup.vma",
-        "sparse16g.cp",
-        null,
-        "backup 16 GiB sparse → .vma vs `cp --sparse=always`",
-      ),
-    ],
-    checks: [
-      {
-        label: "sparse16g: `cli.ts verify sparse16g.vma.zst` passes",
-        run: () => verifyArchive(zst),
-      },
-    ],
-  };
-}
-
-function sparse2Group(input: Input, work: string, out: string): Group {
-  const kit = measurementKit("sparse2g", input, work, out);
-  const zst = kit.archive(".vma.zst");
-  const restored = join(out, "sparse2g-restored");
-  return {
-    name: "sparse2g",
-    input,
-    measurements: [kit.backup(zst), kit.zstd(), kit.backup(kit.archive(".vma")), kit.cp()],
-    ratios: [
-      ratio(
-        "sparse2g.backup.vma.zst",
-        "sparse2g.zstd",
-        null,
-        "backup 2 GiB 5 % → .vma.zst vs `zstd -T0 -3`",
-      ),
-      ratio(
-        "sparse2g.backup.vma",
-        "sparse2g.cp",
-        null,
-        "backup 2 GiB 5 % → .vma vs `cp --sparse=always`",
-      ),
-    ],
-    checks: [
-      {
-        label: "sparse2g: extracted disk equals sparse-2g.raw (cmp)",
-        run: async () => {
-          await run(cli("extract", zst, restored, "--force", "--progress", "none"));
-          return await compareRestored(restored, input.path);
-        },
-      },
-    ],
-  };
-}
-
-/**
- * Raw images of 8 GiB and 64 GiB holding the same 256 MiB of data: with SEEK_DATA the backup
- * time follows the data, so the 64 GiB one may take at most 1.5 times as long. Stated as a
- * speed ratio like the others: time of 8 GiB ÷ time of 64 GiB ≥ 1 / 1.5.
- */
-function holesGroup(input: Input, work: string, out: string): Group {
-  const small = holesInput(work, 8);
-  const backup = (image: Input, name: string) => {
-    const archive = join(out, `${name}.vma`);
-    const args = ["backup", "--disk", image.path, "-o", archive, "--force", "--progress", "none"];
-    return {
-      id: `holes.${name}`,
-      label: `backup ${image.size / GiB} GiB (256 MiB data) → .vma`,
-      side: "ours" as const,
-      display: ["deno run -A cli.ts", ...args.map((arg) => relative(arg, work))].join(" "),
-      argv: cli(...args),
-      inputBytes: image.size,
-      remove: [archive],
-    };
-  };
-  return {
-    name: "holes",
-    input,
-    measurements: [backup(small, "backup-8g"), backup(input, "backup-64g")],
-    ratios: [
-      ratio(
-        "holes.backup-64g",
-        "holes.backup-8g",
-        1 / 1.5,
-        "time of the 8 GiB ÷ the 64 GiB backup, same 256 MiB of data (64 GiB at most 1.5× as long)",
-      ),
-    ],
-    checks: [{
-      label: "holes: `cli.ts verify holes-64g.vma` passes",
-      run: () => verifyArchive(join(out, "backup-64g.vma")),
-    }],
-  };
-}
-
-function ratio(ours: string, native: string, target: number | null, label: string): Ratio {
-  return { id: `${ours}/${native}`, label, ours, native, target };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Correctness checks (untimed)
-
-async function compareRestored(directory: string, original: string): Promise<string> {
-  const disks = [];
-  for await (const entry of Deno.readDir(directory)) {
-    if (entry.name.endsWith(".raw")) disks.push(join(directory, entry.name));
-  }
-  if (disks.length !== 1) {
-    throw new Error(`expected one .raw in ${directory}, found ${disks.length}`);
-  }
-  await run(["cmp", disks[0]!, original]);
-  const { size, blocks } = await Deno.stat(disks[0]!);
-  const allocated = (blocks ?? 0) * 512;
-  return `identical; ${basename(disks[0]!)} ${mib(size)} MiB, ${mib(allocated)} MiB allocated`;
-}
-
-/** `zstd -d -q -c ARCHIVE | deno run -A cli.ts verify -`; both must exit 0. */
-async function verifyThroughZstd(archive: string): Promise<string> {
-  const zstd = new Deno.Command("zstd", {
-    args: ["-d", "-q", "-c", archive],
-    env: ENV,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const [program, ...args] = cli("verify", "-", "--progress", "none");
-  const verify = new Deno.Command(program!, {
-    args,
-    cwd: ROOT,
-    env: ENV,
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const piping = zstd.stdout.pipeTo(verify.stdin).catch(() => {}); // the exit codes tell
-  const [zstdStatus, zstdErrors, result] = await Promise.all([
-    zstd.status,
-    new Response(zstd.stderr).bytes(),
-    verify.output(),
-    piping,
-  ]);
-  if (!zstdStatus.success) {
-    throw new Error(`zstd -d exited ${zstdStatus.code}: ${errorLine(zstdErrors)}`);
-  }
-  if (!result.success) {
-    throw new Error(`verify - exited ${result.code}: ${errorLine(result.stderr)}`);
-  }
-  return firstLine(new TextDecoder().decode(result.stdout));
-}
-
-async function verifyArchive(archive: string): Promise<string> {
-  const output = await run(cli("verify", archive, "--progress", "none"));
-  return firstLine(output).replace(archive, basename(archive));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Timing
-
-interface MeasurementResult {
-  id: string;
-  group: GroupName;
-  label: string;
-  side: Side;
-  command: string;
-  inputBytes: number;
-  /** Wall seconds of each successful run. */
-  runs: number[];
-  /** Peak RSS in MiB of each successful run. */
-  rssMiB: number[];
-  bestSeconds: number | null;
-  mbPerSecond: number | null;
-  peakRssMiB: number | null;
-  errors: string[];
-  /** Size of the file the command wrote, such as the archive (for its compression ratio). */
-  outputBytes?: number;
-}
-
-interface RunOutcome {
-  seconds: number;
   rssMiB: number;
-  error?: string;
 }
 
-async function timeOnce(measurement: Measurement, timeFile: string): Promise<RunOutcome> {
-  for (const path of measurement.remove) {
-    await Deno.remove(path, { recursive: true }).catch(ignoreNotFound);
+class Measurer {
+  #timeDir: string;
+  #signal: AbortSignal;
+  readonly oursRuns: OursRun[] = [];
+
+  constructor(timeDir: string, signal: AbortSignal) {
+    this.#timeDir = timeDir;
+    this.#signal = signal;
   }
-  await run(["sync"]);
-  const command = new Deno.Command("/usr/bin/time", {
-    args: ["-f", "%M", "-o", timeFile, ...measurement.argv],
-    cwd: ROOT,
-    env: ENV,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  });
-  const start = performance.now();
-  const output = await command.output();
-  const seconds = (performance.now() - start) / 1000;
-  const timeLines = (await Deno.readTextFile(timeFile)).trim().split("\n");
-  const rssMiB = Number(timeLines.at(-1)) / KiB;
-  if (!output.success) {
-    const reason = errorLine(output.stderr) || timeLines[0] || "no message";
-    return { seconds, rssMiB, error: `exit ${output.code}: ${reason}` };
+
+  async time(id: string, command: Command): Promise<Timed> {
+    const file = join(this.#timeDir, `${id.replace(/[^A-Za-z0-9._-]/g, "_")}.txt`);
+    const timed = await timeRun(command, file, this.#signal);
+    if (command.kind === "ours" && timed.error === undefined) {
+      this.oursRuns.push({ id, rssMiB: timed.rssMiB });
+    }
+    return timed;
   }
-  return { seconds, rssMiB };
+
+  /** Pair `index` of a row: both sides in `pairOrder(index)`; a failure ends the row. */
+  async pair(row: PairRow, result: PairResult, index: number): Promise<void> {
+    const load1 = loadAverage()[0]!;
+    const timed: Partial<Record<Side, Timed>> = {};
+    for (const side of pairOrder(index)) {
+      const outcome = await this.time(`${result.id}.${side}`, row[side]);
+      const figures = `${outcome.seconds.toFixed(3)} s, ${outcome.rssMiB.toFixed(1)} MiB`;
+      if (outcome.error !== undefined) {
+        result.errors.push(`${side}: ${outcome.error}`);
+        log(`  ${result.id} ${side}: FAILED (${figures}): ${outcome.error}`);
+        return;
+      }
+      timed[side] = outcome;
+    }
+    const ours = timed.ours!;
+    const native = timed.native!;
+    for (const [side, outcome] of [[result.ours, ours], [result.native, native]] as const) {
+      side.seconds.push(outcome.seconds);
+      side.rssMiB.push(outcome.rssMiB);
+      side.cpuSeconds.push(outcome.cpuSeconds);
+    }
+    const ratio = round(speedRatio({ ours: ours.seconds, native: native.seconds }), 3);
+    result.pairs.push({
+      first: pairOrder(index)[0],
+      ours: ours.seconds,
+      native: native.seconds,
+      ratio,
+      load1,
+      dirtyKiBAtStart: { ours: ours.dirtyKiBAtStart, native: native.dirtyKiBAtStart },
+    });
+    log(
+      `  ${result.id.padEnd(36)} ours ${ours.seconds.toFixed(3)} s ${ours.rssMiB.toFixed(1)} MiB` +
+        ` | native ${native.seconds.toFixed(3)} s ${native.rssMiB.toFixed(1)} MiB` +
+        ` | ratio ${ratio.toFixed(3)}`,
+    );
+  }
+
+  /** One sample of a value row. */
+  async sample(row: ValueRow, result: ValueResult, ctx: GroupContext, round: number) {
+    let timedRuns = 0;
+    const runContext: RunContext = {
+      ...ctx,
+      round,
+      time: async (command) => {
+        const timed = await this.time(`${result.id}.${++timedRuns}`, command);
+        if (timed.error !== undefined) throw new Error(timed.error);
+        return timed;
+      },
+    };
+    try {
+      const sample = await row.sample(runContext);
+      for (const name of Object.keys(row.figures)) {
+        const figure = sample[name];
+        if (typeof figure !== "number" || !Number.isFinite(figure)) {
+          throw new Error(`the sample has no number for figure '${name}'`);
+        }
+      }
+      for (const [index, name] of Object.keys(row.figures).entries()) {
+        result.figures[index]!.samples.push(sample[name]!);
+      }
+      const text = Object.keys(row.figures).map((name) => `${name} ${sample[name]}`).join(", ");
+      log(`  ${result.id.padEnd(36)} ${text}`);
+    } catch (error) {
+      if (this.#signal.aborted) throw error;
+      result.errors.push(messageOf(error));
+      log(`  ${result.id} FAILED: ${messageOf(error)}`);
+    }
+  }
 }
 
-async function measureGroup(
-  group: Group,
-  options: Options,
-  timeDir: string,
-): Promise<MeasurementResult[]> {
-  const results = group.measurements.map((measurement): MeasurementResult => ({
-    id: measurement.id,
-    group: group.name,
-    label: measurement.label,
-    side: measurement.side,
-    command: measurement.display,
-    inputBytes: measurement.inputBytes,
-    runs: [],
+function emptyResult(group: string, row: Row): RowResult {
+  const id = `${group}.${row.id}`;
+  if (row.kind === "value") {
+    return {
+      kind: "value",
+      id,
+      group,
+      label: row.label,
+      figures: Object.entries(row.figures).map(([name, figure]) => ({
+        name,
+        unit: figure.unit,
+        samples: [],
+        spread: null,
+        summary: figure.summary ?? "median",
+        value: null,
+        target: figure.target ?? null,
+        met: null,
+      })),
+      errors: [],
+    };
+  }
+  const side = (command: Command): SideResult => ({
+    kind: command.kind,
+    command: command.display,
+    seconds: [],
     rssMiB: [],
+    cpuSeconds: [],
     bestSeconds: null,
     mbPerSecond: null,
     peakRssMiB: null,
-    errors: [],
-  }));
-  for (let round = 1; round <= options.runs; round++) {
-    log(`[${group.name}] round ${round}/${options.runs}`);
-    for (const [index, measurement] of group.measurements.entries()) {
-      const result = results[index]!;
-      if (result.errors.length > 0) continue; // a failing command fails again
-      if (round > 1 && measurement.slow && options.quick) continue;
-      const outcome = await timeOnce(measurement, join(timeDir, `${measurement.id}.txt`));
-      const figures = `${outcome.seconds.toFixed(3)} s, ${outcome.rssMiB.toFixed(1)} MiB`;
-      if (outcome.error !== undefined) {
-        result.errors.push(outcome.error);
-        log(`  ${measurement.id.padEnd(22)} FAILED (${figures}): ${outcome.error}`);
-        continue;
-      }
-      result.runs.push(round3(outcome.seconds));
-      result.rssMiB.push(round1(outcome.rssMiB));
-      log(`  ${measurement.id.padEnd(22)} ${figures}`);
-    }
-  }
-  for (const [index, result] of results.entries()) {
-    if (result.runs.length === 0) continue;
-    result.bestSeconds = Math.min(...result.runs);
-    result.mbPerSecond = round1(result.inputBytes / 1e6 / result.bestSeconds);
-    result.peakRssMiB = Math.max(...result.rssMiB);
-    const output = group.measurements[index]!.remove[0];
-    const stat = output === undefined ? undefined : await Deno.stat(output).catch(() => undefined);
-    if (stat?.isFile) result.outputBytes = stat.size;
-  }
-  return results;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Report
-
-/** A ratio with its outcome; also the RSS limit, a maximum (`bound: "max"`) in MiB. */
-interface RatioResult {
-  id: string;
-  label: string;
-  ours: string;
-  native: string;
-  value: number | null;
-  bound: "min" | "max";
-  target: number | null;
-  met: boolean | null;
-}
-
-interface CheckResult {
-  label: string;
-  ok: boolean;
-  detail: string;
-}
-
-function computeRatios(ratios: Ratio[], results: MeasurementResult[]): RatioResult[] {
-  const best = new Map(results.map((result) => [result.id, result.bestSeconds]));
-  return ratios.map((ratio) => {
-    const oursTime = best.get(ratio.ours) ?? null;
-    const nativeTime = best.get(ratio.native) ?? null;
-    const value = oursTime !== null && nativeTime !== null
-      ? Math.round(nativeTime / oursTime * 100) / 100
-      : null;
-    let met: boolean | null = null;
-    if (ratio.target !== null) met = value !== null && value >= ratio.target;
-    return { ...ratio, value, bound: "min" as const, met };
   });
-}
-
-/** The RSS target: every run of ours, the largest one named. */
-function rssTarget(results: MeasurementResult[]): RatioResult {
-  const oursResults = results.filter((result) =>
-    result.side === "ours" && result.peakRssMiB !== null
-  );
-  const worst = oursResults.reduce<MeasurementResult | undefined>(
-    (max, result) => max === undefined || result.peakRssMiB! > max.peakRssMiB! ? result : max,
-    undefined,
-  );
   return {
-    id: "rss",
-    label: `peak RSS of every ours run${worst ? ` (largest: ${worst.id})` : ""}, MiB`,
-    ours: "every ours measurement",
-    native: "",
-    value: worst?.peakRssMiB ?? null,
-    bound: "max",
-    target: RSS_LIMIT_MIB,
-    met: worst === undefined ? false : worst.peakRssMiB! <= RSS_LIMIT_MIB,
+    kind: "pair",
+    id,
+    group,
+    label: row.label,
+    bytes: row.bytes ?? null,
+    ours: side(row.ours),
+    native: side(row.native),
+    pairs: [],
+    ratio: null,
+    target: row.target,
+    met: null,
+    errors: [],
   };
 }
 
-function markdown(
-  results: MeasurementResult[],
-  ratios: RatioResult[],
-  checks: CheckResult[],
-  inputByGroup: Record<GroupName, Input>,
-): string {
-  const lines = [
-    "| input | measurement | command | best s | MB/s | peak RSS MiB | runs s |",
-    "| --- | --- | --- | ---: | ---: | ---: | --- |",
-  ];
-  for (const result of results) {
-    const failed = result.errors.length > 0 ? ` **FAILED**: ${cell(result.errors[0]!)}` : "";
-    lines.push(
-      `| ${inputByGroup[result.group].name} | ${result.side} ${result.label}${failed} | ` +
-        `\`${cell(result.command)}\` | ${fixed(result.bestSeconds, 2)} | ` +
-        `${fixed(result.mbPerSecond, 0)} | ${fixed(result.peakRssMiB, 1)} | ` +
-        `${result.runs.map((seconds) => seconds.toFixed(2)).join(", ")} |`,
-    );
+/** Best seconds, MB/s, peak RSS, the ratio spread and the target's outcome. */
+function summarize(result: RowResult): void {
+  if (result.kind === "value") {
+    for (const figure of result.figures) summarizeFigure(figure, result.errors.length > 0);
+    return;
   }
-  lines.push(
-    "",
-    "| comparison (speed ratio: ours ÷ native = native s ÷ ours s) | value | target | status |",
-    "| --- | ---: | ---: | --- |",
-  );
-  for (const ratio of ratios) {
-    const max = ratio.bound === "max";
-    const value = fixed(ratio.value, max ? 1 : 2);
-    const target = ratio.target === null
-      ? "—"
-      : `${max ? "≤" : "≥"} ${Number(ratio.target.toFixed(2))}`;
-    lines.push(`| ${ratio.label} | ${value} | ${target} | ${status(ratio.met)} |`);
+  for (const side of [result.ours, result.native]) {
+    if (side.seconds.length === 0) continue;
+    side.bestSeconds = Math.min(...side.seconds);
+    side.peakRssMiB = Math.max(...side.rssMiB);
+    if (result.bytes !== null) side.mbPerSecond = round(result.bytes / 1e6 / side.bestSeconds, 1);
   }
-  lines.push(
-    "",
-    "| correctness check | result |",
-    "| --- | --- |",
-    ...checks.map((check) =>
-      `| ${cell(check.label)} | ${check.ok ? "ok" : "**FAILED**"}: ${cell(check.detail)} |`
-    ),
-  );
-  return lines.join("\n");
+  const ratios = result.pairs.map((pair) => pair.ratio);
+  if (ratios.length > 0) {
+    const { median, min, max, n } = spread(ratios);
+    result.ratio = { median: round(median, 3), min, max, n };
+  }
+  if (result.target !== null) {
+    result.met = result.ratio !== null && result.errors.length === 0 &&
+      meets(result.ratio.median, { min: result.target })!;
+  }
 }
 
-function status(met: boolean | null): string {
-  return met === null ? "(info)" : met ? "met" : "**MISSED**";
+/** A row that failed misses its targets, whatever its samples so far say. */
+function summarizeFigure(figure: FigureResult, failed: boolean): void {
+  if (figure.samples.length === 0) {
+    figure.met = figure.target === null ? null : false;
+    return;
+  }
+  figure.spread = spread(figure.samples);
+  const worst = figure.target !== null && "min" in figure.target
+    ? figure.spread.min
+    : figure.spread.max;
+  figure.value = figure.summary === "worst" ? worst : figure.spread.median;
+  figure.met = failed && figure.target !== null ? false : meets(figure.value, figure.target);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Environment
-
-interface Environment {
-  hostname: string;
-  deno: typeof Deno.version;
-  os: string;
-  hardwareConcurrency: number;
-  nproc: number;
-  cpuModel: string | null;
-  memoryGiB: number | null;
-  loadAverageAtStart: number[];
-  tools: { zstd: string | null; cp: string | null; qemuImg: string | null; time: string | null };
-  cli: string;
-  /** The commit of the measured CLI's checkout, `null` when it is not a git checkout. */
-  git: { commit: string; dirty: boolean } | null;
+interface GroupRun {
+  group: GroupResult;
+  rows: RowResult[];
+  checks: CheckResult[];
 }
 
-async function environment(): Promise<Environment> {
-  const cpuinfo = await Deno.readTextFile("/proc/cpuinfo").catch(() => "");
-  const meminfo = await Deno.readTextFile("/proc/meminfo").catch(() => "");
-  const memKiB = Number(/^MemTotal:\s+(\d+)/m.exec(meminfo)?.[1] ?? NaN);
-  return {
-    hostname: hostname(),
-    deno: Deno.version,
-    os: `${Deno.build.os} ${Deno.osRelease()} ${Deno.build.arch}`,
-    hardwareConcurrency: navigator.hardwareConcurrency,
-    nproc: Number(await tryRun(["nproc"])),
-    cpuModel: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1]?.trim() ?? null,
-    memoryGiB: Number.isNaN(memKiB) ? null : round1(memKiB / MiB),
-    loadAverageAtStart: loadAverage(),
-    tools: {
-      zstd: /v\d+\.\d+\.\d+/.exec(await tryRun(["zstd", "--version"]))?.[0] ?? null,
-      cp: firstLine(await tryRun(["cp", "--version"])) || null,
-      qemuImg: firstLine(await tryRun(["qemu-img", "--version"])) || null,
-      time: firstLine(await tryRun(["/usr/bin/time", "--version"])) || null,
-    },
-    cli: cliPath,
-    git: await gitState(dirname(cliPath)),
+/** Warms the inputs, runs setup, the rounds of pairs and samples, the checks, then teardown. */
+async function runGroup(
+  group: AnyGroup,
+  options: Options,
+  measurer: Measurer,
+  signal: AbortSignal,
+): Promise<GroupRun> {
+  const started = performance.now();
+  const result: GroupResult = {
+    name: group.name,
+    description: group.description,
+    seconds: 0,
+    loadAverage: { start: loadAverage(), end: [] },
+    pairLoads: [],
   };
-}
-
-/** Read-only: `--no-optional-locks` keeps `git status` from writing the index. */
-async function gitState(directory: string): Promise<Environment["git"]> {
-  const git = ["git", "--no-optional-locks", "-C", directory];
-  const top = await tryRun([...git, "rev-parse", "--show-toplevel"]);
-  if (top === "" || resolve(top) !== resolve(directory)) return null;
-  const commit = await tryRun([...git, "rev-parse", "HEAD"]);
-  return { commit, dirty: (await tryRun([...git, "status", "--porcelain"])) !== "" };
-}
-
-function loadAverage(): number[] {
-  return Deno.loadavg().map((load) => Math.round(load * 100) / 100);
-}
-
-function hostname(): string {
-  try {
-    return Deno.hostname().replace(/[^A-Za-z0-9._-]/g, "-") || "local";
-  } catch {
-    return "local";
-  }
-}
-
-async function requireTools(): Promise<void> {
-  const tools = ["zstd", "cp", "cmp", "tar", "head", "tail", "sync", "/usr/bin/time"];
+  const rows: RowResult[] = [];
+  const checks: CheckResult[] = [];
+  const finish = (): GroupRun => {
+    result.seconds = Math.round((performance.now() - started) / 1000);
+    result.loadAverage.end = loadAverage();
+    return { group: result, rows, checks };
+  };
   const missing = [];
-  for (const tool of tools) {
-    if ((await tryRun(["sh", "-c", `command -v ${tool}`])) === "") missing.push(tool);
+  for (const tool of group.tools ?? []) if (!(await haveTool(tool))) missing.push(tool);
+  if (missing.length > 0) {
+    result.skipped = `missing ${missing.join(", ")}`;
+    log(`[${group.name}] skipped: ${result.skipped}`);
+    return finish();
   }
-  if (missing.length > 0) throw new Error(`missing tools: ${missing.join(", ")}`);
-}
 
-// ---------------------------------------------------------------------------------------------
-// Helpers
-
-/** The command line of our CLI with `args`, run by the Deno that runs this script. */
-function cli(...args: string[]): string[] {
-  return [DENO, "run", "-A", cliPath, ...args];
-}
-
-/** Runs a command to completion in the project root; throws with its last stderr line on failure. */
-async function run(argv: string[]): Promise<string> {
-  const [program, ...args] = argv;
-  const output = await new Deno.Command(program!, { args, cwd: ROOT, env: ENV, stdin: "null" })
-    .output();
-  if (!output.success) {
-    const command = argv.map((arg) => basename(arg)).join(" ");
-    throw new Error(`'${command}' exited ${output.code}: ${errorLine(output.stderr)}`);
+  const ctx = groupContext(group, options, signal);
+  await remove(ctx.out);
+  await Deno.mkdir(ctx.out, { recursive: true });
+  for (const input of group.inputs ?? []) {
+    log(`[${group.name}] warming the page cache: ${input.name}`);
+    await input.warm(ctx.pathOf(input));
   }
-  return new TextDecoder().decode(output.stdout).trim();
-}
-
-async function tryRun(argv: string[]): Promise<string> {
-  return await run(argv).catch(() => "");
-}
-
-async function sh(script: string): Promise<void> {
-  await run(["sh", "-c", script]);
-}
-
-async function writeAtomically(path: string, write: (file: Deno.FsFile) => Promise<void>) {
-  const temporary = `${path}.tmp`;
-  {
-    using file = await Deno.open(temporary, { write: true, create: true, truncate: true });
-    await write(file);
-  }
-  await Deno.rename(temporary, path);
-}
-
-async function writeAll(file: Deno.FsFile, data: Uint8Array): Promise<void> {
-  for (let done = 0; done < data.length;) done += await file.write(data.subarray(done));
-}
-
-async function readAt(file: Deno.FsFile, offset: number, buffer: Uint8Array): Promise<void> {
-  await file.seek(offset, Deno.SeekMode.Start);
-  for (let done = 0; done < buffer.length;) {
-    const n = await file.read(buffer.subarray(done));
-    if (n === null) throw new Error(`unexpected end of file at ${offset + done}`);
-    done += n;
-  }
-}
-
-async function fileSize(path: string): Promise<number | null> {
+  let state: { value: unknown } | null = null;
   try {
-    return (await Deno.stat(path)).size;
+    if (group.setup !== undefined) log(`[${group.name}] setup`);
+    state = { value: await group.setup?.(ctx) };
+    const definitions = group.rows(ctx, state.value);
+    const ids = new Set<string>();
+    for (const row of definitions) {
+      if (ids.has(row.id)) throw new Error(`two rows have the id '${row.id}'`);
+      ids.add(row.id);
+      rows.push(emptyResult(group.name, row));
+    }
+    for (let round = 1; round <= options.runs; round++) {
+      log(`[${group.name}] round ${round}/${options.runs} (load ${loadAverage().join(" ")})`);
+      for (const [index, row] of definitions.entries()) {
+        const rowResult = rows[index]!;
+        if (rowResult.errors.length > 0) continue; // a failing command fails again
+        if (row.kind === "pair") {
+          await measurer.pair(row, rowResult as PairResult, round - 1);
+        } else {
+          await measurer.sample(row, rowResult as ValueResult, ctx, round);
+        }
+      }
+    }
+    rows.forEach(summarize);
+    for (const row of rows) {
+      if (row.kind === "pair") result.pairLoads.push(...row.pairs.map((p) => p.load1));
+    }
+    for (const check of group.checks?.(ctx, state.value) ?? []) {
+      checks.push(await runCheck(group.name, check, signal));
+    }
   } catch (error) {
-    ignoreNotFound(error);
-    return null;
+    if (signal.aborted) throw error;
+    result.error = messageOf(error);
+    log(`[${group.name}] FAILED: ${result.error}`);
+  } finally {
+    if (state !== null && group.teardown !== undefined) {
+      log(`[${group.name}] teardown`);
+      await group.teardown(ctx, state.value).catch((error) => {
+        result.error ??= `teardown: ${messageOf(error)}`;
+        log(`[${group.name}] teardown FAILED: ${messageOf(error)}`);
+      });
+    }
+    await remove(ctx.out);
   }
+  return finish();
 }
 
-function ignoreNotFound(error: unknown): void {
-  if (!(error instanceof Deno.errors.NotFound)) throw error;
+async function runCheck(group: string, check: Check, signal: AbortSignal): Promise<CheckResult> {
+  const result = await check.run().then(
+    (detail) => ({ group, label: check.label, ok: true, detail }),
+    (error) => {
+      if (signal.aborted) throw error;
+      return { group, label: check.label, ok: false, detail: messageOf(error) };
+    },
+  );
+  log(`  check: ${result.ok ? "ok" : "FAILED"}: ${result.label}: ${result.detail}`);
+  return result;
 }
 
-function quote(text: string): string {
-  return `'${text.replaceAll("'", `'\\''`)}'`;
-}
-
-function relative(path: string, work: string): string {
-  return path.startsWith(`${work}/`) ? path.slice(work.length + 1) : path;
-}
-
-/** The line of a command's stderr that says what went wrong: `error: ...`, else the last one. */
-function errorLine(bytes: Uint8Array): string {
-  const lines = new TextDecoder().decode(bytes).trim().split("\n");
-  return (lines.find((line) => /^error\b/i.test(line)) ?? lines.at(-1) ?? "").trim();
-}
-
-function firstLine(text: string): string {
-  return text.split("\n")[0]!.trim();
-}
-
-function messageOf(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
-function cell(text: string): string {
-  return text.replaceAll("|", "\\|");
-}
-
-function fixed(value: number | null, digits: number): string {
-  return value === null ? "—" : value.toFixed(digits);
-}
-
-function mib(bytes: number): string {
-  return (bytes / MiB).toFixed(1);
-}
-
-function round1(value: number): number {
-  return Math.round(value * 10) / 10;
-}
-
-function round3(value: number): number {
-  return Math.round(value * 1000) / 1000;
-}
-
-function log(message: string): void {
-  console.error(message);
+/** The RSS bound over every timed run of ours, the largest one named. */
+function rssResult(runs: readonly OursRun[]): RssResult {
+  const largest = runs.reduce<OursRun | null>(
+    (max, run) => max === null || run.rssMiB > max.rssMiB ? run : max,
+    null,
+  );
+  return {
+    targetMiB: RSS_LIMIT_MIB,
+    largest: largest === null ? null : { id: largest.id, peakRssMiB: largest.rssMiB },
+    met: largest === null ? null : largest.rssMiB <= RSS_LIMIT_MIB,
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1035,31 +551,138 @@ function parseOptions(args: string[]): Options | "help" {
   const { values } = parseArgs({
     args,
     options: {
-      runs: { type: "string", default: "3" },
+      runs: { type: "string" },
       work: { type: "string", default: join(ROOT, "bench", "work") },
       quick: { type: "boolean", default: false },
       only: { type: "string" },
       cli: { type: "string", default: join(ROOT, "cli.ts") },
+      list: { type: "boolean", default: false },
       clean: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
   });
   if (values.help) return "help";
-  const runs = Number(values.runs);
+  const runs = Number(values.runs ?? (values.quick ? 1 : DEFAULT_RUNS));
   if (!Number.isInteger(runs) || runs < 1) throw new TypeError(`--runs: not a positive integer`);
-  const only = values.only;
-  if (only !== undefined && only !== "serve" && !(GROUPS as readonly string[]).includes(only)) {
-    throw new TypeError(`--only: '${only}' is not one of ${GROUPS.join(", ")}, serve`);
-  }
+  const only = values.only?.split(",").map((name) => name.trim()).filter((name) => name !== "");
+  if (only !== undefined && only.length === 0) throw new TypeError("--only: no group named");
   return {
     cli: resolve(values.cli),
     runs,
     work: resolve(values.work),
     quick: values.quick,
-    groups: only === undefined ? [...GROUPS] : only === "serve" ? [] : [only as GroupName],
-    serve: only === undefined || only === "serve",
+    only: only ?? null,
+    list: values.list,
     clean: values.clean,
   };
+}
+
+function selectGroups(all: AnyGroup[], only: string[] | null): AnyGroup[] {
+  if (only === null) return all.filter((group) => group.byDefault !== false);
+  const byName = new Map(all.map((group) => [group.name, group]));
+  return only.map((name) => {
+    const group = byName.get(name);
+    if (group === undefined) {
+      throw new TypeError(`--only: '${name}' is not one of ${[...byName.keys()].join(", ")}`);
+    }
+    return group;
+  });
+}
+
+/** Every input of `groups` and what they are made from. */
+function allInputs(groups: readonly AnyGroup[]): Input[] {
+  const inputs = new Map<string, Input>();
+  const add = (input: Input) => {
+    if (inputs.has(input.name)) return;
+    for (const required of input.requires) add(required);
+    inputs.set(input.name, input);
+  };
+  for (const group of groups) for (const input of group.inputs ?? []) add(input);
+  return [...inputs.values()];
+}
+
+/** Deletes what the benchmark generated in `work`, and `work` itself when it is then empty. */
+async function clean(work: string, groups: readonly AnyGroup[]): Promise<void> {
+  const names = ["out", "time", "quick.json"];
+  for (const input of allInputs(groups)) {
+    names.push(input.name, `${input.name}.tmp`, ...(input.scratch ?? []));
+  }
+  for (const name of names) await remove(join(work, name));
+  await Deno.remove(work).catch(() => {}); // not empty: someone else's files stay
+  log(`cleaned ${work}`);
+}
+
+async function describeInputs(work: string, inputs: readonly Input[]) {
+  const described = [];
+  for (const input of inputs) {
+    const { size, blocks } = await Deno.stat(join(work, input.name));
+    described.push({
+      name: input.name,
+      description: input.description,
+      bytes: size,
+      allocatedBytes: (blocks ?? 0) * 512,
+    });
+  }
+  return described;
+}
+
+function heading(
+  startedAt: Date,
+  env: Environment,
+  options: Options,
+  endLoad: number[],
+  groups: readonly GroupResult[],
+): string[] {
+  const { tools } = env;
+  const version = env.git === null
+    ? env.cli
+    : `commit ${env.git.commit.slice(0, 12)}${env.git.dirty ? " with uncommitted changes" : ""}`;
+  const quick = options.quick ? " (--quick: a smoke test, not figures to quote)" : "";
+  return [
+    `vmabackup benchmark (${version}), ${startedAt.toISOString()}, ${
+      plural(options.runs, "pair")
+    } per row${quick}`,
+    `Deno ${env.deno.deno}, ${env.nproc} CPUs (${env.cpuModel}), ${env.memoryGiB} GiB RAM, ` +
+    `zstd ${tools.zstd}, ${tools.cp}${tools.qemuImg ? `, ${tools.qemuImg}` : ""}`,
+    `load average (1/5/15 min) at the start ${env.loadAverageAtStart.join(" / ")}, ` +
+    `at the end ${endLoad.join(" / ")}`,
+    "speed ratio: native s ÷ ours s of one pair (ours, native / native, ours alternating); " +
+    "MB/s: 10^6 bytes of the input image per best second; RSS: peak resident set (GNU time %M)",
+    ...loadWarning(env.nproc, groups),
+    ...groups.flatMap((group) => [
+      ...(group.skipped === undefined ? [] : [`group ${group.name} skipped: ${group.skipped}`]),
+      ...(group.error === undefined ? [] : [`group ${group.name} **FAILED**: ${group.error}`]),
+    ]),
+  ];
+}
+
+async function writeResults(report: object, options: Options, name: string): Promise<void> {
+  const json = `${JSON.stringify(report, null, 2)}\n`;
+  if (options.quick) {
+    const path = join(options.work, "quick.json");
+    await Deno.writeTextFile(path, json);
+    log(`wrote ${path} (--quick: bench/results/ is left alone)`);
+    return;
+  }
+  await Deno.mkdir(RESULTS_DIR, { recursive: true });
+  await Deno.writeTextFile(join(RESULTS_DIR, name), json);
+  await Deno.writeTextFile(join(RESULTS_DIR, "latest.json"), json);
+  log(`wrote bench/results/${name} and bench/results/latest.json`);
+}
+
+/** Signals abort the running command; teardowns run; the exit code says which signal. */
+function interruption(): { signal: AbortSignal; code: () => number | null } {
+  const controller = new AbortController();
+  let code: number | null = null;
+  for (const [name, exit] of [["SIGINT", 130], ["SIGTERM", 143], ["SIGHUP", 129]] as const) {
+    Deno.addSignalListener(name, () => {
+      if (code !== null) Deno.exit(exit); // a second signal: at once
+      code = exit;
+      log(`${name}: stopping (the running command is killed, teardowns run)`);
+      controller.abort(new Error(`interrupted by ${name}`));
+    });
+  }
+  return { signal: controller.signal, code: () => code };
 }
 
 async function main(args: string[]): Promise<number> {
@@ -1074,138 +697,111 @@ async function main(args: string[]): Promise<number> {
     console.log(USAGE);
     return 0;
   }
-  if (options.clean) {
-    await clean(options.work);
+  const all = await discoverGroups();
+  if (options.list) {
+    for (const group of all) {
+      const notes = [
+        ...(group.byDefault === false ? ["only with --only"] : []),
+        ...(group.tools?.length ? [`needs ${group.tools.join(", ")}`] : []),
+      ];
+      console.log(
+        `${group.name.padEnd(12)} ${group.description}` +
+          (notes.length > 0 ? ` (${notes.join("; ")})` : ""),
+      );
+    }
     return 0;
   }
-  await requireTools();
-  cliPath = options.cli;
+  if (options.clean) {
+    await clean(options.work, all);
+    return 0;
+  }
+  let groups: AnyGroup[];
+  try {
+    groups = selectGroups(all, options.only);
+  } catch (error) {
+    console.error(`error: ${messageOf(error)}\n\n${USAGE}`);
+    return 2;
+  }
+  for (const tool of ["/usr/bin/time", "sync"]) {
+    if (!(await haveTool(tool))) throw new Error(`missing ${tool} (Debian: time, coreutils)`);
+  }
+  if (!(await exists(options.cli))) throw new Error(`--cli: no such file: ${options.cli}`);
 
+  const { signal, code } = interruption();
   const startedAt = new Date();
-  const env = await environment();
-  const byGroup = inputs(options.work);
-  const needed = options.groups.map((name) => byGroup[name]);
-  if (options.groups.includes("holes")) needed.push(holesInput(options.work, 8));
-  if (options.serve && !options.groups.includes("dense")) needed.push(byGroup.dense);
-  await prepareInputs(options.work, needed, byGroup.dense);
-  await run(cli("--version")); // fills Deno's module cache, untimed
+  const env = await environment(options.cli);
+  const inputs = allInputs(groups);
+  await prepareInputs(options.work, inputs);
+  await run([DENO, "run", "-A", options.cli, "--version"]); // fills Deno's module cache, untimed
+  const timeDir = join(options.work, "time");
+  await Deno.mkdir(timeDir, { recursive: true });
 
-  const results: MeasurementResult[] = [];
-  const ratios: RatioResult[] = [];
-  const checks: CheckResult[] = [];
-  for (const name of options.groups) {
-    const group = await runGroup(name, byGroup[name], options);
-    results.push(...group.results);
-    ratios.push(...group.ratios);
-    checks.push(...group.checks);
+  const measurer = new Measurer(timeDir, signal);
+  const runs: GroupRun[] = [];
+  try {
+    for (const group of groups) runs.push(await runGroup(group, options, measurer, signal));
+  } catch (error) {
+    if (code() !== null) return code()!;
+    throw error;
   }
-  const serve = options.serve
-    ? await runServeBench({
-      work: options.work,
-      dense: byGroup.dense.path,
-      runs: options.runs,
-      cli: cliPath,
-    })
-    : undefined;
-  for (const check of serve?.checks ?? []) {
-    log(`  check: ${check.ok ? "ok" : "FAILED"}: ${check.label}: ${check.detail}`);
-    checks.push(check);
-  }
-  const rss = rssTarget(results);
-  const table = [
-    ...(options.groups.length > 0 ? [markdown(results, [...ratios, rss], checks, byGroup)] : []),
-    ...(serve ? [serve.markdown] : []),
-  ].join("\n\n");
-  console.log(["", ...heading(startedAt, env, options), "", table, ""].join("\n"));
+  const rows = runs.flatMap((run) => run.rows);
+  const checks = runs.flatMap((run) => run.checks);
+  const rss = rssResult(measurer.oursRuns);
+  const table = markdown(rows, checks, rss, options.runs);
+  const endLoad = loadAverage();
+  console.log(
+    ["", ...heading(startedAt, env, options, endLoad, runs.map((run) => run.group)), "", table, ""]
+      .join("\n"),
+  );
 
   const report = {
     date: startedAt.toISOString(),
     durationSeconds: Math.round((Date.now() - startedAt.getTime()) / 1000),
     ...env,
-    loadAverageAtEnd: loadAverage(),
-    options: { runs: options.runs, quick: options.quick, groups: options.groups },
-    units: { seconds: "wall, best of runs", mbPerSecond: "1e6 bytes of input per s", rss: "MiB" },
-    inputs: await describeInputs(options.groups.map((name) => byGroup[name])),
-    measurements: results,
-    ratios: [...ratios, rss],
+    loadAverageAtEnd: endLoad,
+    options: { runs: options.runs, quick: options.quick, groups: groups.map((g) => g.name) },
+    method: {
+      pairs: "per row N pairs; pair i runs ours first when i is even, native first when odd",
+      ratio: "speed ratio native s ÷ ours s per pair; the row reports median, min and max",
+      seconds: "wall seconds around each process, ours with Deno's start-up; best of N per side",
+      isolation: "untimed after each run: sync, delete the outputs, sync; page cache not dropped",
+      warm: "each input read once before its group; archives made in setup warmed too",
+    },
+    units: { seconds: "wall", mbPerSecond: "1e6 bytes of input per best second", rss: "MiB" },
+    inputs: await describeInputs(options.work, inputs),
+    groups: runs.map((run) => run.group),
+    rows,
+    rss,
     checks,
-    ...(serve && { serve }),
     markdown: table,
   };
-  await writeResults(report, `${startedAt.toISOString().slice(0, 10)}-${env.hostname}.json`);
+  await writeResults(
+    report,
+    options,
+    `${startedAt.toISOString().slice(0, 10)}-${env.hostname}.json`,
+  );
 
-  const failed = results.some((result) => result.errors.length > 0) ||
+  const failed = rows.some((row) => row.errors.length > 0) ||
+    runs.some((run) => run.group.error !== undefined) ||
     checks.some((check) => !check.ok);
   return failed ? 1 : 0;
 }
 
-/** Warms the input, times the group's measurements, then runs its correctness checks. */
-async function runGroup(name: GroupName, input: Input, options: Options) {
-  const out = join(options.work, "out");
-  const timeDir = join(options.work, "time");
-  await Deno.mkdir(out, { recursive: true });
-  await Deno.mkdir(timeDir, { recursive: true });
-  const builders = {
-    dense: denseGroup,
-    sparse16g: sparse16Group,
-    sparse2g: sparse2Group,
-    holes: holesGroup,
-  };
-  const group = builders[name](input, options.work, out);
-  log(`[${name}] warming the page cache: ${input.name}`);
-  if (name === "holes") {
-    for (const image of [holesInput(options.work, 8), input]) await warmData(image);
-  } else {
-    await warm(input);
-  }
-  const results = await measureGroup(group, options, timeDir);
-  const checks: CheckResult[] = [];
-  for (const check of group.checks) {
-    const result = await check.run().then(
-      (detail) => ({ label: check.label, ok: true, detail }),
-      (error) => ({ label: check.label, ok: false, detail: messageOf(error) }),
-    );
-    log(`  check: ${result.ok ? "ok" : "FAILED"}: ${result.label}: ${result.detail}`);
-    checks.push(result);
-  }
-  return { results, ratios: computeRatios(group.ratios, results), checks };
-}
-
-function heading(startedAt: Date, env: Environment, options: Options): string[] {
-  const { tools } = env;
-  const quick = options.quick ? " (--quick: zstd on the 16 GiB image once)" : "";
-  const version = env.git === null
-    ? env.cli
-    : `commit ${env.git.commit.slice(0, 12)}${env.git.dirty ? " with uncommitted changes" : ""}`;
+/** The median 1-minute load at the pairs' starts, when it was above the CPU count. */
+function loadWarning(cpus: number, groups: readonly GroupResult[]): string[] {
+  const loads = groups.flatMap((group) => group.pairLoads);
+  if (loads.length === 0 || !(median(loads) > cpus)) return [];
   return [
-    `vmabackup benchmark (${version}), ${startedAt.toISOString()}, best of ${options.runs}${quick}`,
-    `Deno ${env.deno.deno}, ${env.nproc} CPUs (${env.cpuModel}), ${env.memoryGiB} GiB RAM, ` +
-    `zstd ${tools.zstd}, ${tools.cp}${tools.qemuImg ? `, ${tools.qemuImg}` : ""}`,
-    "MB/s: 10^6 bytes of the input image per second; RSS: peak resident set (GNU time %M)",
+    `**noisy**: the 1-minute load at the pairs' starts was ${Math.min(...loads)} to ` +
+    `${Math.max(...loads)} (median ${
+      round(median(loads), 2)
+    }) on ${cpus} CPUs: other processes took most ` +
+    "of the machine, so the seconds are inflated and the ratios uncertain",
   ];
 }
 
-async function describeInputs(used: Input[]) {
-  const described = [];
-  for (const input of used) {
-    const { size, blocks } = await Deno.stat(input.path);
-    const allocatedBytes = (blocks ?? 0) * 512;
-    described.push({
-      name: input.name,
-      description: input.description,
-      bytes: size,
-      allocatedBytes,
-    });
-  }
-  return described;
-}
-
-async function writeResults(report: object, name: string): Promise<void> {
-  await Deno.mkdir(RESULTS_DIR, { recursive: true });
-  const json = `${JSON.stringify(report, null, 2)}\n`;
-  await Deno.writeTextFile(join(RESULTS_DIR, name), json);
-  await Deno.writeTextFile(join(RESULTS_DIR, "latest.json"), json);
-  log(`wrote bench/results/${name} and bench/results/latest.json`);
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
 if (import.meta.main) {

@@ -46,12 +46,14 @@ export async function tool(
   program: string,
   args: string[],
   stdin?: Uint8Array,
+  env?: Record<string, string>,
 ): Promise<Uint8Array> {
   const child = new Deno.Command(program, {
     args,
     stdin: stdin ? "piped" : "null",
     stdout: "piped",
     stderr: "piped",
+    ...(env && { env }),
   }).spawn();
   // Feed stdin while the output is collected, or a full pipe deadlocks both sides.
   const feeding = stdin ? ReadableStream.from([stdin]).pipeTo(child.stdin) : Promise.resolve();

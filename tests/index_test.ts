@@ -18,7 +18,6 @@ import {
   SeekableZstdStream,
   seekTableSize,
   SeekTableWriter,
-  type VmaExtentPiece,
   VmaExtentStream,
   type VmaHeaderPiece,
   VmaIndexStream,
@@ -339,17 +338,50 @@ Deno.test("index: a 1 TiB disk written in order keeps at most 16 MiB of index st
   const digest = new Uint8Array(32).fill(7);
   table.add(300, 12800, 0);
   for (let e = 0, cluster = 0; e < extents; e++) {
-    const slots: VmaExtentPiece["slots"] = [];
-    for (let i = 0; i < 58 && cluster < 2 ** 24; i++) {
-      slots.push({ index: i, mask: 0xffff, devId: 1, cluster: cluster++ });
-    }
-    builder.addExtent({ blockCount: 16 * slots.length, slots }, digest);
+    const count = Math.min(58, 2 ** 24 - cluster);
+    const runs = [{ devId: 1, cluster, count, zero: false }];
+    cluster += count;
+    builder.addExtent({ blockCount: 16 * count, slotCount: count, runs }, digest);
     table.add(120, 512, e); // the extent header's frame
-    table.add(1_900_000, slots.length * 65536, e); // its data frame
+    table.add(1_900_000, count * 65536, e); // its data frame
   }
   const bytes = builder.memoryBytes + table.memoryBytes;
   assert.ok(bytes <= 16 * 2 ** 20, `${(bytes / 2 ** 20).toFixed(2)} MiB`);
   const index = builder.finish({ digestScope: "zstd-frame" });
   assert.equal(index.runs.counts.length, 1, "one run for the whole disk");
   assert.equal(index.blockCounts.length, extents);
+});
+
+Deno.test("index: extract --disk and --stdout of an indexed archive read only that disk's extents", async () => {
+  const { main } = await import("../cli.ts");
+  await withTempDir(async (dir) => {
+    const disks = [randomBytes(8 << 20, 21), randomBytes(8 << 20, 22)];
+    await Deno.writeFile(`${dir}/a.raw`, disks[0]!);
+    await Deno.writeFile(`${dir}/b.raw`, disks[1]!);
+    let out = "";
+    const decoder = new TextDecoder();
+    const collect = (bytes: Uint8Array) =>
+      Promise.resolve((out += decoder.decode(bytes), bytes.length));
+    const context = {
+      stdout: { write: collect },
+      stderr: { write: (bytes: Uint8Array) => Promise.resolve(bytes.length) },
+      stderrIsTerminal: false,
+      signal: new AbortController().signal,
+    };
+    for (const name of ["vm.vma.zst", "vm.vma"]) {
+      const backup = ["backup", "--disk", `scsi0=${dir}/a.raw`, "--disk", `scsi1=${dir}/b.raw`];
+      assert.equal(await main([...backup, "-o", `${dir}/${name}`], context), 0);
+      const size = (await Deno.stat(`${dir}/${name}`)).size;
+      out = "";
+      const target = `${dir}/out-${name}`;
+      assert.equal(
+        await main(["extract", `${dir}/${name}`, target, "--disk", "scsi1", "--json"], context),
+        0,
+      );
+      const report = JSON.parse(out);
+      assert.equal(report.access, "random");
+      assert.ok(report.bytesRead < 0.6 * size, `${report.bytesRead} of ${size} bytes read`);
+      assert.deepEqual(await Deno.readFile(`${target}/disk-drive-scsi1.raw`), disks[1]);
+    }
+  });
 });

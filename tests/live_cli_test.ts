@@ -36,13 +36,8 @@ async function assertVmUntouched(vm: TestVm, before: string[]) {
   assert.deepEqual(await vm.nodes(), before, "the block graph is the original one");
   assert.equal(await vm.status(), "running");
   await vm.write("scsi0", 65536, 4096, 0x77);
-  const expected = new Map(vm.model);
   const contents = await vm.stop();
-  assert.equal(
-    firstDifference(contents.get("scsi0")!, expected.get("scsi0")!),
-    -1,
-    "the disk is intact",
-  );
+  assert.equal(vm.difference("scsi0", contents.get("scsi0")!), -1, "the disk is intact");
 }
 
 for (const mode of ["push", "pull"] as const) {
@@ -172,6 +167,69 @@ for (const mode of ["push", "pull"] as const) {
   );
 }
 
+for (const mode of ["push", "pull"] as const) {
+  qemuTest(
+    `cli backup --qmp --mode ${mode}: Ctrl-C while the pipe stalls exits at once, the VM unharmed`,
+    async () => {
+      const vm = await startVm(bigDisk());
+      try {
+        const before = await vm.nodes();
+        const child = spawnCli(
+          ["backup", "--qmp", vm.toolQmp, "--mode", mode, "-o", "-", "--compress", "none"],
+          { permissions: PERMISSIONS },
+        );
+        await child.stdin.close();
+        const stderr = new Response(child.stderr).text();
+        // A reader that takes 1 MiB and then stops reading, the pipe left open (a stalled ssh).
+        const stdout = child.stdout.getReader();
+        for (let got = 0; got < MiB;) got += (await stdout.read()).value?.byteLength ?? MiB;
+        // QEMU's monitor must answer within a second all along.
+        let slowest = 0;
+        let watching = true;
+        const watchdog = (async () => {
+          while (watching) {
+            const started = performance.now();
+            await Promise.race([vm.status().catch(() => {}), sleep(5000)]);
+            slowest = Math.max(slowest, performance.now() - started);
+            await sleep(100);
+          }
+        })();
+        // Pull mode: guest writes do not wait for the backup, so they go on during the stall.
+        if (mode === "pull") {
+          for (let i = 0; i < 8; i++) await vm.write("scsi0", (64 + i) * MiB, 65536, 0x60 + i);
+        }
+        await sleep(1500); // the pipeline fills up and waits for the pipe
+        const interrupted = performance.now();
+        child.kill("SIGINT");
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const status = await Promise.race([
+          child.status,
+          new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), 10_000)),
+        ]).finally(() => {
+          clearTimeout(timer);
+          watching = false;
+        });
+        const seconds = (performance.now() - interrupted) / 1000;
+        await watchdog;
+        if (status === null) {
+          child.kill("SIGKILL");
+          await child.status;
+        }
+        await stdout.cancel();
+        const messages = await stderr;
+        assert.ok(status !== null, `the backup did not exit within 10 s of SIGINT: ${messages}`);
+        assert.equal(status.code, 130, messages);
+        assert.match(messages, /error: interrupted by SIGINT/);
+        assert.ok(seconds < 10, `exited ${seconds.toFixed(1)} s after SIGINT`);
+        assert.ok(slowest < 1000, `QEMU's monitor answered within ${slowest.toFixed(0)} ms`);
+        await assertVmUntouched(vm, before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    },
+  );
+}
+
 qemuTest("cli backup --qmp with a bad flag fails before it touches the VM", async () => {
   const vm = await startVm(disks(16 * MiB));
   await withTempDir(async (dir) => {
@@ -185,6 +243,64 @@ qemuTest("cli backup --qmp with a bad flag fails before it touches the VM", asyn
       assert.equal(result.code, 2, result.stderr);
       assert.match(result.stderr, /--zstd/);
       assert.ok(!(await exists(out)) && !(await exists(`${out}.partial`)));
+      await assertVmUntouched(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+});
+
+qemuTest("cli backup --qmp: too many drives or configs fail before the VM is touched", async () => {
+  // 255 drives: one more than an archive holds (null-co drives cost nothing).
+  const extraArgs = Array.from(
+    { length: 254 },
+    (_, i) => ["-drive", `if=none,id=null${i},driver=null-co,size=1M`],
+  ).flat();
+  const vm = await startVm(disks(16 * MiB), { extraArgs });
+  await withTempDir(async (dir) => {
+    try {
+      const before = await vm.nodes();
+      const out = `${dir}/vm.vma`;
+      const many = await cli(["backup", "--qmp", vm.toolQmp, "-o", out], {
+        permissions: PERMISSIONS,
+      });
+      assert.equal(many.code, 1, many.stderr);
+      assert.match(
+        many.stderr,
+        /^error: Cannot back up the VM \(nothing was changed\): It has 255 drives, but a VMA archive holds at most 254/,
+      );
+      // Nine configs of 64 KiB: the header would pass its 512 KiB.
+      const configs: string[] = [];
+      for (let i = 0; i < 9; i++) {
+        await Deno.writeFile(`${dir}/${i}.conf`, new Uint8Array(65535).fill(0x61));
+        configs.push("--config", `${dir}/${i}.conf`);
+      }
+      const big = await cli(
+        [
+          "backup",
+          "--qmp",
+          vm.toolQmp,
+          "--drive",
+          "scsi0",
+          "--mode",
+          "pull",
+          ...configs,
+          "-o",
+          out,
+        ],
+        { permissions: PERMISSIONS },
+      );
+      assert.equal(big.code, 1, big.stderr);
+      assert.match(
+        big.stderr,
+        /nothing was changed.*VMA header: Its size \d+ exceeds 524288 bytes/,
+      );
+      assert.ok(!(await exists(out)) && !(await exists(`${out}.partial`)));
+      // Pull mode pauses the VM for its snapshot point: it never got that far.
+      await assert.rejects(
+        vm.qmp.waitForEvent((event) => event.event === "STOP", { timeoutMs: 1 }),
+        Deno.errors.TimedOut,
+      );
       await assertVmUntouched(vm, before);
     } finally {
       await vm.stop().catch(() => {});
@@ -229,3 +345,69 @@ qemuTest("examples/live_backup.ts backs up a running VM in a few lines", async (
     }
   });
 });
+
+qemuTest(
+  "cli backup --qmp --mode pull: a snapshot broken by a copy that timed out says so in one line",
+  async () => {
+    // Proxmox's graph: a throttle filter over the disk. Throttling its reads makes QEMU's
+    // copy of a cluster the guest overwrites take longer than --cbw-timeout 1.
+    const size = 64 * MiB;
+    const vm = await startVm([
+      { id: "scsi0", bus: "scsi", throttle: true, size, data: diskContent(size, 6) },
+    ]);
+    try {
+      const before = await vm.nodes();
+      const child = spawnCli(
+        [
+          "backup",
+          "--qmp",
+          vm.toolQmp,
+          "--mode",
+          "pull",
+          "--cbw-timeout",
+          "1",
+          "-o",
+          "-",
+          "--compress",
+          "none",
+        ],
+        { permissions: PERMISSIONS },
+      );
+      await child.stdin.close();
+      const stderr = new Response(child.stderr).text();
+      const stdout = child.stdout.getReader();
+      for (let got = 0; got < MiB;) got += (await stdout.read()).value?.byteLength ?? MiB;
+      await sleep(1000); // the reader waits for the pipe: no read of the snapshot in flight
+      const limits = (value: number) =>
+        vm.qmp.execute("qom-set", {
+          path: "/objects/throttle-drive-scsi0",
+          property: "limits",
+          value: { "bps-read": value },
+        });
+      await limits(16 * 1024);
+      await vm.io("scsi0", "read 40M 64k"); // passes, and fills the bucket for 4 s
+      await vm.write("scsi0", 48 * MiB, 65536, 0x99); // its copy waits; after 1 s it goes on
+      await limits(0);
+      for (;;) if ((await stdout.read()).done) break;
+      const { code } = await child.status;
+      const messages = await stderr;
+      assert.equal(code, 1, messages);
+      const lines = messages.trim().split("\n").filter((line) => line.startsWith("error:"));
+      assert.equal(lines.length, 1, messages);
+      assert.match(lines[0]!, /^error: The snapshot broke: QEMU could not copy the old data/);
+      assert.match(lines[0]!, /within 1 s \(--cbw-timeout\)/);
+      assert.match(lines[0]!, /the VM was not affected: its writes went through and it is running/);
+      // By default the fleece images go to a new directory in /var/tmp (on disk), named,
+      // and removed afterwards.
+      const fleeceDir = messages.match(
+        /note: the fleece images .* go to (\/var\/tmp\/vmabackup-fleece-\w+),/,
+      )
+        ?.[1];
+      assert.ok(fleeceDir !== undefined, messages);
+      assert.equal(await exists(fleeceDir), false, `${fleeceDir} is removed`);
+      await assertVmUntouched(vm, before);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  },
+);

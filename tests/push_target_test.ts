@@ -45,3 +45,30 @@ Deno.test("PushTarget rejects a cluster sent twice and writes past the end", asy
   await assert.rejects(write(4 * CLUSTER_SIZE, new Uint8Array(512)), /Past the end/);
   await assert.rejects(write(CLUSTER_SIZE + 100, new Uint8Array(512)), /Not 512-byte aligned/);
 });
+
+Deno.test("PushTarget: queued copy-before-write writes pin buffers of their own size", async () => {
+  // 64 single-cluster writes wait in the queue (the archive is slow): 4 MiB of data.
+  const queue = new RecordQueue<VmaRecord>(64 + 3);
+  const push = new PushTarget(1, 1 << 30, queue);
+  const data = randomBytes(CLUSTER_SIZE, 2);
+  for (let i = 0; i < 64; i++) {
+    await push.write(
+      i * 97 * CLUSTER_SIZE,
+      CLUSTER_SIZE,
+      (into) => Promise.resolve(into.set(data)),
+    );
+  }
+  await push.write(
+    64 * 97 * CLUSTER_SIZE,
+    3 * CLUSTER_SIZE,
+    (into) => Promise.resolve(void into.fill(1)),
+  );
+  queue.close();
+  const records = await Array.fromAsync(queue.readable);
+  const buffers = new Set(
+    records.map((record) => record.type === "cluster" && record.data!.buffer),
+  );
+  const pinned = [...buffers].reduce((sum, buffer) => sum + (buffer ? buffer.byteLength : 0), 0);
+  assert.equal(records.length, 64 + 3);
+  assert.ok(pinned <= 64 * CLUSTER_SIZE + 4 * CLUSTER_SIZE, `${pinned / 2 ** 20} MiB pinned`);
+});

@@ -58,6 +58,8 @@ interface Archives {
   scan: string;
   /** `zstd -c vm.vma`: not seekable. */
   zstdCli: string;
+  /** The zstd-CLI archive made seekable by `cli.ts convert`. */
+  converted: string;
   /** The zstd-CLI archive re-framed through the library into a seekable one. */
   reframed: string;
 }
@@ -82,7 +84,10 @@ function archives(): Promise<Archives> {
     }
     await Deno.copyFile(`${dir}/vm.vma`, `${dir}/scan.vma`);
     await tool("zstd", ["-q", "-3", `${dir}/vm.vma`, "-o", `${dir}/cli.vma.zst`]);
-    // What 'convert' does: decode the zstd-CLI archive and write it seekable, index inside.
+    // The zstd-CLI archive made seekable by 'convert', and by the library (SeekableZstdStream
+    // through archiveOutput), which 'convert' is built on.
+    const converted = await cli(["convert", `${dir}/cli.vma.zst`, `${dir}/converted.vma.zst`]);
+    assert.equal(converted.code, 0, converted.stderr);
     const decoded = new Deno.Command("zstd", {
       args: ["-dc", `${dir}/cli.vma.zst`],
       stdout: "piped",
@@ -100,6 +105,7 @@ function archives(): Promise<Archives> {
       vma: `${dir}/vm.vma`,
       scan: `${dir}/scan.vma`,
       zstdCli: `${dir}/cli.vma.zst`,
+      converted: `${dir}/converted.vma.zst`,
       reframed: `${dir}/reframed.vma.zst`,
     };
   })();
@@ -195,7 +201,7 @@ async function compare(uri: string, raw: string): Promise<string> {
 }
 
 await toolTest(
-  "serve: qemu-img compare finds each disk identical, for a .vma.zst from backup, a plain .vma with and without its sidecar, and a zstd-CLI archive re-framed",
+  "serve: qemu-img compare finds each disk identical, for a .vma.zst from backup, a plain .vma with and without its sidecar, and a zstd-CLI archive after convert",
   [
     "qemu-img",
     "zstd",
@@ -206,6 +212,7 @@ await toolTest(
       [a.zst, /seekable zstd, embedded index/],
       [a.vma, /plain VMA, sidecar index/],
       [a.scan, /plain VMA, mapped by its extent headers/],
+      [a.converted, /seekable zstd, embedded index/],
       [a.reframed, /seekable zstd, embedded index/],
     ];
     for (const [archive, source] of cases) {

@@ -17,13 +17,15 @@ import type { SeekTable } from "../index/seek_table.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
 import { FrameDecoderPool, INLINE_SIZE } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { decodeExtentHeader } from "../vma/extent_header.ts";
+import { decodeExtentHeader, type VmaExtentSlot } from "../vma/extent_header.ts";
+import { type DecodedVmaHeader, decodeHeader } from "../vma/header.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
   EXTENT_HEADER_SIZE,
   HEADER_FIXED_SIZE,
   HeaderOffset,
+  SLOTS_PER_EXTENT,
   VMA_MAGIC,
 } from "../vma/format.ts";
 import { scanPlainArchive } from "./scan_plain.ts";
@@ -32,6 +34,8 @@ import { scanPlainArchive } from "./scan_plain.ts";
 export interface IndexedArchiveOptions {
   /** The index of a plain `.vma`, from its sidecar file. Without it, one is built by scanning. */
   sidecar?: Uint8Array | undefined;
+  /** The same, already decoded (`decodeIndex`). */
+  index?: VmaIndex | undefined;
   /** Bytes of decoded extents kept for reuse (default 64 MiB). */
   cacheBytes?: number | undefined;
   /** Reads of the stored archive in flight at once (default 4). */
@@ -151,9 +155,9 @@ export class IndexedArchive {
   #loadingBytes = 0;
   /** Cached extents that a sequential reader has moved past: evicted first. */
   #passed = new Set<number>();
-  /** The extents read last, to recognize sequential readers. */
-  #recent: number[] = new Array(8).fill(-2);
-  #recentAt = 0;
+  /** Per device, where its last reads ended (several readers at once), to see sequential ones. */
+  #lastEnds = new Map<number, number[]>();
+  #header: DecodedVmaHeader | undefined;
 
   private constructor(
     reader: RangeReader,
@@ -215,10 +219,10 @@ export class IndexedArchive {
       : 0;
     let archive: IndexedArchive;
     if (magic === VMA_MAGIC) {
-      const index = options.sidecar === undefined
-        ? await scanPlainArchive(reader)
-        : decodeIndex(options.sidecar);
-      const source = options.sidecar === undefined ? "scan" : "sidecar";
+      const given = options.index ??
+        (options.sidecar === undefined ? undefined : decodeIndex(options.sidecar));
+      const index = given ?? await scanPlainArchive(reader);
+      const source = given === undefined ? "scan" : "sidecar";
       archive = new IndexedArchive(reader, index, "vma", source, undefined, options);
       if (index.archiveBytes !== reader.size) {
         throw new VmaFormatError(
@@ -257,6 +261,38 @@ export class IndexedArchive {
   /** The archive's devices. */
   get devices(): VmaIndexDevice[] {
     return this.index.devices;
+  }
+
+  /** Lookups over the index. */
+  get map(): IndexMap {
+    return this.#map;
+  }
+
+  /** The archive header: identity, configs and devices. */
+  get header(): DecodedVmaHeader {
+    return this.#header!;
+  }
+
+  /**
+   * Cluster `cluster` of `devId` as a record would carry it: its mask and its 64 KiB (zeros
+   * where no block is stored), or `null` data for a zero cluster.
+   */
+  async cluster(
+    devId: number,
+    cluster: number,
+  ): Promise<{ mask: number; data: Uint8Array | null }> {
+    const place = this.#map.locate(devId, cluster);
+    if (place === null) return { mask: 0, data: null };
+    const entry = this.#extent(place.extent);
+    entry.pins++;
+    try {
+      const extent = await entry.promise;
+      const data = new Uint8Array(CLUSTER_SIZE);
+      copyCluster(extent, place.slot, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name, false);
+      return { mask: extent.masks[place.slot]!, data };
+    } finally {
+      this.#unpin(entry);
+    }
   }
 
   /** The device of `name` (exactly, or with the `drive-` prefix added), if there is one. */
@@ -318,8 +354,92 @@ export class IndexedArchive {
         }).finally(() => this.#unpin(entry)),
       );
     }
+    // A reader that goes on where it stopped gets the extents of the next clusters of this
+    // disk read ahead (the archive's next extents may hold another disk). Several readers
+    // of one disk at once (nbdcopy's connections) are each seen as sequential.
+    const ends = this.#lastEnds.get(devId) ?? [];
+    const stream = ends.indexOf(offset);
+    if (stream >= 0) {
+      ends.splice(stream, 1);
+      this.#passedBefore(devId, offset);
+      this.#readAhead(devId, end, device.size);
+    }
+    ends.push(end);
+    if (ends.length > 8) ends.shift();
+    this.#lastEnds.set(devId, ends);
     await Promise.all(reads);
     return out;
+  }
+
+  /** A sequential reader that starts a new extent at `offset` is done with the one before. */
+  #passedBefore(devId: number, offset: number): void {
+    if (offset === 0) return;
+    const before = this.#map.locate(devId, Math.floor((offset - 1) / CLUSTER_SIZE));
+    const now = this.#map.locate(devId, Math.floor(offset / CLUSTER_SIZE));
+    if (before !== null && before.extent !== now?.extent && this.#cache.has(before.extent)) {
+      this.#passed.add(before.extent);
+    }
+  }
+
+  /**
+   * Starts reading the extents that hold the next clusters after `from` (up to
+   * {@linkcode READ_AHEAD} of them), only into free cache room: extents sequential readers
+   * have moved past may go for it, but not what other readers still use.
+   */
+  #readAhead(devId: number, from: number, size: number): void {
+    const first = Math.ceil(from / CLUSTER_SIZE);
+    const last = Math.min(Math.ceil(size / CLUSTER_SIZE), first + READ_AHEAD * SLOTS_PER_EXTENT);
+    const seen = new Set<number>();
+    for (let cluster = first; cluster < last; cluster++) {
+      const place = this.#map.locate(devId, cluster);
+      if (place === null || seen.has(place.extent)) continue;
+      seen.add(place.extent);
+      if (seen.size > READ_AHEAD) return;
+      if (this.#cache.has(place.extent)) continue;
+      const bytes = this.index.blockCounts[place.extent]! * BLOCK_SIZE;
+      const room = () => this.#cacheBytes - this.#cached - this.#loadingBytes;
+      if (room() < bytes) this.#evict(bytes - room(), true);
+      if (room() < bytes) return;
+      this.#load(place.extent).promise.catch(() => {}); // a failed read-ahead fails its reader
+    }
+  }
+
+  /**
+   * Extent `e` as stored in a seekable `.vma.zst`, for a copy that does not re-encode it:
+   * its decoded 512-byte header and slots, and its data frame exactly as stored, with the
+   * frame's checksum and SHA-256 (checked against the index). `undefined` when the
+   * extent's data is not one frame of its own (a plain archive, another layout) or it has
+   * no data.
+   */
+  async storedExtent(e: number): Promise<StoredExtent | undefined> {
+    const table = this.#seekTable;
+    if (table === undefined || this.index.digestScope !== "zstd-frame") return undefined;
+    if (this.index.blockCounts[e] === 0) return undefined;
+    const start = this.#map.extentOffsets[e]!;
+    const end = this.#map.extentOffsets[e + 1]!;
+    const headerFrame = this.#frameAt(start);
+    const dataFrame = headerFrame + 1;
+    if (
+      this.#frameDecoded[headerFrame] !== start ||
+      this.#frameDecoded[dataFrame] !== start + EXTENT_HEADER_SIZE ||
+      this.#frameDecoded[dataFrame + 1] !== end
+    ) return undefined;
+    const [header] = await this.#archiveBytes(start, start + EXTENT_HEADER_SIZE);
+    header!.lease?.release();
+    const { slots } = decodeExtentHeader(header!.bytes, start, this.#uuidBytes());
+    const from = this.#frameStored[dataFrame]!;
+    const frame = await this.#reader.read(from, this.#frameStored[dataFrame + 1]! - from);
+    this.stats.storedBytesRead += frame.byteLength;
+    this.#checkFrameChecksum(frame, dataFrame);
+    const digest = new Uint8Array(createHash("sha256").update(frame).digest());
+    this.#checkDigest(e, digest);
+    return {
+      blockCount: this.index.blockCounts[e]!,
+      slots,
+      frame,
+      checksum: table.checksums?.[dataFrame] ?? 0,
+      digest,
+    };
   }
 
   /** Which parts of `devId`'s range `offset`..`offset + length` are zero, by the index alone. */
@@ -344,36 +464,14 @@ export class IndexedArchive {
 
   /** A decoded extent, from the cache or read now; reads ahead for sequential readers. */
   #extent(e: number): CacheEntry {
-    // Several sequential readers at once (nbdcopy's connections) each count as sequential.
-    const recent = this.#recent;
-    const moved = !recent.includes(e) && recent.includes(e - 1);
-    const sequential = moved || recent.includes(e);
-    if (!recent.includes(e)) {
-      recent[this.#recentAt] = e;
-      this.#recentAt = (this.#recentAt + 1) % recent.length;
-    }
-    // A reader that moved on from e - 1 is likely done with it: it goes first.
-    if (moved && this.#cache.has(e - 1)) this.#passed.add(e - 1);
-    this.#passed.delete(e);
     let entry = this.#cache.get(e);
     if (entry !== undefined) {
       this.stats.cacheHits++;
+      this.#passed.delete(e); // read again: not done with after all
       this.#cache.delete(e); // most recently used last
       this.#cache.set(e, entry);
     } else {
-      entry = this.#load(e); // before the read-ahead: the reader waits for this one
-    }
-    if (sequential) {
-      // Read ahead only into free room: evicting what other readers still use costs more.
-      const last = Math.min(e + READ_AHEAD, this.index.blockCounts.length - 1);
-      for (let next = e + 1; next <= last; next++) {
-        const size = this.index.blockCounts[next]! * BLOCK_SIZE;
-        if (size === 0 || this.#cache.has(next)) continue;
-        const room = () => this.#cacheBytes - this.#cached - this.#loadingBytes;
-        if (room() < size) this.#evict(size - room(), true);
-        if (room() < size) break;
-        this.#load(next).promise.catch(() => {}); // a failed read-ahead fails its reader
-      }
+      entry = this.#load(e);
     }
     return entry;
   }
@@ -680,11 +778,26 @@ export class IndexedArchive {
         "the index does not match this archive's header (a stale index of an archive with the same UUID)",
       );
     }
+    this.#header = decodeHeader(bytes); // checks its MD5, and gives the configs
   }
 }
 
-/** Extents read ahead of a sequential reader. */
+/** Extents read ahead of a sequential reader: the ones that hold the next clusters. */
 const READ_AHEAD = 3;
+
+/** An extent of a seekable archive as stored, for a verbatim copy. */
+export interface StoredExtent {
+  /** Its 4 KiB data blocks. */
+  blockCount: number;
+  /** Its used slots, from its header. */
+  slots: VmaExtentSlot[];
+  /** Its data frame, compressed, exactly as stored. */
+  frame: Uint8Array;
+  /** The frame's content checksum (low 32 bits of XXH64). */
+  checksum: number;
+  /** SHA-256 of `frame`, as the index lists it. */
+  digest: Uint8Array;
+}
 
 /** The archive cannot be read at random (it is not seekable). */
 export class NotSeekableError extends Error {

@@ -8,7 +8,7 @@ import type { VmaIndex } from "../index/index_format.ts";
 import { IndexBuilder } from "../index/index_builder.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { decodeExtentHeader } from "../vma/extent_header.ts";
+import { decodeExtentHeader, slotRuns } from "../vma/extent_header.ts";
 import {
   BLOCK_SIZE,
   EXTENT_HEADER_SIZE,
@@ -83,7 +83,14 @@ export async function scanPlainArchive(reader: RangeReader): Promise<VmaIndex> {
         `short vma extent (${reader.size - offset} < ${length})`,
       );
     }
-    builder.addExtent(extent, null);
+    builder.addExtent(
+      {
+        blockCount: extent.blockCount,
+        slotCount: extent.slots.length,
+        runs: slotRuns(extent.slots),
+      },
+      null,
+    );
     offset += length;
   }
   return builder.finish({ digestScope: "none" });

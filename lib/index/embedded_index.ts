@@ -17,6 +17,8 @@ import {
 
 /** Magic of the skippable frame that carries the archive index (`0x184D2A50 | 0xB`). */
 export const INDEX_FRAME_MAGIC = 0x184d2a5b;
+/** Seek-table checksum of a frame without content: the low 32 bits of XXH64 of nothing. */
+export const EMPTY_CHECKSUM = 0x51d8e999;
 
 /** A seekable file's table, and its index if it has one. */
 export interface EmbeddedIndex {
@@ -75,14 +77,33 @@ export async function readEmbeddedIndex(reader: RangeReader): Promise<EmbeddedIn
   const bytes = await reader.read(offset, size);
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const tag = new TextDecoder().decode(bytes.subarray(8, 8 + INDEX_TAG.length));
-  if (view.getUint32(0, true) !== INDEX_FRAME_MAGIC || tag !== INDEX_TAG) {
-    return { seekTable, index: undefined, indexOffset: -1, indexFrame: -1 };
+  const ours = view.getUint32(0, true) === INDEX_FRAME_MAGIC;
+  if (!ours && tag !== INDEX_TAG) {
+    return { seekTable, index: undefined, indexOffset: -1, indexFrame: -1 }; // another tool's
+  }
+  if (!ours || tag !== INDEX_TAG) {
+    throw new VmaFormatError(
+      "bad-index",
+      offset,
+      `the index frame is damaged (its ${ours ? "tag" : "magic"} is wrong)`,
+    );
   }
   if (view.getUint32(4, true) !== size - 8) {
     throw new VmaFormatError(
       "bad-index",
       offset + 4,
       `the index frame says it holds ${view.getUint32(4, true)} bytes, the seek table ${size - 8}`,
+    );
+  }
+  // This project writes the index frame's entry and the table's descriptor just so; any
+  // other value is a changed byte, even where a reader would not care.
+  const descriptor = footer[footer.byteLength - 5]!;
+  const checksum = seekTable.checksums?.[frame];
+  if (descriptor !== 0x80 || (checksum !== undefined && checksum !== EMPTY_CHECKSUM)) {
+    throw new VmaFormatError(
+      "bad-seek-table",
+      reader.size - tableSize,
+      "bad zstd seek table: its descriptor or the index frame's entry is not as written",
     );
   }
   const index = decodeIndex(bytes.subarray(8), offset + 8);

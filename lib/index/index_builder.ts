@@ -5,7 +5,8 @@
  *
  * @module
  */
-import type { VmaExtentSlot, VmaHeaderPiece } from "../vma/extent_stream.ts";
+import type { VmaHeaderPiece } from "../vma/extent_stream.ts";
+import type { SlotRun } from "../vma/extent_header.ts";
 import { BLOCK_SIZE, EXTENT_HEADER_SIZE, HeaderOffset } from "../vma/format.ts";
 import { Growable } from "./_growable.ts";
 import type { DigestScope, VmaIndex, VmaIndexBase } from "./index_format.ts";
@@ -91,31 +92,34 @@ export class IndexBuilder {
    * `null` for an extent without data.
    */
   addExtent(
-    extent: { blockCount: number; slots: VmaExtentSlot[] },
+    extent: { blockCount: number; slotCount: number; runs: readonly SlotRun[] },
     digest: Uint8Array | null,
   ): void {
     this.#blockCounts.push(extent.blockCount);
-    this.#slotCounts.push(extent.slots.length);
+    this.#slotCounts.push(extent.slotCount);
     this.#digests.pushAll(digest ?? IndexBuilder.#noDigest);
     this.#bytes += EXTENT_HEADER_SIZE + extent.blockCount * BLOCK_SIZE;
-    for (const { devId, cluster, mask } of extent.slots) {
-      const zero = mask === 0 ? 1 : 0;
-      const slot = this.#slots++;
+    for (const { devId, cluster, count, zero: isZero } of extent.runs) {
+      const zero = isZero ? 1 : 0;
+      const slot = this.#slots;
+      this.#slots += count;
       const run = this.#open[devId];
       if (
         run !== undefined && cluster === run.first + run.count && slot === run.slot + run.count &&
         zero === run.zero
       ) {
-        run.count++;
+        run.count += count;
         continue;
       }
       if (run !== undefined) this.#close(devId, run);
-      this.#open[devId] = { first: cluster, count: 1, slot, zero };
+      this.#open[devId] = { first: cluster, count, slot, zero };
     }
   }
 
   /** The finished index; call once, after the last extent. */
-  finish(options: { digestScope: DigestScope; base?: VmaIndexBase }): VmaIndex {
+  finish(
+    options: { digestScope: DigestScope; base?: VmaIndexBase; framesDigest?: string },
+  ): VmaIndex {
     this.#open.forEach((run, devId) => run && this.#close(devId, run));
     this.#open = [];
     const header = this.#header;
@@ -128,6 +132,7 @@ export class IndexBuilder {
       devices: header.devices.map(({ devId, name, size }) => ({ devId, name, size })),
       digestScope: options.digestScope,
       ...(options.base && { base: options.base }),
+      ...(options.framesDigest && { framesDigest: options.framesDigest }),
       blockCounts: this.#blockCounts.view().slice(),
       slotCounts: this.#slotCounts.view().slice(),
       digests: this.#digests.view().slice(),

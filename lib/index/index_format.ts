@@ -96,6 +96,12 @@ export interface VmaIndex {
   digestScope: DigestScope;
   /** For a synthetic full backup: the base it was made from. */
   base?: VmaIndexBase | undefined;
+  /**
+   * In a seekable `.vma.zst`: SHA-256 (hex) of every frame that has no digest of its own
+   * (the VMA header's, the extent headers', the runs of empty extents), in file order, so
+   * that each stored byte is under a digest.
+   */
+  framesDigest?: string | undefined;
   /** Per extent: its 4 KiB data blocks. */
   blockCounts: Uint16Array;
   /** Per extent: its used slots. */
@@ -117,6 +123,7 @@ interface JsonHeader {
   devices: VmaIndexDevice[];
   digestScope: DigestScope;
   base?: VmaIndexBase;
+  framesDigest?: string;
   extents: number;
   runs: number;
 }
@@ -159,6 +166,7 @@ export function encodeIndex(index: VmaIndex): Uint8Array<ArrayBuffer> {
     devices: index.devices.map(({ devId, name, size }) => ({ devId, name, size })),
     digestScope: index.digestScope,
     ...(index.base && { base: index.base }),
+    ...(index.framesDigest && { framesDigest: index.framesDigest }),
     extents,
     runs,
   };
@@ -280,12 +288,14 @@ export function decodeIndex(bytes: Uint8Array, at = 0): VmaIndex {
     devices: header.devices.map(({ devId, name, size }) => ({ devId, name, size })),
     digestScope: header.digestScope,
     base: header.base,
+    framesDigest: header.framesDigest,
     blockCounts,
     slotCounts,
     digests,
     runs: table,
   };
   if (index.base === undefined) delete index.base;
+  if (index.framesDigest === undefined) delete index.framesDigest;
   checkConsistency(index, (detail) => fail(detail, runsAt));
   return index;
 }
@@ -303,6 +313,9 @@ function checkJsonHeader(header: JsonHeader, fail: (detail: string) => never): v
   }
   if (typeof header.headerMd5 !== "string" || !/^[0-9a-f]{32}$/.test(header.headerMd5)) {
     fail("the index has no valid header MD5");
+  }
+  if (header.framesDigest !== undefined && !/^[0-9a-f]{64}$/.test(header.framesDigest)) {
+    fail("the index has a malformed frames digest");
   }
   if (!["vma-data", "zstd-frame", "none"].includes(header.digestScope)) {
     fail(`unknown digest scope ${JSON.stringify(header.digestScope)}`);

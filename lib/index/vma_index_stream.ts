@@ -11,6 +11,9 @@ import { EXTENT_HEADER_SIZE } from "../vma/format.ts";
 import { type VmaIndex, type VmaIndexBase } from "./index_format.ts";
 import { IndexBuilder } from "./index_builder.ts";
 
+/** Bytes of small pieces gathered into one chunk. */
+const SMALL_BATCH = 64 * 1024;
+
 /**
  * Turns an archive's pieces (from `VmaExtentStream`) back into its exact bytes, and builds
  * its index on the way, with a SHA-256 of each extent's data blocks: the index of a plain
@@ -43,6 +46,14 @@ export class VmaIndexStream extends TransformStream<VmaHeaderPiece | VmaExtentPi
   constructor(options: { base?: VmaIndexBase } = {}) {
     let builder: IndexBuilder | undefined;
     const done: { index?: VmaIndex } = {};
+    // Extents without data (512 bytes each, thousands on a sparse disk) go out together in
+    // chunks of up to 64 KiB, as the writer batches them: one write each, not thousands.
+    const small = new Uint8Array(SMALL_BATCH);
+    let fill = 0;
+    const flushSmall = (controller: TransformStreamDefaultController<Uint8Array>) => {
+      if (fill > 0) controller.enqueue(small.slice(0, fill));
+      fill = 0;
+    };
     super({
       transform(piece, controller) {
         if (piece.type === "header") {
@@ -55,9 +66,17 @@ export class VmaIndexStream extends TransformStream<VmaHeaderPiece | VmaExtentPi
           );
           builder.addExtent(piece, digest);
         }
+        if (piece.bytes.byteLength <= EXTENT_HEADER_SIZE) {
+          if (fill + piece.bytes.byteLength > SMALL_BATCH) flushSmall(controller);
+          small.set(piece.bytes, fill);
+          fill += piece.bytes.byteLength;
+          return;
+        }
+        flushSmall(controller);
         controller.enqueue(piece.bytes);
       },
-      flush() {
+      flush(controller) {
+        flushSmall(controller);
         if (builder === undefined) {
           throw new TypeError("Cannot index the archive: It has no header");
         }

@@ -5,6 +5,8 @@
  * @module
  */
 import type { QmpClient } from "../protocols/qmp_client.ts";
+import { configName } from "../vma/format.ts";
+import { encodeHeader } from "../vma/header.ts";
 
 /** A drive of a running VM. */
 export interface LiveDrive {
@@ -18,18 +20,144 @@ export interface LiveDrive {
   qdev?: string | undefined;
   /** The BlockBackend name, empty for devices set up with `-blockdev`. */
   device: string;
+  /** Block driver of `node`, such as `qcow2` or `throttle` (`inserted.drv`). */
+  driver?: string | undefined;
 }
 
 interface BlockInfo {
   device: string;
   qdev?: string;
   removable?: boolean;
-  inserted?: { "node-name": string; ro?: boolean; image: { "virtual-size": number } };
+  inserted?: {
+    "node-name": string;
+    ro?: boolean;
+    drv?: string;
+    image: { "virtual-size": number };
+  };
 }
 
-/** The id of a device from its QOM path: `/machine/peripheral/vda/virtio-backend` → `vda`. */
+/**
+ * The id of a guest device from what `query-block` says: a QOM path
+ * (`/machine/peripheral/vda/virtio-backend` → `vda`), or the id itself (scsi-hd says `scsi0`).
+ */
 function qdevId(qdev: string | undefined): string | undefined {
+  if (qdev !== undefined && qdev !== "" && !qdev.startsWith("/")) return qdev;
   return qdev?.match(/^\/machine\/peripheral\/([^/]+)/)?.[1];
+}
+
+/**
+ * The QOM paths that may take a drive's `drive` property, most likely first: virtio-blk-pci
+ * takes it on its proxy `/machine/peripheral/<id>`, not on the inner `virtio-backend` that
+ * `query-block` names; scsi-hd is named by its id alone; the EFI flash is `/machine/system.flash1`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { devicePaths } from "./drives.ts";
+ *
+ * const vda = { name: "drive-vda", node: "n", size: 1, device: "" };
+ * assert.deepEqual(devicePaths({ ...vda, qdev: "/machine/peripheral/vda/virtio-backend" }), [
+ *   "/machine/peripheral/vda",
+ *   "/machine/peripheral/vda/virtio-backend",
+ * ]);
+ * assert.deepEqual(devicePaths({ ...vda, qdev: "scsi0" }), ["/machine/peripheral/scsi0"]);
+ * assert.deepEqual(devicePaths(vda), []);
+ * ```
+ */
+export function devicePaths(drive: LiveDrive): string[] {
+  const qdev = drive.qdev;
+  if (qdev === undefined || qdev === "") return [];
+  if (!qdev.startsWith("/")) return [`/machine/peripheral/${qdev}`];
+  return [...new Set([qdev.replace(/\/virtio-backend$/, ""), qdev])];
+}
+
+/**
+ * The iothread a drive's guest device runs in (its id), or `undefined` for the main loop:
+ * the device's `iothread` property, or its controller's (scsi-hd sits on a virtio-scsi bus).
+ * Pull mode asks, because QEMU 7.2 often aborts (`qemu_mutex_unlock_impl: Operation not
+ * permitted`) when `blockdev-add` attaches a copy-before-write filter to a graph with a
+ * throttle filter in an iothread.
+ *
+ * @example With canned `qom-get` answers instead of a VM
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { QmpClient } from "../protocols/qmp_client.ts";
+ * import { driveIothread } from "./drives.ts";
+ *
+ * const properties: Record<string, unknown> = {
+ *   "/machine/peripheral/scsi0 parent_bus": "/machine/peripheral/virtioscsi0/virtio-backend/virtioscsi0.0",
+ *   "/machine/peripheral/virtioscsi0/virtio-backend iothread": "/objects/iothread-virtioscsi0",
+ *   "/machine/peripheral/vda iothread": "",
+ * };
+ * const qmp = {
+ *   execute: (_: string, args: { path: string; property: string }) => {
+ *     const value = properties[`${args.path} ${args.property}`];
+ *     return value === undefined ? Promise.reject(new Error("not found")) : Promise.resolve(value);
+ *   },
+ * } as unknown as QmpClient;
+ * const drive = { name: "drive-scsi0", node: "n", size: 1, device: "", qdev: "scsi0" };
+ * assert.equal(await driveIothread(qmp, drive), "iothread-virtioscsi0");
+ * assert.equal(await driveIothread(qmp, { ...drive, qdev: "/machine/peripheral/vda" }), undefined);
+ * ```
+ */
+export async function driveIothread(qmp: QmpClient, drive: LiveDrive): Promise<string | undefined> {
+  const get = (path: string, property: string) =>
+    qmp.execute("qom-get", { path, property }).then((value) => value, () => undefined);
+  let path: string | undefined = devicePaths(drive)[0];
+  for (let depth = 0; path !== undefined && depth < 4; depth++) {
+    const iothread = await get(path, "iothread");
+    if (typeof iothread === "string") return iothread.split("/").at(-1) || undefined;
+    const bus = await get(path, "parent_bus");
+    // The device that owns the bus: the bus path without its last component.
+    path = typeof bus === "string" && bus.lastIndexOf("/") > 0
+      ? bus.slice(0, bus.lastIndexOf("/"))
+      : undefined;
+  }
+  return undefined;
+}
+
+/**
+ * Throws unless `drives` and `configs` fit into one VMA archive (at most 254 devices, configs
+ * of 1 to 65535 bytes, a header of at most 512 KiB), so a live backup can refuse before it
+ * changes anything in the VM.
+ *
+ * @example 255 drives are one too many
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { checkArchiveLimits } from "./drives.ts";
+ *
+ * const drive = (i: number) => ({ name: `drive-d${i}`, node: `n${i}`, size: 65536, device: "" });
+ * checkArchiveLimits([drive(0)], [{ name: "qemu-server.conf", data: new Uint8Array(9) }]);
+ * assert.throws(
+ *   () => checkArchiveLimits(Array.from({ length: 255 }, (_, i) => drive(i))),
+ *   /255 drives, but a VMA archive holds at most 254/,
+ * );
+ * const big = Array.from({ length: 9 }, (_, i) => ({ name: `${i}.conf`, data: new Uint8Array(65535) }));
+ * assert.throws(() => checkArchiveLimits([drive(0)], big), /VMA header: Its size \d+ exceeds 524288 bytes/);
+ * ```
+ */
+export function checkArchiveLimits(
+  drives: LiveDrive[],
+  configs: { name: string; data: Uint8Array }[] = [],
+): void {
+  if (drives.length > 254) {
+    throw new RangeError(
+      `Cannot back up the VM (nothing was changed): It has ${drives.length} drives, but a VMA archive holds at most 254 (choose some with --drive)`,
+    );
+  }
+  try {
+    encodeHeader({
+      uuid: "00000000-0000-4000-8000-000000000000",
+      ctime: 0,
+      configs: configs.map(({ name, data }) => ({ name: configName(name), data })),
+      devices: drives.map(({ name, size }, index) => ({ devId: index + 1, name, size })),
+    });
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    throw new RangeError(`Cannot back up the VM (nothing was changed): ${message}`, {
+      cause: error,
+    });
+  }
 }
 
 /**
@@ -41,6 +169,8 @@ function qdevId(qdev: string | undefined): string | undefined {
  * ```ts
  * import assert from "node:assert/strict";
  * import type { QmpClient } from "../protocols/qmp_client.ts";
+import { configName } from "../vma/format.ts";
+import { encodeHeader } from "../vma/header.ts";
  * import { findDrives } from "./drives.ts";
  *
  * const image = { "virtual-size": 1 << 30 };
@@ -68,6 +198,7 @@ export async function findDrives(qmp: QmpClient, selection: string[] = []): Prom
       size: block.inserted.image["virtual-size"],
       qdev: block.qdev,
       device: block.device,
+      driver: block.inserted.drv,
       ro: block.inserted.ro === true,
     }];
   });

@@ -8,7 +8,7 @@
 import { NbdServer } from "../protocols/nbd_server.ts";
 import type { QmpEvent } from "../protocols/qmp_client.ts";
 import type { VmaRecord } from "../vma/records.ts";
-import { findDrives } from "./drives.ts";
+import { checkArchiveLimits, findDrives } from "./drives.ts";
 import { PushTarget } from "./push_target.ts";
 import { RecordQueue } from "./record_queue.ts";
 import { deviceRecords, type LiveBackup, type LiveBackupOptions, tearDown } from "./session.ts";
@@ -32,8 +32,11 @@ const PREFIX = "vmabackup";
  *    per cluster, no snapshot and no temporary image;
  * 5. after `BLOCK_JOB_COMPLETED` for every job: `blockdev-del` of the nodes we added.
  *
- * If the record stream is cancelled (the archive sink failed) or {@linkcode LiveBackup.abort}
- * is called, the jobs are cancelled and the nodes removed, so the graph is as before.
+ * The drive count and sizes are checked against the archive's limits (and by
+ * `checkDrives`) before anything in the VM changes. If the record stream is cancelled (the
+ * archive sink failed) or {@linkcode LiveBackup.abort} is called, QEMU's pending and later
+ * writes are answered at once without waiting for the reader, the jobs are cancelled and
+ * the nodes removed, so the graph is as before, also when the reader stopped reading.
  *
  * @example Back up a running VM to a file
  * ```ts ignore
@@ -51,6 +54,8 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
   const { qmp } = options;
   const timeoutMs = (options.timeoutSeconds ?? 60) * 1000;
   const drives = await findDrives(qmp, options.drives);
+  checkArchiveLimits(drives);
+  await options.checkDrives?.(drives);
   const ownDir = options.workDir === undefined;
   const dir = options.workDir ?? await Deno.makeTempDir({ prefix: `${PREFIX}-` });
   const tag = crypto.randomUUID().slice(0, 8); // unique node and job names per backup
@@ -182,7 +187,12 @@ export async function startPushBackup(options: PushBackupOptions): Promise<LiveB
     snapshot: snapshot.promise,
     finished,
     async abort(reason?: unknown) {
-      aborted.abort(reason ?? new Error("The backup was aborted"));
+      const error = reason ?? new Error("The backup was aborted");
+      // First every write QEMU has pending or still sends is answered, so its jobs never
+      // wait for a reader that stopped (block-job-cancel drains them, and a drain that
+      // waits for us stalls QEMU's main loop, its monitor and the guest), then the jobs go.
+      queue.fail(error);
+      aborted.abort(error);
       await finished.catch(() => {});
     },
   };

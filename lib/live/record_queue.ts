@@ -9,7 +9,9 @@
  * Records pushed by any number of producers (for example one NBD connection per disk), read
  * as one `ReadableStream`. `push` waits while the queue is full, which is how backpressure
  * reaches QEMU: a write is only acknowledged once its clusters are queued. When the reader
- * cancels (the archive sink failed), `push` rejects at once and `onCancel` runs.
+ * cancels (the archive sink failed) or {@linkcode RecordQueue.fail} is called (the backup
+ * is aborted), every waiting `push` rejects at once, and so does every later one, so no
+ * producer is left waiting for a reader that will never come.
  *
  * @example Two producers, one stream
  * ```ts
@@ -24,6 +26,20 @@
  * assert.deepEqual(await Array.fromAsync(queue.readable), [0, 1, 2, 3, 4]);
  * await producer;
  * ```
+ *
+ * @example Failing wakes the producers that wait for room
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { RecordQueue } from "./record_queue.ts";
+ *
+ * const queue = new RecordQueue<number>(1);
+ * await queue.push(1);
+ * const waiting = queue.push(2); // full, and nobody reads
+ * queue.fail(new Error("aborted"));
+ * await assert.rejects(waiting, /aborted/);
+ * await assert.rejects(queue.push(3), /aborted/);
+ * await assert.rejects(queue.readable.getReader().read(), /aborted/);
+ * ```
  */
 export class RecordQueue<T> {
   readonly readable: ReadableStream<T>;
@@ -32,8 +48,10 @@ export class RecordQueue<T> {
   #spaceWaiters: (() => void)[] = [];
   #dataWaiter: (() => void) | undefined;
   #closed = false;
+  /** Why the stream ends with an error after the queued records (the producers' failure). */
   #failure: unknown;
-  #cancelled: unknown;
+  /** Why pushes are refused: the reader cancelled, or the queue was failed. */
+  #stopped: unknown;
   #onCancel: ((reason: unknown) => void) | undefined;
 
   constructor(capacity: number, onCancel?: (reason: unknown) => void) {
@@ -41,7 +59,8 @@ export class RecordQueue<T> {
     this.#onCancel = onCancel;
     this.readable = new ReadableStream<T>({
       pull: async (controller) => {
-        while (this.#items.length === 0) {
+        while (this.#items.length === 0 || this.#stopped !== undefined) {
+          if (this.#stopped !== undefined) throw this.#stopped;
           if (this.#failure !== undefined) throw this.#failure;
           if (this.#closed) return controller.close();
           await new Promise<void>((resolve) => (this.#dataWaiter = resolve));
@@ -50,20 +69,28 @@ export class RecordQueue<T> {
         this.#spaceWaiters.shift()?.();
       },
       cancel: (reason) => {
-        this.#cancelled = reason ?? new Error("The record stream was cancelled");
-        this.#items = [];
-        for (const wake of this.#spaceWaiters.splice(0)) wake();
-        this.#onCancel?.(this.#cancelled);
+        this.#stop(reason ?? new Error("The record stream was cancelled"));
+        this.#onCancel?.(this.#stopped);
       },
     }, { highWaterMark: 0 });
   }
 
-  /** Adds a record, waiting while the queue is full; rejects once the reader cancelled. */
+  /** Most records queued at once. */
+  get capacity(): number {
+    return this.#capacity;
+  }
+
+  /** Whether pushes are refused now (the reader cancelled, or the queue was failed). */
+  get stopped(): boolean {
+    return this.#stopped !== undefined;
+  }
+
+  /** Adds a record, waiting while the queue is full; rejects once the queue stopped. */
   async push(item: T): Promise<void> {
-    while (this.#items.length >= this.#capacity && this.#cancelled === undefined) {
+    while (this.#items.length >= this.#capacity && this.#stopped === undefined) {
       await new Promise<void>((resolve) => this.#spaceWaiters.push(resolve));
     }
-    if (this.#cancelled !== undefined) throw this.#cancelled;
+    if (this.#stopped !== undefined) throw this.#stopped;
     if (this.#closed) throw new Error("Cannot push: The record queue is closed");
     this.#items.push(item);
     this.#wake();
@@ -75,10 +102,25 @@ export class RecordQueue<T> {
     this.#wake();
   }
 
-  /** Fails the stream (after nothing more is read). */
+  /** Fails the stream after the queued records (what the producers had is still read). */
   error(reason: unknown): void {
     this.#failure = reason;
     this.#wake();
+  }
+
+  /**
+   * Stops at once: queued records are dropped, every waiting and later `push` rejects with
+   * `reason`, and so does the next read.
+   */
+  fail(reason: unknown): void {
+    this.#stop(reason);
+    this.#wake();
+  }
+
+  #stop(reason: unknown): void {
+    this.#stopped ??= reason;
+    this.#items = [];
+    for (const wake of this.#spaceWaiters.splice(0)) wake();
   }
 
   #wake(): void {

@@ -18,6 +18,12 @@ export interface LiveBackupOptions {
   workDir?: string;
   /** Most seconds to wait for QEMU when setting up and tearing down (default 60). */
   timeoutSeconds?: number;
+  /**
+   * Called with the drives found, before anything in the VM changes: throw to refuse the
+   * backup (the CLI checks that the drives and its config files fit into one archive). The
+   * archive's own limits on the drives (at most 254) are always checked.
+   */
+  checkDrives?: (drives: LiveDrive[]) => void | Promise<void>;
 }
 
 /** A live backup in progress. */
@@ -33,8 +39,39 @@ export interface LiveBackup {
    * with what went wrong (the graph is restored in any case).
    */
   readonly finished: Promise<void>;
-  /** Stops the backup: cancels QEMU's work and restores the graph; resolves when done. */
+  /** Pull mode: the directory of the fleece images. */
+  readonly fleeceDir?: string;
+  /**
+   * Stops the backup: every write QEMU has pending or sends from now on is answered at once
+   * (push mode), then QEMU's work is cancelled and the graph restored; resolves when done,
+   * also while the record stream is not being read.
+   */
   abort(reason?: unknown): Promise<void>;
+}
+
+/**
+ * A pull backup's snapshot broke: a copy-before-write to the fleece image failed or took too
+ * long, so QEMU let the guest's write through and gave up the point-in-time view.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { SnapshotBrokenError } from "./session.ts";
+ *
+ * const error = new SnapshotBrokenError("The snapshot broke: ...", { fleeceFull: true });
+ * assert.equal(error.name, "SnapshotBrokenError");
+ * assert.equal(error.fleeceFull, true);
+ * ```
+ */
+export class SnapshotBrokenError extends Error {
+  /** Whether the file system of the fleece images had no space left. */
+  readonly fleeceFull: boolean;
+
+  constructor(message: string, options: { cause?: unknown; fleeceFull: boolean }) {
+    super(message, { cause: options.cause });
+    this.name = "SnapshotBrokenError";
+    this.fleeceFull = options.fleeceFull;
+  }
 }
 
 /**

@@ -134,8 +134,9 @@ export class RestoreSink extends WritableStream<VmaRecord> {
         writes.discard();
         closeAll();
       },
-      // Up to two extents of records wait while a write is in flight, so decoding goes on.
-    }, { highWaterMark: 2 * 59 });
+      // An extent of records waits while a write is in flight, so decoding goes on (two held
+      // about 15 MiB more with the whole frames of a seekable archive).
+    }, { highWaterMark: 59 });
     this.#restored = restored;
   }
 

@@ -13,6 +13,7 @@
  */
 import { createHash } from "node:crypto";
 import * as zlib from "node:zlib";
+import { noteFallback } from "./_zstd_note.ts";
 
 /** A frame to decode. */
 export interface DecodeJob {
@@ -205,13 +206,21 @@ export class FrameDecoderPool {
   #nextId = 0;
   #here: DecodeFrame | undefined;
   #onFallback: (why: string) => void;
+  #mainThread: boolean;
 
-  /** A pool of at most `size` workers (default one per core). */
+  /**
+   * A pool of at most `size` workers (default one per core; with `mainThread`, one per core
+   * but one). With `mainThread`, this thread decodes a frame itself whenever every worker
+   * has one: all cores decode without one more Worker's memory (about 15 MiB).
+   */
   constructor(
-    size = navigator.hardwareConcurrency ?? 1,
-    onFallback: (why: string) => void = () => {},
+    size?: number,
+    onFallback: (why: string) => void = noteFallback,
+    options: { mainThread?: boolean } = {},
   ) {
-    this.size = Math.max(1, size);
+    const cores = navigator.hardwareConcurrency ?? 1;
+    this.#mainThread = options.mainThread ?? false;
+    this.size = Math.max(1, size ?? cores - (this.#mainThread ? 1 : 0));
     this.#onFallback = onFallback;
   }
 
@@ -222,7 +231,8 @@ export class FrameDecoderPool {
 
   /** Decodes a frame; its input buffer is transferred until the result (or the failure). */
   decode(job: DecodeJob): Promise<DecodeResult> {
-    if (job.size <= INLINE_SIZE) {
+    const busy = this.#mainThread && this.#waiting.size >= this.size;
+    if (job.size <= INLINE_SIZE || busy) {
       try {
         this.#here ??= frameDecoder(zlib, this.#onFallback);
         const output = job.output === undefined

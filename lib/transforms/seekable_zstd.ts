@@ -5,19 +5,20 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { BufferPool, exclusiveChunk } from "../_pool.ts";
-import { INDEX_FRAME_MAGIC } from "../index/embedded_index.ts";
+import { EMPTY_CHECKSUM, INDEX_FRAME_MAGIC } from "../index/embedded_index.ts";
 import { encodeIndex, type VmaIndex, type VmaIndexBase } from "../index/index_format.ts";
 import { IndexBuilder } from "../index/index_builder.ts";
 import { SeekTableWriter } from "../index/seek_table.ts";
 import type { VmaExtentPiece, VmaHeaderPiece } from "../vma/extent_stream.ts";
-import { EXTENT_HEADER_SIZE, MAX_EXTENT_SIZE } from "../vma/format.ts";
+import { BLOCK_SIZE, EXTENT_HEADER_SIZE, MAX_EXTENT_SIZE } from "../vma/format.ts";
+import { slotRuns, type VmaExtentSlot } from "../vma/extent_header.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
 import { frameBound } from "./_zstd_workers.ts";
+import { deliver } from "./_deliver.ts";
 import { checkLevel } from "./zstd.ts";
 
-/** Seek-table checksum of a frame without content: the low 32 bits of XXH64 of nothing. */
-const EMPTY_CHECKSUM = 0x51d8e999;
 /** Consecutive extents without data share one frame of up to this many bytes. */
 const ZERO_BATCH = 64 * 1024;
 
@@ -31,9 +32,36 @@ export interface SeekableZstdOptions {
   mainThread?: boolean;
   /** For a synthetic full backup: the base archive, recorded in the index. */
   base?: VmaIndexBase;
+  /**
+   * Recycle the output chunks (default `false`); only for a pipeline in which every chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean;
 }
 
 type Output = TransformStreamDefaultController<Uint8Array>;
+
+/**
+ * An extent whose data is copied, compressed, from another seekable archive (a synthetic
+ * full backup's unchanged extents): a new 512-byte header (this archive's UUID) and the
+ * data frame as it was stored, with its checksum and digest. Only the header is compressed.
+ */
+export interface StoredExtentPiece {
+  /** Discriminator. */
+  type: "stored-extent";
+  /** The extent's new 512-byte header. */
+  header: Uint8Array;
+  /** Its 4 KiB data blocks. */
+  blockCount: number;
+  /** Its used slots. */
+  slots: VmaExtentSlot[];
+  /** Its data frame, compressed, exactly as stored before. */
+  frame: Uint8Array;
+  /** The frame's content checksum (low 32 bits of XXH64). */
+  checksum: number;
+  /** SHA-256 of `frame`. */
+  digest: Uint8Array;
+}
 
 /** What a job covers, for the index once its frames are back. */
 interface JobEntry {
@@ -41,6 +69,8 @@ interface JobEntry {
   extents: VmaExtentPiece[];
   /** Decompressed size of each frame. */
   sizes: number[];
+  /** A stored data frame that follows the job's frame (the job compressed its header). */
+  stored?: StoredExtentPiece;
 }
 
 /**
@@ -84,7 +114,7 @@ interface JobEntry {
  * ```
  */
 export class SeekableZstdStream
-  extends TransformStream<VmaHeaderPiece | VmaExtentPiece, Uint8Array> {
+  extends TransformStream<VmaHeaderPiece | VmaExtentPiece | StoredExtentPiece, Uint8Array> {
   #done: { index?: VmaIndex };
   #table: SeekTableWriter;
 
@@ -95,9 +125,11 @@ export class SeekableZstdStream
       outputSize: frameBound(MAX_EXTENT_SIZE) + frameBound(EXTENT_HEADER_SIZE),
       workers: options.workers,
       mainThread: options.mainThread,
+      reuseBuffers: options.reuseBuffers,
     });
     const inputs = new BufferPool(MAX_EXTENT_SIZE, { maxFree: encoder.maxInFlight + 1 });
     const table = new SeekTableWriter();
+    const framesHash = createHash("sha256");
     const jobs: JobEntry[] = [];
     let builder: IndexBuilder | undefined;
     let batch: { bytes: Uint8Array<ArrayBuffer>; fill: number; extents: VmaExtentPiece[] } | null =
@@ -119,13 +151,25 @@ export class SeekableZstdStream
     };
     const emitOldest = async (controller: Output) => {
       const { chunk, lengths, checksums, digests } = await encoder.shift();
-      const { extents, sizes } = jobs.shift()!;
+      const { extents, sizes, stored } = jobs.shift()!;
       if (cancelled !== undefined) throw cancelled.reason;
+      // Every frame but a data frame goes into one digest, so each byte has one.
+      const dataFrame = extents.length === 1 && extents[0]!.blockCount > 0;
+      framesHash.update(chunk.subarray(0, dataFrame ? lengths[0] : chunk.byteLength));
       lengths.forEach((length, i) => table.add(length, sizes[i]!, checksums[i]!));
+      if (stored !== undefined) {
+        table.add(stored.frame.byteLength, stored.blockCount * BLOCK_SIZE, stored.checksum);
+        const { blockCount, slots } = stored;
+        builder!.addExtent(
+          { blockCount, slotCount: slots.length, runs: slotRuns(slots) },
+          stored.digest,
+        );
+        return deliver(controller, chunk) && deliver(controller, stored.frame);
+      }
       for (const extent of extents) {
         builder!.addExtent(extent, extent.blockCount === 0 ? null : digests.shift()!);
       }
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
     const flushBatch = async (controller: Output) => {
       if (batch === null) return;
@@ -146,6 +190,13 @@ export class SeekableZstdStream
           }
           if (builder === undefined) {
             throw new TypeError("Cannot compress the archive: An extent came before the header");
+          }
+          if (piece.type === "stored-extent") {
+            await flushBatch(controller);
+            const header = piece.header.slice(); // 512 bytes, compressed anew
+            const entry = { extents: [], sizes: [EXTENT_HEADER_SIZE], stored: piece };
+            await submit(header, [[0, EXTENT_HEADER_SIZE]], entry, [], () => {}, controller);
+            return;
           }
           if (piece.blockCount === 0) {
             if (batch !== null && batch.fill + piece.bytes.byteLength > ZERO_BATCH) {
@@ -189,9 +240,12 @@ export class SeekableZstdStream
             throw new TypeError("Cannot compress the archive: It has no header");
           }
           await flushBatch(controller);
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
           const index = builder.finish({
             digestScope: "zstd-frame",
+            framesDigest: framesHash.digest("hex"),
             ...(options.base && { base: options.base }),
           });
           const payload = encodeIndex(index);
@@ -201,9 +255,7 @@ export class SeekableZstdStream
           view.setUint32(4, payload.byteLength, true);
           frame.set(payload, 8);
           table.add(frame.byteLength, 0, EMPTY_CHECKSUM);
-          controller.enqueue(frame);
-          controller.enqueue(table.encode());
-          done.index = index;
+          if (deliver(controller, frame) && deliver(controller, table.encode())) done.index = index;
         } finally {
           encoder.stop();
         }

@@ -5,12 +5,12 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { BufferPool, releaseChunk } from "../_pool.ts";
 import type { SeekTable } from "../index/seek_table.ts";
 import { VmaFormatError } from "../vma/errors.ts";
-import { MAX_EXTENT_SIZE } from "../vma/format.ts";
 import { FrameDecoderPool } from "./_frame_decoder.ts";
-import { frameBound } from "./_zstd_workers.ts";
+import { deliver } from "./_deliver.ts";
 
 /** Options of {@linkcode SeekableZstdDecompressStream}. */
 export interface SeekableDecodeOptions {
@@ -26,6 +26,13 @@ export interface SeekableDecodeOptions {
   describe?: (frame: number, decodedOffset: number) => string;
   /** Decoding workers (default one per core). */
   workers?: number;
+  /** SHA-256 (hex) of every frame without an expected digest, in order (the index's). */
+  framesDigest?: string | undefined;
+  /**
+   * Recycle the decoded chunks (default `false`); only for a pipeline in which every chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** Counters of a decode. */
@@ -47,8 +54,9 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * checks each frame's XXH64 as it decodes, and a frame with an expected digest must have
  * it. The index frame and the table at the end are skipped. A failure is a
  * `VmaFormatError` (`bad-frame-checksum`) naming the frame, its byte offset in the file and,
- * with `describe`, what it holds. Memory: a few frames in flight per worker; decoded
- * frames come from a pool, and a final consumer gives them back with `releaseChunk`.
+ * with `describe`, what it holds. Memory: a few frames in flight per worker; with
+ * `reuseBuffers`, decoded frames come from a pool, and a final consumer gives them back with
+ * `releaseChunk`.
  *
  * @example Decode a seekable archive in parallel
  * ```ts
@@ -83,15 +91,26 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const stats: SeekableDecodeStats = { frames: 0, checksummedFrames: 0, digestsChecked: 0 };
     const table = options.seekTable;
     const frames = table.compressedSizes.length;
-    const decoders = new FrameDecoderPool(options.workers);
-    const maxInFlight = 2 * decoders.size + 1;
-    const largest = Math.max(0, ...table.compressedSizes);
-    const inputs = new BufferPool(Math.max(largest, frameBound(MAX_EXTENT_SIZE)), {
-      maxFree: maxInFlight + 1,
-    });
-    const outputs = new BufferPool(Math.max(MAX_EXTENT_SIZE, ...table.decompressedSizes), {
-      maxFree: maxInFlight + 4,
+    // Workers for the cores but one, and this thread decodes when they are all busy: each
+    // frame in flight holds its input and output (about 5 MB for a full extent), and each
+    // Worker about 15 MiB.
+    const decoders = new FrameDecoderPool(options.workers, undefined, { mainThread: true });
+    // A data frame for each worker and one for this thread; twice that many entries, since
+    // every data frame comes after its small header frame (decoded at once).
+    const maxInFlight = 2 * (decoders.size + 1);
+    // Buffers of the sizes this file needs: its largest frame, compressed and decoded.
+    let largest = 0;
+    let largestDecoded = 0;
+    for (let f = 0; f < frames; f++) {
+      if (table.decompressedSizes[f] === 0) continue;
+      largest = Math.max(largest, table.compressedSizes[f]!);
+      largestDecoded = Math.max(largestDecoded, table.decompressedSizes[f]!);
+    }
+    const inputs = new BufferPool(largest, { maxFree: maxInFlight });
+    const outputs = new BufferPool(largestDecoded, {
+      maxFree: maxInFlight + 2, // and the chunks the reader holds
       trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
     });
     /** The frame being assembled, and where the next ones start. */
     let frame = 0;
@@ -101,6 +120,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     let fill = 0;
     let cancelled: { reason: unknown } | undefined;
     const inflight: Promise<Uint8Array>[] = [];
+    const framesHash = options.framesDigest === undefined ? undefined : createHash("sha256");
 
     /** Skips skippable frames (the index) and stops at the table. */
     const skipEmpty = () => {
@@ -130,6 +150,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
         }
       }
       const expected = options.expectedDigest?.(f, decodedOffset);
+      if (expected === undefined) framesHash?.update(bytes);
       const output = outputs.acquire();
       const job = { input: bytes, size, digest: expected !== undefined, output: output.bytes };
       const result = decoders.decode(job).then(({ input: back, output: decoded, digest }) => {
@@ -149,7 +170,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const emitOldest = async (controller: Output) => {
       const decoded = await inflight.shift()!;
       if (cancelled !== undefined) throw cancelled.reason;
-      controller.enqueue(decoded);
+      return deliver(controller, decoded);
     };
 
     super({
@@ -184,7 +205,16 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
           if (frame < frames && table.decompressedSizes.subarray(frame).some((size) => size > 0)) {
             fail(frame, offset, decodedAt, "the file ends inside it (truncated)");
           }
-          while (inflight.length > 0) await emitOldest(controller);
+          while (inflight.length > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
+          if (framesHash !== undefined && framesHash.digest("hex") !== options.framesDigest) {
+            throw new VmaFormatError(
+              "bad-frame-checksum",
+              0,
+              "the frames of the archive's headers do not match their SHA-256 in the index",
+            );
+          }
         } finally {
           decoders.stop();
         }

@@ -7,6 +7,7 @@
  */
 import { BufferPool, exclusiveChunk, type PooledBuffer, releaseChunk } from "../_pool.ts";
 import { FrameEncoder } from "./_frame_encoder.ts";
+import { deliver } from "./_deliver.ts";
 import { ZstdDecoderWorker } from "./_zstd_decoder.ts";
 import { ZstdFrameSplitter } from "./_zstd_frames.ts";
 import { frameBound } from "./_zstd_workers.ts";
@@ -32,6 +33,11 @@ export interface ZstdCompressOptions {
   mainThread?: boolean;
   /** Bytes per independent zstd frame (default 4 MiB). */
   frameSize?: number;
+  /**
+   * Recycle the output buffers (default `false`); only for a pipeline in which every output
+   * chunk reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean;
 }
 
 type Output = TransformStreamDefaultController<Uint8Array>;
@@ -42,7 +48,8 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * order. Concatenated frames are one valid zstd stream: `zstd -d` and every zstd decoder
  * read it. At most two frames per worker and two more are in flight, so memory stays
  * bounded; input and output buffers travel to the workers and back without copies and are
- * reused (an output chunk returns to the pool once its final consumer calls `releaseChunk`).
+ * reused (with `reuseBuffers`, an output chunk returns to the pool once its final consumer
+ * calls `releaseChunk`).
  * A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
  *
@@ -72,6 +79,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       outputSize: frameBound(frameSize),
       workers: options.workers,
       mainThread: options.mainThread,
+      reuseBuffers: options.reuseBuffers,
     });
     const inputs = new BufferPool(frameSize, { maxFree: encoder.maxInFlight + 1 });
     let frame: PooledBuffer | undefined;
@@ -89,7 +97,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
     const emitOldest = async (controller: Output) => {
       const { chunk } = await encoder.shift();
       if (cancelled !== undefined) throw cancelled.reason;
-      controller.enqueue(chunk);
+      return deliver(controller, chunk);
     };
 
     super({
@@ -104,7 +112,9 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       async flush(controller) {
         try {
           if (frame !== undefined && fill > 0) await sendFrame();
-          while (encoder.inFlight > 0) await emitOldest(controller);
+          while (encoder.inFlight > 0) {
+            if (!await emitOldest(controller)) return; // the consumer failed; its error counts
+          }
         } finally {
           encoder.stop();
         }
@@ -166,8 +176,8 @@ export function checkLevel(level: number): number {
  * ones) in one Worker, in order, as `zstd -d` does; this thread stays free for the stages
  * after it. The frames are also walked here by their headers, which names the byte offset
  * of bad framing and finds a stream that ends inside a frame. Decoded chunks (up to 1 MiB)
- * come from a pool: a final consumer that calls `releaseChunk` lets the next chunk reuse
- * the memory. Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
+ * are fresh, or with `reuseBuffers` come from a pool: a final consumer that calls
+ * `releaseChunk` lets the next chunk reuse the memory (only without `tee()` or fan-out). Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
  * both sides: however far a frame expands, at most three decoded chunks wait.
  *
  * @example Round trip
@@ -191,9 +201,14 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   readonly writable: WritableStream<Uint8Array>;
   #framing: ZstdFrameSplitter;
 
-  /** A decompressor whose decoding runs in a Worker of its own. */
-  constructor() {
-    const decoder = new ZstdDecoderWorker();
+  /**
+   * A decompressor whose decoding runs in a Worker of its own. `publicApi` decodes through
+   * node:zlib's public streaming API, which the Worker falls back to by itself when the
+   * native handle fails its start-up self-test (set it to test that path). `reuseBuffers`
+   * recycles the decoded chunks that their only consumer releases (no `tee()`).
+   */
+  constructor(options: { publicApi?: boolean; reuseBuffers?: boolean } = {}) {
+    const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
     this.#framing = framing;
     let input!: WritableStreamDefaultController;
@@ -211,8 +226,10 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
       },
       async write(chunk) {
         try {
-          framing.push(chunk); // only to check the framing
-          await decoder.write(chunk);
+          // The worker gets the frames' bytes with where each starts (skippable ones left out).
+          for (const segment of framing.push(chunk)) {
+            await decoder.write(segment.bytes, segment.start);
+          }
         } catch (error) {
           throw fail(error);
         }

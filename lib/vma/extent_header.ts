@@ -20,6 +20,51 @@ export interface VmaExtentSlot {
   cluster: number;
 }
 
+/**
+ * Consecutive used slots of one extent that hold consecutive clusters of one device, all
+ * zero (mask 0) or all with data: how an index records where clusters are, at a cost per
+ * run rather than per cluster.
+ */
+export interface SlotRun {
+  /** Device id. */
+  devId: number;
+  /** The first slot's cluster. */
+  cluster: number;
+  /** Slots in the run. */
+  count: number;
+  /** Whether the run's clusters are all zero. */
+  zero: boolean;
+}
+
+/**
+ * The runs of `slots` (used slots, in slot order).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { slotRuns } from "./extent_header.ts";
+ *
+ * const slots = [0, 1, 2].map((cluster) => ({ index: cluster, mask: cluster === 2 ? 0 : 1, devId: 1, cluster }));
+ * assert.deepEqual(slotRuns(slots), [
+ *   { devId: 1, cluster: 0, count: 2, zero: false },
+ *   { devId: 1, cluster: 2, count: 1, zero: true },
+ * ]);
+ * ```
+ */
+export function slotRuns(slots: VmaExtentSlot[]): SlotRun[] {
+  const runs: SlotRun[] = [];
+  for (const { devId, cluster, mask } of slots) {
+    const zero = mask === 0;
+    const last = runs.at(-1);
+    if (
+      last !== undefined && last.devId === devId && last.cluster + last.count === cluster &&
+      last.zero === zero
+    ) last.count++;
+    else runs.push({ devId, cluster, count: 1, zero });
+  }
+  return runs;
+}
+
 /** What an extent header says. */
 export interface DecodedExtentHeader {
   /** 4 KiB data blocks after the header. */
@@ -103,4 +148,40 @@ export function decodeExtentHeader(
     });
   }
   return { blockCount: view.getUint16(ExtentOffset.blockCount), slots };
+}
+
+/**
+ * The 512-byte header of an extent: magic, block count, the archive's UUID, its slots and
+ * its MD5, as the reference writer lays them out. For copying an extent's stored data
+ * into another archive, whose UUID differs.
+ *
+ * @example A header that decodes to what went in
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { decodeExtentHeader, encodeExtentHeader } from "./extent_header.ts";
+ *
+ * const uuid = crypto.getRandomValues(new Uint8Array(16));
+ * const slots = [{ index: 0, mask: 0xffff, devId: 1, cluster: 7 }];
+ * const header = encodeExtentHeader(uuid, 16, slots);
+ * assert.deepEqual(decodeExtentHeader(header, 0, uuid), { blockCount: 16, slots });
+ * ```
+ */
+export function encodeExtentHeader(
+  uuid: Uint8Array,
+  blockCount: number,
+  slots: VmaExtentSlot[],
+): Uint8Array<ArrayBuffer> {
+  const header = new Uint8Array(EXTENT_HEADER_SIZE);
+  const view = new DataView(header.buffer);
+  view.setUint32(ExtentOffset.magic, EXTENT_MAGIC);
+  view.setUint16(ExtentOffset.blockCount, blockCount);
+  header.set(uuid, ExtentOffset.uuid);
+  for (const { index, mask, devId, cluster } of slots) {
+    const entry = ExtentOffset.blockInfo + 8 * index;
+    view.setUint16(entry, mask);
+    view.setUint16(entry + 2, devId); // byte 2 reserved (0), byte 3 dev_id
+    view.setUint32(entry + 4, cluster);
+  }
+  header.set(md5(header), ExtentOffset.md5);
+  return header;
 }

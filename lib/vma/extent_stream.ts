@@ -19,12 +19,17 @@ export type { VmaExtentPiece, VmaExtentSlot, VmaHeaderPiece } from "./_archive_p
 export interface VmaExtentStreamOptions {
   /** Which devices must be complete at the end (default all), as for `VmaReaderStream`. */
   requireComplete?: boolean | ((device: VmaDeviceRecord) => boolean);
+  /**
+   * Recycle the capture buffers of the pieces (default `false`); only for a pipeline in
+   * which every piece reaches exactly one final consumer that calls `releaseChunk` on it.
+   */
+  reuseBuffers?: boolean;
 }
 
 /**
  * Parses a VMA archive with every check of `VmaReaderStream`, but hands on the archive as
  * it is stored: a `header` piece, then one `extent` piece per extent with its bytes
- * (header and data, contiguous) and its used slots. That is what an index, a seekable
+ * (header and data, contiguous) and its used slots as runs of clusters. That is what an index, a seekable
  * compressor or a copy needs. An extent that arrives as one chunk of exactly its size (as
  * `VmaWriterStream` emits them) is passed on without a copy; otherwise it is assembled in a
  * recycled buffer. The receiver gives each extent's bytes back with `releaseChunk`.
@@ -43,7 +48,7 @@ export interface VmaExtentStreamOptions {
  * const extent = pieces[1]!;
  * assert.ok(extent.type === "extent");
  * assert.equal(extent.bytes.byteLength, 512 + 2 * 4096);
- * assert.deepEqual(extent.slots.map((slot) => [slot.cluster, slot.mask]), [[1, 0b11], [0, 0]]);
+ * assert.deepEqual(extent.runs.map((run) => [run.cluster, run.count, run.zero]), [[1, 1, false], [0, 1, true]]);
  * ```
  */
 export class VmaExtentStream extends TransformStream<Uint8Array, VmaHeaderPiece | VmaExtentPiece> {
@@ -51,9 +56,10 @@ export class VmaExtentStream extends TransformStream<Uint8Array, VmaHeaderPiece 
 
   /** An extent stream for one archive. */
   constructor(options: VmaExtentStreamOptions = {}) {
-    const parser = new ArchiveParser(
-      options.requireComplete === undefined ? {} : { requireComplete: options.requireComplete },
-    );
+    const parser = new ArchiveParser({
+      ...(options.requireComplete !== undefined && { requireComplete: options.requireComplete }),
+      reuseBuffers: options.reuseBuffers ?? false,
+    });
     let output: ParserOutput;
     super({
       start: (controller) => {

@@ -6,7 +6,7 @@
  */
 import { ClusterBitmap } from "../_bitmap.ts";
 import { forEachBlockRun, md5, popcount16, uuidToBytes } from "../_bytes.ts";
-import { BufferPool } from "../_pool.ts";
+import { BufferPool, type PooledBuffer } from "../_pool.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
@@ -22,6 +22,8 @@ import {
 } from "./format.ts";
 import { encodeHeader, validateConfig, validateDevice, type VmaHeader } from "./header.ts";
 import type { VmaClusterRecord, VmaRecord, VmaZerosRecord } from "./records.ts";
+import type { SlotRun } from "./extent_header.ts";
+import type { VmaExtentPiece, VmaHeaderPiece } from "./_archive_parser.ts";
 
 /** Options of {@linkcode VmaWriterStream}. */
 export interface VmaWriterOptions {
@@ -102,9 +104,13 @@ export class VmaWriterStream extends TransformStream<VmaRecord, Uint8Array> {
   /** A writer for one archive; see {@linkcode VmaWriterOptions}. */
   constructor(options: VmaWriterOptions = {}) {
     const writer = new ArchiveWriter(options);
+    let output: Output;
     super({
-      transform: (record, controller) => writer.write(record, controller),
-      flush: (controller) => writer.finish(controller),
+      start: (controller) => {
+        output = { kind: "bytes", enqueue: (bytes) => controller.enqueue(bytes) };
+      },
+      transform: (record) => writer.write(record, output),
+      flush: () => writer.finish(output),
     });
     this.#writer = writer;
   }
@@ -115,7 +121,60 @@ export class VmaWriterStream extends TransformStream<VmaRecord, Uint8Array> {
   }
 }
 
-type Output = TransformStreamDefaultController<Uint8Array>;
+/**
+ * The VMA writer handing on the archive as pieces instead of bytes: a `header` piece, then
+ * one `extent` piece per extent, as `VmaExtentStream` would parse them from
+ * `VmaWriterStream`'s bytes, but without parsing them again: what an index or a seekable
+ * compressor needs, for the cost of writing. Each data extent's bytes are the receiver's to
+ * give back with `releaseChunk` (with `reuseBuffers`).
+ *
+ * @example The pieces of a one-cluster archive
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaExtentWriterStream } from "../../mod.ts";
+ *
+ * const pieces = await Array.fromAsync(ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 3 * 65536 },
+ *   { type: "cluster" as const, devId: 1, cluster: 0, mask: 1, data: new Uint8Array(65536).fill(2) },
+ *   { type: "zeros" as const, devId: 1, cluster: 1, count: 2 },
+ * ]).pipeThrough(new VmaExtentWriterStream()));
+ * assert.deepEqual(pieces.map((piece) => piece.type), ["header", "extent"]);
+ * const extent = pieces[1]!;
+ * assert.ok(extent.type === "extent");
+ * assert.deepEqual(extent.runs, [
+ *   { devId: 1, cluster: 0, count: 1, zero: false },
+ *   { devId: 1, cluster: 1, count: 2, zero: true },
+ * ]);
+ * ```
+ */
+export class VmaExtentWriterStream
+  extends TransformStream<VmaRecord, VmaHeaderPiece | VmaExtentPiece> {
+  #writer: ArchiveWriter;
+
+  /** A writer for one archive; see {@linkcode VmaWriterOptions}. */
+  constructor(options: VmaWriterOptions = {}) {
+    const writer = new ArchiveWriter(options);
+    let output: Output;
+    super({
+      start: (controller) => {
+        output = { kind: "pieces", enqueue: (piece) => controller.enqueue(piece) };
+      },
+      transform: (record) => writer.write(record, output),
+      flush: () => writer.finish(output),
+    });
+    this.#writer = writer;
+  }
+
+  /** Counters so far; final once the stream has flushed. */
+  get stats(): VmaWriterStats {
+    return { ...this.#writer.stats };
+  }
+}
+
+/** Where the writer's output goes: bytes, or pieces. */
+type Output =
+  | { kind: "bytes"; enqueue(bytes: Uint8Array): void }
+  | { kind: "pieces"; enqueue(piece: VmaHeaderPiece | VmaExtentPiece): void };
 
 class ArchiveWriter {
   stats: VmaWriterStats = { bytes: 0, extents: 0, clusters: 0, zeroClusters: 0, dataBlocks: 0 };
@@ -130,10 +189,14 @@ class ArchiveWriter {
   #extentHeader = new Uint8Array(EXTENT_HEADER_SIZE);
   #extentView = new DataView(this.#extentHeader.buffer);
   #slots = 0;
+  /** The extent being built's slots, as runs (for pieces). */
+  #runs: SlotRun[] = [];
+  #offset = 0;
   #small = new Uint8Array(64 * 1024);
   #smallLength = 0;
   /** Data of the extent being built, acquired at its first data block. */
   #extentData: Uint8Array<ArrayBuffer> | null = null;
+  #extentBuffer: PooledBuffer | undefined;
   #extentPool: BufferPool;
   #dataLength = 0;
 
@@ -151,7 +214,7 @@ class ArchiveWriter {
     if (options.uuid !== undefined) uuidToBytes(options.uuid); // fail early on a bad UUID
     this.#extentPool = new BufferPool(
       EXTENT_HEADER_SIZE + this.#slotsPerExtent * CLUSTER_SIZE,
-      { maxFree: options.reuseBuffers ? 4 : 0, trackChunks: options.reuseBuffers ?? false },
+      { trackChunks: true, recycle: options.reuseBuffers ?? false },
     );
   }
 
@@ -234,6 +297,19 @@ class ArchiveWriter {
     const header = encodeHeader({ uuid, ctime, configs: this.#configs, devices });
     this.#uuidBytes = uuidToBytes(uuid);
     this.#headerWritten = true;
+    if (output.kind === "pieces") {
+      const decoded = {
+        uuid,
+        ctime,
+        configs: this.#configs,
+        devices,
+        headerSize: header.byteLength,
+      };
+      this.stats.bytes += header.byteLength;
+      this.#offset = header.byteLength;
+      output.enqueue({ type: "header", bytes: header, header: decoded });
+      return;
+    }
     this.#emit(header, output);
   }
 
@@ -299,6 +375,13 @@ class ArchiveWriter {
     this.#extentView.setUint32(slot + 4, cluster);
     this.stats.clusters++;
     if (mask === 0) this.stats.zeroClusters++;
+    const zero = mask === 0;
+    const last = this.#runs.at(-1);
+    if (
+      last !== undefined && last.devId === devId && last.cluster + last.count === cluster &&
+      last.zero === zero
+    ) last.count++;
+    else this.#runs.push({ devId, cluster, count: 1, zero });
   }
 
   /** Appends the masked blocks, in runs of consecutive blocks, to the extent data. */
@@ -306,6 +389,7 @@ class ArchiveWriter {
     if (this.#extentData === null) {
       const buffer = this.#extentPool.acquire();
       buffer.hold(1); // the consumer's releaseChunk() gives it back
+      this.#extentBuffer = buffer;
       this.#extentData = buffer.bytes;
     }
     const target = this.#extentData;
@@ -333,21 +417,35 @@ class ArchiveWriter {
     header.fill(0, ExtentOffset.md5, ExtentOffset.md5 + 16);
     header.set(md5(header), ExtentOffset.md5);
 
-    if (this.#extentData === null) {
+    if (output.kind === "pieces") {
+      const blockCount = this.#dataLength / BLOCK_SIZE;
+      let bytes: Uint8Array;
+      if (this.#extentData === null) bytes = header.slice(); // zero clusters: its header alone
+      else {
+        bytes = this.#extentData.subarray(0, EXTENT_HEADER_SIZE + this.#dataLength);
+        bytes.set(header);
+        this.#extentData = null; // handed downstream until released
+      }
+      const piece = { offset: this.#offset, bytes, blockCount, slotCount: this.#slots };
+      output.enqueue({ type: "extent", ...piece, runs: this.#runs });
+      this.#offset += bytes.byteLength;
+      this.stats.bytes += bytes.byteLength;
+    } else if (this.#extentData === null) {
       this.#emitSmall(header, output); // an extent of zero clusters: its header alone
     } else {
-      const extent = this.#extentData.subarray(0, EXTENT_HEADER_SIZE + this.#dataLength);
+      const extent = this.#extentBuffer!.view(0, EXTENT_HEADER_SIZE + this.#dataLength);
       extent.set(header);
       this.#extentData = null; // handed downstream until released
       this.#emit(extent, output);
     }
     header.fill(0);
     this.#slots = 0;
+    this.#runs = [];
     this.#dataLength = 0;
     this.stats.extents++;
   }
 
-  #emit(bytes: Uint8Array, output: Output): void {
+  #emit(bytes: Uint8Array, output: Extract<Output, { kind: "bytes" }>): void {
     this.#flushSmall(output);
     this.stats.bytes += bytes.byteLength;
     output.enqueue(bytes);
@@ -357,7 +455,7 @@ class ArchiveWriter {
    * Header-only extents (512 bytes each, thousands on a sparse disk) are batched into chunks
    * of up to 64 KiB, so a sink makes one write for many of them.
    */
-  #emitSmall(bytes: Uint8Array, output: Output): void {
+  #emitSmall(bytes: Uint8Array, output: Extract<Output, { kind: "bytes" }>): void {
     if (this.#smallLength + bytes.byteLength > this.#small.byteLength) this.#flushSmall(output);
     this.#small.set(bytes, this.#smallLength);
     this.#smallLength += bytes.byteLength;
@@ -365,7 +463,7 @@ class ArchiveWriter {
   }
 
   #flushSmall(output: Output): void {
-    if (this.#smallLength === 0) return;
+    if (this.#smallLength === 0 || output.kind === "pieces") return;
     output.enqueue(this.#small.slice(0, this.#smallLength)); // the receiver keeps the copy
     this.#smallLength = 0;
   }

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { checkArchiveLimits, type LiveDrive } from "../../live/drives.ts";
 import { startPullBackup } from "../../live/pull_backup.ts";
 import { startPushBackup } from "../../live/push_backup.ts";
 import type { LiveBackup } from "../../live/session.ts";
@@ -11,17 +12,13 @@ import { QmpClient } from "../../protocols/qmp_client.ts";
 import { combineRecordStreams } from "../../sources/combine.ts";
 import { imageDiskSource } from "../../sources/image_disk.ts";
 import { nbdDiskSource } from "../../sources/nbd_disk.ts";
-import { archiveOutput } from "../../transforms/archive_output.ts";
-import {
-  compressionForPath,
-  type WritableCompression,
-  type ZstdEngine,
-} from "../../transforms/compression.ts";
+import { encodeArchive, type EncodedArchive } from "../../transforms/archive_output.ts";
+import { type WritableCompression, type ZstdEngine } from "../../transforms/compression.ts";
 import { encodeIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
-import { CLUSTER_SIZE, configName } from "../../vma/format.ts";
+import { CLUSTER_SIZE, configName, MAX_BLOB_SIZE } from "../../vma/format.ts";
+import { checkHeaderLimits } from "../../vma/header.ts";
 import type { VmaRecord } from "../../vma/records.ts";
-import { VmaWriterStream } from "../../vma/writer_stream.ts";
 import {
   type Command,
   jsonLine,
@@ -33,7 +30,9 @@ import {
 } from "../command.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
-import { openOutput } from "../files.ts";
+import { isDeviceFileLike } from "../file_names.ts";
+import { commitOutputs, openOutput } from "../files.ts";
+import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
 
@@ -43,7 +42,8 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                      [--compress zstd|gzip|none] [--level N] [--force]
                      [--progress auto|json|none] [--json]
        cli.ts backup --qmp SOCKET [--drive ID]... [--mode push|pull] [--config FILE]...
-                     -o OUT|- [--speed BYTES] [--fleece-dir DIR] [--discard-read] [...]
+                     -o OUT|- [--speed BYTES] [--fleece-dir DIR] [--discard-read]
+                     [--cbw-timeout SECONDS] [...]
 
   --disk [NAME=]PATH   a disk: an image file of any format QEMU reads (raw, qcow2, vmdk,
                        vdi, vhdx, vpc, qed; recognised by its magic bytes), a block device,
@@ -51,15 +51,22 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        NAME is the Proxmox device name (drive-scsi0, drive-efidisk0, ...); a
                        bare name such as scsi0 gets the drive- prefix. Without NAME: the
                        first free of drive-scsi0, drive-scsi1, ...
-  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
-  -o, --output OUT     the archive; '-' writes to stdout. Written to OUT.partial first
+  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable.
+                       Names like disk files (disk-..., vmstate.bin) are refused
+  -o, --output OUT     the archive; '-' writes to stdout (not to a terminal); s3://BUCKET/KEY
+                       uploads it (a multipart upload: the key appears only once complete).
+                       A file is written to OUT.partial, flushed to disk, then renamed to OUT
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
+                       (any other extension is an error without --compress)
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
   --no-index           write no archive index (see "Archive index" in the README)
   --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
                        with -o - none unless given). A .vma.zst carries its index inside
-  --force              replace an existing OUT (and its sidecar index)
+  --force              replace an existing OUT (and its sidecar index), in one atomic rename
+  --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 5M, more when the
+                       disks need it to stay within 10,000 parts); memory holds 3 parts
+${S3_HELP}
   --progress MODE      auto (a bar when stderr is a terminal), json (JSON lines), none
   --json               print a JSON result object instead of the summary line
 
@@ -74,14 +81,21 @@ while the VM keeps running and writing):
   --mode pull          fleecing: a copy-before-write filter keeps the old data of clusters
                        the guest overwrites in a fleece image, read over NBD
   --speed BYTES        rate limit of QEMU's copy in push mode (bytes per second)
-  --fleece-dir DIR     where pull mode keeps the fleece images (default a private temporary
-                       directory); they are removed afterwards
+  --fleece-dir DIR     where pull mode keeps the fleece images: the old data of clusters the
+                       guest overwrites during the backup, up to the drives' size (default
+                       a new directory in /var/tmp, on disk: /tmp is often a small tmpfs);
+                       removed afterwards
   --discard-read       pull mode: discard fleece data once archived, so the image stays small
+  --cbw-timeout SECONDS  pull mode: how long a guest write may wait for its old data to be
+                       copied before the snapshot breaks (the write then goes on, the backup
+                       fails; default 30)
 
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
 also need --allow-run=qemu-nbd and --allow-net (qemu-nbd serves them on a private socket);
-NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets)
+NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets).
+An s3:// OUT needs --allow-net=HOST and --allow-env (credentials), and --allow-read of
+~/.aws/credentials for a profile
 
 example: deno run --allow-read --allow-write cli.ts backup \\
            --disk drive-scsi0=vm-100-disk-0.raw --config qemu-server.conf -o vm-100.vma.zst`;
@@ -135,7 +149,33 @@ export function parseDiskSpecs(values: string[]): DiskSpec[] {
 }
 
 /**
- * Reads the `--compress` and `--level` values for an output path.
+ * The compression an archive's file name says, by its extension: `.vma` none, `.zst` or
+ * `.zstd` zstd, `.gz` or `.gzip` gzip. `lzop` for `.lzo` (read, never written); `undefined`
+ * for any other name.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { compressionOfName } from "./backup.ts";
+ *
+ * assert.equal(compressionOfName("vzdump-qemu-100.vma.zst"), "zstd");
+ * assert.equal(compressionOfName("BACKUP.VMA"), "none");
+ * assert.equal(compressionOfName("x.vma.lzo"), "lzop");
+ * assert.equal(compressionOfName("x.img"), undefined);
+ * ```
+ */
+export function compressionOfName(path: string): WritableCompression | "lzop" | undefined {
+  if (/\.(zst|zstd)$/i.test(path)) return "zstd";
+  if (/\.(gz|gzip)$/i.test(path)) return "gzip";
+  if (/\.lzo$/i.test(path)) return "lzop";
+  if (/\.vma$/i.test(path)) return "none";
+  return undefined;
+}
+
+/**
+ * Reads the `--compress` and `--level` values for an output path. Without `--compress` the
+ * compression comes from OUT's extension, and any other extension is an error rather than a
+ * silently uncompressed archive; `--compress` must agree with a known extension.
  *
  * @example From the file name, or given
  * ```ts
@@ -145,8 +185,12 @@ export function parseDiskSpecs(values: string[]): DiskSpec[] {
  * const zstd = parseCompression("vm.vma.zst", undefined, "5");
  * assert.deepEqual(zstd, { compression: "zstd", level: 5 });
  * assert.equal(parseCompression("-", "gzip", undefined).compression, "gzip");
+ * assert.equal(parseCompression("-", undefined, undefined).compression, "none");
  * assert.throws(() => parseCompression("vm.vma.gz", undefined, "12"), /within 1\.\.9 for gzip/);
  * assert.throws(() => parseCompression("vm.vma", undefined, "50"), /--level needs --compress/);
+ * assert.throws(() => parseCompression("vm.img", undefined, undefined), { exitCode: 2 });
+ * assert.throws(() => parseCompression("vm.vma.lzo", undefined, undefined), /lzop/);
+ * assert.throws(() => parseCompression("vm.vma.gz", "zstd", undefined), /does not match/);
  * ```
  */
 export function parseCompression(
@@ -154,9 +198,23 @@ export function parseCompression(
   compress: string | undefined,
   level: string | undefined,
 ): { compression: WritableCompression; level: number | undefined } {
-  const compression = compress ?? compressionForPath(output);
+  const named = output === "-" ? undefined : compressionOfName(output);
+  if (named === "lzop") {
+    throw new UsageError(
+      `-o ${output}: lzop archives are read but not written; name it .vma.zst, .vma.gz or .vma`,
+    );
+  }
+  if (compress === undefined && named === undefined && output !== "-") {
+    throw new UsageError(
+      `-o ${output}: unknown extension; name the archive .vma.zst, .vma.gz or .vma, or give --compress`,
+    );
+  }
+  const compression = compress ?? named ?? "none";
   if (compression !== "zstd" && compression !== "gzip" && compression !== "none") {
     throw new UsageError(`--compress must be zstd, gzip or none, not '${compression}'`);
+  }
+  if (named !== undefined && named !== compression) {
+    throw new UsageError(`--compress ${compression} does not match the name ${output}`);
   }
   if (level === undefined) return { compression, level: undefined };
   if (compression === "none") throw new UsageError("--level needs --compress zstd or gzip");
@@ -187,9 +245,54 @@ export function parseCompression(
  * ```
  */
 export async function readConfigs(paths: string[]): Promise<{ name: string; data: Uint8Array }[]> {
-  return await Promise.all(
-    paths.map(async (path) => ({ name: path, data: await Deno.readFile(path) })),
-  );
+  return await Promise.all(paths.map(async (path) => {
+    const { size } = await Deno.stat(path);
+    if (size > MAX_BLOB_SIZE) { // not read at all: it cannot be stored
+      throw new UsageError(
+        `--config ${path}: ${size} bytes is too big for an archive header (at most ${MAX_BLOB_SIZE})`,
+      );
+    }
+    return { name: path, data: await Deno.readFile(path) };
+  }));
+}
+
+/**
+ * Refuses, before any output is opened, configs and disks that one archive cannot hold (see
+ * `checkHeaderLimits`: 254 disks, 256 configs of 1 to 65535 bytes, a 512 KiB header), and
+ * config names that `extract` would have to rename (`disk-...`, `vmstate.bin`; see
+ * `isDeviceFileLike`). A usage error (exit code 2).
+ *
+ * @example A config that would pass for a disk image
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { checkArchiveContents } from "./backup.ts";
+ *
+ * const data = new TextEncoder().encode("cores: 1\n");
+ * checkArchiveContents([{ name: "/etc/pve/qemu-server/100.conf", data }], ["drive-scsi0"]);
+ * assert.throws(
+ *   () => checkArchiveContents([{ name: "disk-drive-scsi0.raw", data }], ["drive-scsi0"]),
+ *   { exitCode: 2, message: /could be taken for a disk image/ },
+ * );
+ * ```
+ */
+export function checkArchiveContents(
+  configs: { name: string; data: Uint8Array }[],
+  diskNames: string[],
+): void {
+  const stored = configs.map((config) => ({ name: configName(config.name), data: config.data }));
+  for (const { name } of stored) {
+    if (isDeviceFileLike(name)) {
+      throw new UsageError(
+        `--config ${name}: the name could be taken for a disk image when extracted; rename the file`,
+      );
+    }
+  }
+  try {
+    checkHeaderLimits(stored, diskNames);
+  } catch (error) {
+    if (!(error instanceof RangeError || error instanceof TypeError)) throw error;
+    throw new UsageError(error.message);
+  }
 }
 
 /** What a backup reads: started only once the output is open and every flag was checked. */
@@ -224,6 +327,8 @@ export interface BackupPlan {
   index?: boolean | undefined;
   /** Where a sidecar index goes (default `OUT.idx`; with `-o -` only when given). */
   indexPath?: string | undefined;
+  /** How to reach S3 storage, for `s3://` outputs. */
+  storage?: StorageOptions | undefined;
 }
 
 /**
@@ -256,12 +361,13 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   const sidecarPath = plan.index === false || plan.compression === "zstd" && plan.zstd !== "program"
     ? undefined
     : plan.indexPath ?? (plan.output === "-" ? undefined : `${plan.output}.idx`);
-  const output = await openOutput(plan.output, context, { force: plan.force });
+  const outputOptions = { force: plan.force, ...plan.storage };
+  const output = await openOutput(plan.output, context, outputOptions);
   let sidecar: Awaited<ReturnType<typeof openOutput>> | undefined;
   let started: BackupSources;
   try {
     if (sidecarPath !== undefined) {
-      sidecar = await openOutput(sidecarPath, context, { force: plan.force });
+      sidecar = await openOutput(sidecarPath, context, outputOptions);
     }
     started = await plan.start();
   } catch (error) {
@@ -276,27 +382,22 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     total: totalBytes,
   });
   const sizes = new Map<number, number>();
+  let expected = 0;
   const uuid = crypto.randomUUID();
-  const writer = new VmaWriterStream({ uuid, reuseBuffers: true });
   const startTime = performance.now();
   live?.snapshot.then(() => progress.note("snapshot"), () => {});
   const onAbort = () => {
     output.discardSync();
     sidecar?.discardSync();
   };
-  const encoded = archiveOutput({
-    compression: plan.compression,
-    level: plan.level,
-    zstd: plan.zstd,
-    mainThread: !started.servesQemu,
-    index: plan.index !== false,
-  });
   context.signal.addEventListener("abort", onAbort);
+  let encoded: EncodedArchive | undefined;
   try {
-    await combineRecordStreams(started.sources, { configs: plan.configs })
+    const records = combineRecordStreams(started.sources, { configs: plan.configs })
       .pipeThrough(tapStream<VmaRecord>((record) => {
         if (record.type === "device") {
           sizes.set(record.devId, record.size);
+          output.expectSize?.(expected += record.size); // sizes S3 parts; all come first
           if (totalBytes === undefined) progress.addTotal(record.size);
         }
         if (record.type !== "cluster" && record.type !== "zeros") return;
@@ -304,16 +405,28 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
         const size = sizes.get(record.devId) ?? 0;
         progress.add(Math.min(count * CLUSTER_SIZE, size - record.cluster * CLUSTER_SIZE));
       }))
-      .pipeThrough(new ZeroFilterStream())
-      .pipeThrough(writer)
-      .pipeThrough(encoded)
-      .pipeTo(output.writable, { signal: context.signal });
+      .pipeThrough(new ZeroFilterStream());
+    encoded = encodeArchive(records, {
+      uuid,
+      compression: plan.compression,
+      level: plan.level,
+      zstd: plan.zstd,
+      mainThread: !started.servesQemu,
+      index: plan.index !== false,
+      reuseBuffers: true, // every stage of this pipeline is its chunks' only consumer
+    });
+    const pipeline = encoded.readable.pipeTo(output.writable, { signal: context.signal });
+    // A live backup is aborted straight from the signal, not once the pipeline noticed it:
+    // the pipeline may wait forever for a write to a stalled pipe, and QEMU must not.
+    await (live
+      ? Promise.race([pipeline, abortOnSignal(live, context.signal, pipeline)])
+      : pipeline);
     await live?.finished;
     if (sidecar !== undefined) {
       await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
     }
-    await output.commit();
-    await sidecar?.commit();
+    // Both durably, the index renamed first: the archive never appears without it.
+    await commitOutputs(output, ...(sidecar === undefined ? [] : [sidecar]));
     await progress.finish(true);
   } catch (error) {
     await output.discard();
@@ -327,7 +440,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
   }
 
   const seconds = (performance.now() - startTime) / 1000;
-  const stats = writer.stats;
+  const stats = encoded!.stats();
   const diskBytes = [...sizes.values()].reduce((a, b) => a + b, 0);
   const written = output.writable.bytesWritten;
   const result = {
@@ -336,9 +449,9 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     output: plan.output,
     uuid,
     compression: plan.compression,
-    index: encoded.indexPlace === "sidecar"
+    index: encoded!.indexPlace === "sidecar"
       ? (sidecarPath === undefined ? "none" : "sidecar")
-      : encoded.indexPlace,
+      : encoded!.indexPlace,
     ...(sidecarPath !== undefined && { indexPath: sidecarPath }),
     disks: disks.map((disk, i) => ({ ...disk, size: sizes.get(i + 1) ?? 0 })),
     configs: plan.configs.map((config) => configName(config.name)),
@@ -385,9 +498,12 @@ const OPTIONS = {
   speed: { type: "string" },
   "fleece-dir": { type: "string" },
   "discard-read": { type: "boolean" },
+  "cbw-timeout": { type: "string" },
   zstd: { type: "string" },
   "no-index": { type: "boolean" },
   index: { type: "string" },
+  "s3-part-size": { type: "string" },
+  ...S3_OPTIONS,
 } as const;
 
 type BackupValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>["values"];
@@ -416,6 +532,7 @@ async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start
     json: values.json ?? false,
     index: !(values["no-index"] ?? false),
     indexPath: values.index,
+    storage: storageOptions(values),
   };
 }
 
@@ -454,8 +571,13 @@ export const backupCommand: Command = {
     if (positionals.length > 0) {
       throw new UsageError(`backup takes no positional arguments, got '${positionals[0]}'`);
     }
-    if (values.drive || values.mode || values.speed || values["fleece-dir"]) {
-      throw new UsageError("--drive, --mode, --speed and --fleece-dir need --qmp SOCKET");
+    if (
+      values.drive || values.mode || values.speed || values["fleece-dir"] ||
+      values["cbw-timeout"]
+    ) {
+      throw new UsageError(
+        "--drive, --mode, --speed, --fleece-dir and --cbw-timeout need --qmp SOCKET",
+      );
     }
     if (!values.disk?.length && !values.config?.length) {
       throw new UsageError(
@@ -464,6 +586,7 @@ export const backupCommand: Command = {
     }
     const plan = await outputPlan(values);
     const disks = parseDiskSpecs(values.disk ?? []);
+    checkArchiveContents(plan.configs, disks.map((disk) => disk.name));
     for (const { path } of disks) {
       if (isNbdUri(path)) continue;
       const info = await checkReadable(path);
@@ -478,8 +601,11 @@ export const backupCommand: Command = {
       ...plan,
       start: () =>
         Promise.resolve({
+          // Each record goes through one linear pipeline to the writer, which releases it.
           sources: disks.map(({ name, path }) =>
-            isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
+            isNbdUri(path)
+              ? nbdDiskSource(path, { name, reuseBuffers: true })
+              : imageDiskSource(path, { name, reuseBuffers: true })
           ),
           disks,
         }),
@@ -498,15 +624,28 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
   if (speed !== undefined && (!Number.isSafeInteger(speed) || speed <= 0)) {
     throw new UsageError(`--speed must be a positive number of bytes per second`);
   }
+  const cbwTimeout = values["cbw-timeout"] === undefined
+    ? undefined
+    : Number(values["cbw-timeout"]);
+  if (cbwTimeout !== undefined && (!Number.isInteger(cbwTimeout) || cbwTimeout < 1)) {
+    throw new UsageError("--cbw-timeout must be a whole number of seconds, at least 1");
+  }
   if (mode === "pull" && speed !== undefined) throw new UsageError("--speed is for --mode push");
-  if (mode === "push" && (values["fleece-dir"] || values["discard-read"])) {
-    throw new UsageError("--fleece-dir and --discard-read are for --mode pull");
+  if (
+    mode === "push" &&
+    (values["fleece-dir"] || values["discard-read"] || cbwTimeout !== undefined)
+  ) {
+    throw new UsageError("--fleece-dir, --discard-read and --cbw-timeout are for --mode pull");
   }
   const plan = await outputPlan(values);
   // Every flag is checked before QMP is connected; the VM is touched only in start(), once
-  // the output is open.
+  // the output is open, and only after the drives and configs were found to fit an archive.
   using qmp = await QmpClient.connect(values.qmp!);
-  const options = { qmp, ...(values.drive && { drives: values.drive }) };
+  const options = {
+    qmp,
+    ...(values.drive && { drives: values.drive }),
+    checkDrives: (drives: LiveDrive[]) => checkArchiveLimits(drives, plan.configs),
+  };
   return await runBackup({
     ...plan,
     async start() {
@@ -515,8 +654,15 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
         : await startPullBackup({
           ...options,
           ...(values["fleece-dir"] && { fleeceDir: values["fleece-dir"] }),
+          ...(cbwTimeout && { cbwTimeoutSeconds: cbwTimeout }),
           discardRead: values["discard-read"] ?? false,
         });
+      if (live.fleeceDir !== undefined && values["fleece-dir"] === undefined) {
+        await writeText(
+          context.stderr,
+          `note: the fleece images (the old data of clusters the guest overwrites during the backup) go to ${live.fleeceDir}, removed afterwards; choose with --fleece-dir\n`,
+        );
+      }
       return {
         sources: [live.records],
         totalBytes: live.drives.reduce((sum, drive) => sum + drive.size, 0),
@@ -526,6 +672,29 @@ async function runLiveBackup(values: BackupValues, context: CliContext): Promise
       };
     },
   }, context);
+}
+
+/**
+ * Aborts `live` as soon as `signal` fires, and then rejects with the signal's reason; the
+ * `pipeline` it races against is left behind (its rejection handled), since it may never
+ * settle while a write to a stalled pipe is pending.
+ */
+function abortOnSignal(
+  live: LiveBackup,
+  signal: AbortSignal,
+  pipeline: Promise<void>,
+): Promise<never> {
+  pipeline.catch(() => {});
+  return new Promise<never>((_, reject) => {
+    const abort = () => {
+      live.abort(signal.reason).finally(() => reject(signal.reason));
+    };
+    if (signal.aborted) return abort();
+    signal.addEventListener("abort", abort, { once: true });
+    // Once the pipeline settled on its own, the signal is runBackup's concern again.
+    const forget = () => signal.removeEventListener("abort", abort);
+    pipeline.then(forget, forget);
+  });
 }
 
 function isNbdUri(path: string): boolean {

@@ -18,14 +18,17 @@ import {
 } from "../command.ts";
 import { type CliContext, writeText } from "../context.ts";
 import { CliError, ExitCode } from "../errors.ts";
+import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 
 const LIST_HELP =
   `List the configs and devices of a VMA archive, as Proxmox's 'vma list' prints them.
 
 usage: cli.ts list ARCHIVE|- [--json]
 
-  ARCHIVE   a .vma, .vma.zst, .vma.gz or .vma.lzo file, or '-' for stdin
-  --json    print one JSON object instead of the vma list lines
+  ARCHIVE            a .vma, .vma.zst, .vma.gz or .vma.lzo file, s3://BUCKET/KEY, or '-'
+                     for stdin
+  --json             print one JSON object instead of the vma list lines
+${S3_HELP}
 
 Output lines (CTIME last, in local time as C's ctime() prints it):
   CFG: size: <bytes> name: <name>
@@ -33,15 +36,17 @@ Output lines (CTIME last, in local time as C's ctime() prints it):
   VMSTATE: dev_id=<id> memory: <bytes>
   CTIME: <ctime>
 
-Only the header is read. permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
+Only the header is read. permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo);
+s3:// needs --allow-net=HOST --allow-env (and --allow-read of ~/.aws/credentials for a profile)`;
 
 const CONFIG_HELP = `Print the raw bytes of a config file stored in a VMA archive.
 
 usage: cli.ts config ARCHIVE|- [-c NAME]
 
   -c, --config NAME   the config to print (default qemu-server.conf)
+${S3_HELP}
 
-permissions: --allow-read (none for stdin)`;
+permissions: --allow-read (none for stdin); s3:// needs --allow-net=HOST --allow-env`;
 
 /** The archive header: identity, configs and devices. */
 export interface ArchiveHeader {
@@ -72,8 +77,11 @@ export interface ArchiveHeader {
  * await Deno.remove(path);
  * ```
  */
-export async function readArchiveHeader(path: string): Promise<ArchiveHeader & { name: string }> {
-  const archive = await openArchive(path, {});
+export async function readArchiveHeader(
+  path: string,
+  storage: StorageOptions = {},
+): Promise<ArchiveHeader & { name: string }> {
+  const archive = await openArchive(path, { storage });
   const reader = archive.records.getReader();
   const result: ArchiveHeader = {
     header: { type: "header", uuid: "", ctime: 0 },
@@ -183,10 +191,13 @@ export const listCommand: Command = {
   summary: "list configs and devices (the exact 'vma list' output, or --json)",
   help: LIST_HELP,
   async run(args, context) {
-    const { values, positionals } = parseCommandArgs("list", args, { json: { type: "boolean" } });
+    const { values, positionals } = parseCommandArgs("list", args, {
+      json: { type: "boolean" },
+      ...S3_OPTIONS,
+    });
     if (values.help) return await printHelp(context, LIST_HELP);
     expectPositionals("list", positionals, 1);
-    const header = await readArchiveHeader(positionals[0]!);
+    const header = await readArchiveHeader(positionals[0]!, storageOptions(values));
     if (!values.json) {
       await writeText(context.stdout, vmaListLines(header));
       return ExitCode.ok;
@@ -240,11 +251,12 @@ export const configCommand: Command = {
   async run(args, context: CliContext) {
     const { values, positionals } = parseCommandArgs("config", args, {
       config: { type: "string", short: "c" },
+      ...S3_OPTIONS,
     });
     if (values.help) return await printHelp(context, CONFIG_HELP);
     expectPositionals("config", positionals, 1);
     const wanted = values.config ?? "qemu-server.conf";
-    const { configs } = await readArchiveHeader(positionals[0]!);
+    const { configs } = await readArchiveHeader(positionals[0]!, storageOptions(values));
     const config = configs.find((candidate) => candidate.name === wanted);
     if (config === undefined) {
       throw new CliError(ExitCode.notFound, `unable to find configuration data '${wanted}'`);

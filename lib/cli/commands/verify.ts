@@ -24,6 +24,7 @@ import { formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
 import type { DataChecks, FoundIndex } from "../archive_input.ts";
 import { Progress } from "../progress.ts";
+import { S3_HELP, S3_OPTIONS, storageOptions } from "../s3_files.ts";
 
 const HELP = `Verify a VMA archive: header and extent checksums, magic, version, blob pointers,
 extent UUIDs, block counts against the masks, device ids, duplicate clusters, clusters past a
@@ -38,15 +39,18 @@ report says which of the three was done.
 usage: cli.ts verify ARCHIVE|- [--json] [--require-data] [--index FILE | --no-index]
                      [--progress auto|json|none] [--zstd builtin|program]
 
+  ARCHIVE            a .vma, .vma.zst, .vma.gz or .vma.lzo file, s3://BUCKET/KEY, or '-'
   --json             print a JSON report on stdout (also when the archive is bad)
   --require-data     fail (exit 3) unless the data itself was checked, not only the structure
   --index FILE       the sidecar index to check against (default ARCHIVE.idx; for stdin)
   --no-index         ignore any index (a damaged one, for example): structure and zstd only
 ${ZSTD_HELP}
+${S3_HELP}
 
 Exit code 0 when the archive is valid and complete, 3 when it is not (or, with
 --require-data, when its data could not be checked).
-permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo)`;
+permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo); s3:// needs
+--allow-net=HOST --allow-env (and --allow-read of ~/.aws/credentials for a profile)`;
 
 /**
  * `cli.ts verify`: checks every rule of the format, and that no cluster is missing.
@@ -87,6 +91,7 @@ export const verifyCommand: Command = {
       "require-data": { type: "boolean" },
       index: { type: "string" },
       "no-index": { type: "boolean" },
+      ...S3_OPTIONS,
     });
     if (values.help) return await printHelp(context, HELP);
     expectPositionals("verify", positionals, 1);
@@ -95,6 +100,7 @@ export const verifyCommand: Command = {
     }
     const mode = progressMode(values.progress);
     const zstd = zstdEngine(values.zstd);
+    const storage = storageOptions(values);
     let progress: Progress | undefined;
     const started = performance.now();
     let archive: ArchiveInput | undefined;
@@ -104,6 +110,7 @@ export const verifyCommand: Command = {
     try {
       archive = await openArchive(positionals[0]!, {
         zstd,
+        storage,
         reader: { skipData: true }, // every check, without copying the data out
         index: values["no-index"] ? "ignore" : "auto",
         indexPath: values.index,

@@ -326,7 +326,8 @@ export class IndexedArchive {
     const out = into === undefined ? new Uint8Array(length) : into.subarray(0, length);
     const dirty = into !== undefined; // a reused buffer: its zero ranges must be written
     const end = offset + length;
-    const reads: Promise<void>[] = [];
+    // The clusters to copy, grouped by extent: [slot, cluster, from, to] for each.
+    const groups = new Map<number, { entry: CacheEntry; jobs: number[] }>();
     for (let cluster = Math.floor(offset / CLUSTER_SIZE); cluster * CLUSTER_SIZE < end; cluster++) {
       const place = this.#map.locate(devId, cluster);
       const from = Math.max(offset, cluster * CLUSTER_SIZE);
@@ -335,24 +336,50 @@ export class IndexedArchive {
         if (dirty) out.fill(0, from - offset, to - offset);
         continue;
       }
-      const entry = this.#extent(place.extent);
-      entry.pins++;
-      reads.push(
-        entry.promise.then((extent) => {
-          copyCluster(
-            extent,
-            place.slot,
-            devId,
-            cluster,
-            from - cluster * CLUSTER_SIZE,
-            out,
-            from - offset,
-            to - from,
-            this.name,
-            dirty,
-          );
-        }).finally(() => this.#unpin(entry)),
-      );
+      let group = groups.get(place.extent);
+      if (group === undefined) {
+        const entry = this.#extent(place.extent);
+        entry.pins++; // kept from reuse until its clusters are copied
+        group = { entry, jobs: [] };
+        groups.set(place.extent, group);
+      }
+      group.jobs.push(place.slot, cluster, from, to);
+    }
+    const copyAll = (extent: DecodedExtent, jobs: number[]) => {
+      for (let j = 0; j < jobs.length; j += 4) {
+        const [slot, cluster, from, to] = [jobs[j]!, jobs[j + 1]!, jobs[j + 2]!, jobs[j + 3]!];
+        const within = from - cluster * CLUSTER_SIZE;
+        copyCluster(
+          extent,
+          slot,
+          devId,
+          cluster,
+          within,
+          out,
+          from - offset,
+          to - from,
+          this.name,
+          dirty,
+        );
+      }
+    };
+    // Extents in the cache are copied at once, without a promise per request (most reads).
+    const waits: Promise<void>[] = [];
+    let failure: { error: unknown } | undefined;
+    for (const { entry, jobs } of groups.values()) {
+      if (entry.extent === undefined) {
+        waits.push(
+          entry.promise.then((extent) => copyAll(extent, jobs)).finally(() => this.#unpin(entry)),
+        );
+        continue;
+      }
+      try {
+        if (failure === undefined) copyAll(entry.extent, jobs);
+      } catch (error) {
+        failure = { error };
+      } finally {
+        this.#unpin(entry);
+      }
     }
     // A reader that goes on where it stopped gets the extents of the next clusters of this
     // disk read ahead (the archive's next extents may hold another disk). Several readers
@@ -367,7 +394,12 @@ export class IndexedArchive {
     ends.push(end);
     if (ends.length > 8) ends.shift();
     this.#lastEnds.set(devId, ends);
-    await Promise.all(reads);
+    if (waits.length > 0) {
+      const settled = await Promise.allSettled(waits);
+      const rejected = settled.find((result) => result.status === "rejected");
+      if (failure === undefined && rejected !== undefined) failure = { error: rejected.reason };
+    }
+    if (failure !== undefined) throw failure.error;
     return out;
   }
 

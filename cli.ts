@@ -21,6 +21,8 @@ import { extractCommand } from "./lib/cli/commands/extract.ts";
 import { convertCommand } from "./lib/cli/commands/convert.ts";
 import { indexCommand } from "./lib/cli/commands/index.ts";
 import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
+import { restoreCommand } from "./lib/cli/commands/restore.ts";
+import { serveCommand } from "./lib/cli/commands/serve.ts";
 import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
 import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
@@ -35,6 +37,8 @@ const commands: Command[] = [
   verifyCommand,
   indexCommand,
   convertCommand,
+  serveCommand,
+  restoreCommand,
   demoCommand,
 ];
 

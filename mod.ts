@@ -274,3 +274,16 @@ export {
   type S3ReadOptions,
   s3Source,
 } from "./lib/storage/s3_download.ts";
+export { archiveExports, type ArchiveExportsOptions } from "./lib/access/archive_exports.ts";
+export {
+  LiveRestore,
+  type LiveRestoreCompleteOptions,
+  type LiveRestoreDrive,
+  type LiveRestoreDriveOptions,
+  LiveRestoreError,
+  type LiveRestoreMode,
+  type LiveRestoreOptions,
+  type LiveRestoreProgress,
+  type LiveRestoreResult,
+  startLiveRestore,
+} from "./lib/live/live_restore.ts";

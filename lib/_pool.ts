@@ -355,3 +355,56 @@ export function exclusiveChunk(chunk: Uint8Array): PooledBuffer | undefined {
   const buffer = tracked.get(chunk.buffer);
   return buffer?.exclusive && chunk.byteOffset === 0 ? buffer : undefined;
 }
+
+/**
+ * Buffers in size classes: powers of 4 from `smallest` up to `largest` (the last class is
+ * exactly `largest`), each class a {@linkcode BufferPool}, so that requests of varying
+ * sizes reuse buffers close to their size.
+ *
+ * @example A 100 KiB request gets a 256 KiB buffer, and gets it again once released
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { SizedBufferPool } from "./_pool.ts";
+ *
+ * const pool = new SizedBufferPool(64 << 10, 1 << 20, 4);
+ * const buffer = pool.acquire(100 << 10);
+ * assert.equal(buffer.bytes.byteLength, 256 << 10);
+ * buffer.hold(1);
+ * buffer.release();
+ * assert.equal(pool.acquire(200 << 10), buffer);
+ * assert.equal(pool.acquire(1 << 20).bytes.byteLength, 1 << 20);
+ * assert.throws(() => pool.acquire((1 << 20) + 1), RangeError);
+ * ```
+ */
+export class SizedBufferPool {
+  #classes: BufferPool[] = [];
+
+  /** Classes from `smallest` to `largest`, each keeping up to `maxFree` free buffers. */
+  constructor(smallest: number, largest: number, maxFree: number) {
+    for (let size = smallest;; size *= 4) {
+      const top = size >= largest;
+      this.#classes.push(new BufferPool(top ? largest : size, { maxFree }));
+      if (top) break;
+    }
+  }
+
+  /** The largest buffer this pool gives. */
+  get largest(): number {
+    return this.#classes.at(-1)!.size;
+  }
+
+  /** A buffer of at least `length` bytes, from the smallest class that fits. */
+  acquire(length: number): PooledBuffer {
+    const pool = this.#classes.find((candidate) => candidate.size >= length);
+    if (pool === undefined) {
+      throw new RangeError(`Cannot pool ${length} bytes: The largest buffer is ${this.largest}`);
+    }
+    return pool.acquire();
+  }
+
+  /** Takes back a buffer that was transferred away and came back (see BufferPool.adopt). */
+  adopt(bytes: Uint8Array<ArrayBuffer>): void {
+    const size = bytes.buffer.byteLength;
+    this.#classes.find((candidate) => candidate.size === size)?.adopt(bytes);
+  }
+}

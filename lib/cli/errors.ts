@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { NotSeekableError } from "../access/indexed_archive.ts";
 import { NbdError, type NbdErrorReason } from "../protocols/nbd_protocol.ts";
 import { ImageFileError } from "../qemu/qemu_img.ts";
 import { S3Error } from "../storage/s3_errors.ts";
@@ -46,6 +47,11 @@ export const ExitCode = {
    * no permission for the bucket), or no credentials were found.
    */
   denied: 8,
+  /**
+   * The archive cannot be read at random (a `.vma.zst` without a seek table, gzip, lzop):
+   * `serve` and live restores need `convert` first.
+   */
+  notSeekable: 9,
   /** Interrupted by SIGINT (128 + 2). */
   interrupted: 130,
   /** Stopped by SIGTERM (128 + 15). */
@@ -200,6 +206,9 @@ function classify(error: unknown): { exitCode: number; message: string } {
   if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
   if (error instanceof VmaFormatError) {
     return { exitCode: ExitCode.corrupt, message: error.message };
+  }
+  if (error instanceof NotSeekableError) {
+    return { exitCode: ExitCode.notSeekable, message: error.message };
   }
   // Storage failures are I/O errors, a missing bucket or key as much as a missing file.
   if (error instanceof S3Error) {

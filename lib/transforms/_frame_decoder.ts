@@ -171,7 +171,7 @@ self.onmessage = ({ data }) => {
 let workerUrl: string | undefined;
 
 /** Frames up to this size decode on this thread: a worker round trip costs more. */
-const INLINE_SIZE = 64 * 1024;
+export const INLINE_SIZE = 64 * 1024;
 
 /**
  * Decodes frames on a pool of Workers (frames up to 64 KiB on this thread). Rejections

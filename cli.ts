@@ -21,9 +21,12 @@ import { extractCommand } from "./lib/cli/commands/extract.ts";
 import { convertCommand } from "./lib/cli/commands/convert.ts";
 import { indexCommand } from "./lib/cli/commands/index.ts";
 import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
+import { restoreCommand } from "./lib/cli/commands/restore.ts";
+import { serveCommand } from "./lib/cli/commands/serve.ts";
 import { verifyCommand } from "./lib/cli/commands/verify.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
 import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
+import { checkBufferReuse } from "./lib/_pool.ts";
 import { zstdFallbackNote } from "./lib/transforms/_zstd_note.ts";
 
 const commands: Command[] = [
@@ -34,6 +37,8 @@ const commands: Command[] = [
   verifyCommand,
   indexCommand,
   convertCommand,
+  serveCommand,
+  restoreCommand,
   demoCommand,
 ];
 
@@ -82,6 +87,7 @@ export async function main(args: string[], context: CliContext): Promise<number>
     return name === undefined ? ExitCode.usage : ExitCode.ok;
   }
   const command = commands.find((candidate) => candidate.name === name);
+  if (debugEnabled()) checkBufferReuse(true); // a buffer reused too early becomes an error
   if (command === undefined) {
     await writeText(context.stderr, `error: unknown command '${name}' (see 'cli.ts --help')\n`);
     return ExitCode.usage;

@@ -95,7 +95,7 @@ export {
   type FileByteSourceOptions,
 } from "./lib/sources/file_bytes.ts";
 export { ByteSink, type ByteWriter } from "./lib/sinks/file_sink.ts";
-export { releaseChunk } from "./lib/_pool.ts";
+export { BufferReuseError, checkBufferReuse, releaseChunk } from "./lib/_pool.ts";
 export {
   type Compression,
   compressionForPath,
@@ -290,3 +290,16 @@ export {
   type S3ReadOptions,
   s3Source,
 } from "./lib/storage/s3_download.ts";
+export { archiveExports, type ArchiveExportsOptions } from "./lib/access/archive_exports.ts";
+export {
+  LiveRestore,
+  type LiveRestoreCompleteOptions,
+  type LiveRestoreDrive,
+  type LiveRestoreDriveOptions,
+  LiveRestoreError,
+  type LiveRestoreMode,
+  type LiveRestoreOptions,
+  type LiveRestoreProgress,
+  type LiveRestoreResult,
+  startLiveRestore,
+} from "./lib/live/live_restore.ts";

@@ -72,6 +72,14 @@ export function cpSparse(ctx: GroupContext, input: string, copy: string): Comman
   return ctx.native((p) => `cp --sparse=always ${p(input)} ${p(copy)}`, [copy]);
 }
 
+/**
+ * `cp --sparse=always` and then `sync` of the copy: a copy as durable as a backup's
+ * archive, which is flushed to disk before it takes its name.
+ */
+export function cpSparseDurable(ctx: GroupContext, input: string, copy: string): Command {
+  return ctx.native((p) => `cp --sparse=always ${p(input)} ${p(copy)} && sync ${p(copy)}`, [copy]);
+}
+
 /** Untimed: `cli.ts backup` of `disk` into `archive` (for set-up and checks). */
 export async function makeArchive(
   ctx: GroupContext,

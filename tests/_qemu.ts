@@ -500,3 +500,140 @@ export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return i;
   return -1;
 }
+
+/** A disk of a VM started on an existing image (a live restore's overlay). */
+export interface ImageDiskSpec {
+  /** Device id (`-device virtio-blk-pci,id=ID`). */
+  id: string;
+  /** The qcow2 image to start on. */
+  image: string;
+  /**
+   * How the disk is set up: `drive` (`-drive`; QEMU opens the backing file itself),
+   * `blockdev` (`-blockdev` file and qcow2 nodes), or `blockdev-nbd` (also an explicit
+   * `-blockdev driver=nbd` backing node, as next-wave.md §3.3 does).
+   */
+  style: "drive" | "blockdev" | "blockdev-nbd";
+  /** For `blockdev-nbd`: the served export. */
+  nbd?: { socket: string; export: string };
+}
+
+/** A VM started paused (`-S`) that waits for its tool monitor before it opens its disks. */
+export interface PausedVm {
+  dir: string;
+  /** The monitor QEMU waits for (`wait=on`): the tool under test connects here first. */
+  toolQmp: string;
+  /** Connects the test's own monitor (after the tool connected). */
+  connect(): Promise<QmpClient>;
+  /** A guest write of a byte pattern through the device (HMP qemu-io). */
+  write(id: string, offset: number, length: number, pattern: number): Promise<void>;
+  /** Node names and drivers of the block graph. */
+  nodes(): Promise<{ name: string; driver: string; file: string }[]>;
+  /** The VM's run state. */
+  status(): Promise<string>;
+  /** Quits QEMU (kills it if it does not answer) and removes the directory. */
+  stop(): Promise<string>;
+}
+
+/** Starts a VM paused on `disks`, waiting for a connection to `toolQmp` first. */
+export function startPausedVm(disks: ImageDiskSpec[]): PausedVm {
+  const dir = Deno.makeTempDirSync({ prefix: "vmabackup-restore-vm-" });
+  const args = [
+    "-nodefaults",
+    "-display",
+    "none",
+    "-machine",
+    "q35",
+    "-accel",
+    "tcg",
+    "-m",
+    "64",
+    "-S",
+    "-qmp",
+    `unix:${dir}/test.qmp,server=on,wait=off`,
+    "-qmp",
+    `unix:${dir}/tool.qmp,server=on,wait=on`,
+  ];
+  for (const disk of disks) {
+    if (disk.style === "drive") {
+      args.push("-drive", `file=${disk.image},format=qcow2,if=none,id=${disk.id}-drive`);
+      args.push("-device", `virtio-blk-pci,drive=${disk.id}-drive,id=${disk.id}`);
+      continue;
+    }
+    args.push("-blockdev", `driver=file,filename=${disk.image},node-name=${disk.id}-file`);
+    let backing = "";
+    if (disk.style === "blockdev-nbd") {
+      const { socket, export: name } = disk.nbd!;
+      args.push(
+        "-blockdev",
+        `driver=nbd,node-name=${disk.id}-nbd,server.type=unix,server.path=${socket},export=${name},read-only=on`,
+      );
+      backing = `,backing=${disk.id}-nbd`;
+    }
+    args.push(
+      "-blockdev",
+      `driver=qcow2,file=${disk.id}-file,node-name=${disk.id}-node${backing}`,
+      "-device",
+      `virtio-blk-pci,drive=${disk.id}-node,id=${disk.id}`,
+    );
+  }
+  const process = new Deno.Command("qemu-system-x86_64", { args, stdout: "null", stderr: "piped" })
+    .spawn();
+  const errors = new Response(process.stderr).text();
+  let qmp: QmpClient | undefined;
+  const connect = async () => {
+    qmp ??= await connectQmp(`${dir}/test.qmp`);
+    return qmp;
+  };
+  let stopped: Promise<string> | undefined;
+  return {
+    dir,
+    toolQmp: `${dir}/tool.qmp`,
+    connect,
+    async write(id, offset, length, pattern) {
+      const line =
+        `qemu-io -d /machine/peripheral/${id}/virtio-backend "write -P ${pattern} ${offset} ${length}"`;
+      const answer = await (await connect()).humanMonitorCommand(line);
+      if (answer.trim() !== "") throw new Error(`guest write failed: ${answer}`);
+    },
+    async nodes() {
+      const nodes = await (await connect()).execute("query-named-block-nodes", { flat: true }) as {
+        "node-name": string;
+        drv: string;
+        file: string;
+      }[];
+      return nodes.map((node) => ({ name: node["node-name"], driver: node.drv, file: node.file }));
+    },
+    async status() {
+      return ((await (await connect()).execute("query-status")) as { status: string }).status;
+    },
+    stop() {
+      stopped ??= (async () => {
+        const quit = qmp?.execute("quit").catch(() => {});
+        const timer = setTimeout(() => {
+          try {
+            process.kill("SIGKILL");
+          } catch { /* gone */ }
+        }, qmp === undefined ? 0 : 5000);
+        await quit;
+        await process.status;
+        clearTimeout(timer);
+        qmp?.close();
+        await Deno.remove(dir, { recursive: true }).catch(() => {});
+        return await errors;
+      })();
+      return stopped;
+    },
+  };
+}
+
+/** Connects to a QMP socket once it exists (QEMU creates it as it starts). */
+export async function connectQmp(path: string): Promise<QmpClient> {
+  for (let i = 0;; i++) {
+    try {
+      return await QmpClient.connect(path);
+    } catch (error) {
+      if (i === 400 || !(error instanceof Deno.errors.NotFound)) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  }
+}

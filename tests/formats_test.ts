@@ -45,8 +45,9 @@ async function convert(dir: string, format: string): Promise<string> {
   return path;
 }
 
-async function qemuNbdProcesses(): Promise<number> {
-  const { stdout } = await new Deno.Command("pgrep", { args: ["-f", "qemu-nbd.*vmabackup-nbd"] })
+/** qemu-nbd processes serving an image in `dir` (tests in parallel run their own). */
+async function qemuNbdProcesses(dir: string): Promise<number> {
+  const { stdout } = await new Deno.Command("pgrep", { args: ["-f", `qemu-nbd.*${dir}/`] })
     .output();
   return new TextDecoder().decode(stdout).trim().split("\n").filter((line) => line !== "").length;
 }
@@ -68,7 +69,7 @@ qemuTest("formats: every format round-trips bit-exact in one archive that mixes 
       const restored = await Deno.readFile(`${dir}/out/disk-drive-${format}.raw`);
       assert.equal(firstDifference(restored, bytes), -1, `${format} round-trips`);
     }
-    assert.equal(await qemuNbdProcesses(), 0, "no qemu-nbd is left running");
+    assert.equal(await qemuNbdProcesses(dir), 0, "no qemu-nbd is left running");
   });
 });
 
@@ -104,7 +105,7 @@ qemuTest(
         await run("qemu-img", "info", "--output=json", `${dir}/to-qcow2/disk-drive-scsi0.qcow2`),
       );
       assert.ok(info["actual-size"] < 20 * MiB, `allocated ${info["actual-size"]} bytes`);
-      assert.equal(await qemuNbdProcesses(), 0);
+      assert.equal(await qemuNbdProcesses(dir), 0);
     });
   },
 );
@@ -125,12 +126,16 @@ qemuTest("formats: the NBD source reads only allocated data (bytes on the socket
       "write -P 0x22 300M 2M",
       `${dir}/sparse.qcow2`,
     );
-    const served = await serveImage(`${dir}/sparse.qcow2`, { format: "qcow2" });
+    const served = await serveImage(
+      `${dir}/sparse.qcow2`,
+      { format: "qcow2" },
+      (uri, conn) => NbdClient.connect(uri, { conn, metaContexts: ["base:allocation"] }),
+    );
     try {
       let client: NbdClient | undefined;
       const records: VmaRecord[] = [];
       const archive = await new Response(
-        nbdDiskSource(served.uri, { name: "d", onConnect: (c) => (client = c) })
+        nbdDiskSource(served.connection, { name: "d", onConnect: (c) => (client = c) })
           .pipeThrough(
             new TransformStream({ transform: (r, c) => (records.push(r), c.enqueue(r)) }),
           )
@@ -183,7 +188,7 @@ qemuTest("formats: bad images and missing tools get one clear line", async () =>
     const noRun = await cli(["backup", "--disk", qcow2, "-o", `${dir}/z.vma`]);
     assert.equal(noRun.code, 5);
     assert.match(noRun.stderr, /--allow-run/);
-    assert.equal(await qemuNbdProcesses(), 0);
+    assert.equal(await qemuNbdProcesses(dir), 0);
   });
 });
 
@@ -199,15 +204,15 @@ qemuTest(
         { permissions: PERMISSIONS },
       );
       await child.stdin.close();
-      for (let i = 0; i < 200 && await qemuNbdProcesses() === 0; i++) {
+      for (let i = 0; i < 200 && await qemuNbdProcesses(dir) === 0; i++) {
         await new Promise((resolve) => setTimeout(resolve, 50));
       }
-      assert.equal(await qemuNbdProcesses(), 1, "qemu-nbd serves the image");
+      assert.equal(await qemuNbdProcesses(dir), 1, "qemu-nbd serves the image");
       await new Promise((resolve) => setTimeout(resolve, 300));
       child.kill("SIGINT");
       const result = await child.output();
       assert.equal(result.code, 130);
-      assert.equal(await qemuNbdProcesses(), 0, "qemu-nbd was stopped");
+      assert.equal(await qemuNbdProcesses(dir), 0, "qemu-nbd was stopped");
       assert.ok(!(await Deno.lstat(`${dir}/big.vma.zst.partial`).then(() => true, () => false)));
     });
   },

@@ -351,3 +351,37 @@ Deno.test("index: a 1 TiB disk written in order keeps at most 16 MiB of index st
   assert.equal(index.runs.counts.length, 1, "one run for the whole disk");
   assert.equal(index.blockCounts.length, extents);
 });
+
+Deno.test("index: extract --disk and --stdout of an indexed archive read only that disk's extents", async () => {
+  const { main } = await import("../cli.ts");
+  await withTempDir(async (dir) => {
+    const disks = [randomBytes(8 << 20, 21), randomBytes(8 << 20, 22)];
+    await Deno.writeFile(`${dir}/a.raw`, disks[0]!);
+    await Deno.writeFile(`${dir}/b.raw`, disks[1]!);
+    let out = "";
+    const decoder = new TextDecoder();
+    const collect = (bytes: Uint8Array) =>
+      Promise.resolve((out += decoder.decode(bytes), bytes.length));
+    const context = {
+      stdout: { write: collect },
+      stderr: { write: (bytes: Uint8Array) => Promise.resolve(bytes.length) },
+      stderrIsTerminal: false,
+      signal: new AbortController().signal,
+    };
+    for (const name of ["vm.vma.zst", "vm.vma"]) {
+      const backup = ["backup", "--disk", `scsi0=${dir}/a.raw`, "--disk", `scsi1=${dir}/b.raw`];
+      assert.equal(await main([...backup, "-o", `${dir}/${name}`], context), 0);
+      const size = (await Deno.stat(`${dir}/${name}`)).size;
+      out = "";
+      const target = `${dir}/out-${name}`;
+      assert.equal(
+        await main(["extract", `${dir}/${name}`, target, "--disk", "scsi1", "--json"], context),
+        0,
+      );
+      const report = JSON.parse(out);
+      assert.equal(report.access, "random");
+      assert.ok(report.bytesRead < 0.6 * size, `${report.bytesRead} of ${size} bytes read`);
+      assert.deepEqual(await Deno.readFile(`${target}/disk-drive-scsi1.raw`), disks[1]);
+    }
+  });
+});

@@ -136,6 +136,20 @@ rgwTest(
       }
       const stdout = await cli(["extract", url, "--stdout", "scsi1"], options);
       assert.equal(sha256Hex(stdout.stdout), sha256Hex(disks[1]!));
+      // One disk through the index: ranged GETs of its extents only.
+      const one = await cli(["extract", url, `${dir}/one`, "--disk", "scsi1", "--json"], options);
+      assert.equal(one.code, 0, one.stderr);
+      const oneReport = JSON.parse(one.text);
+      assert.equal(oneReport.access, "random");
+      const whole = JSON.parse((await cli(["extract", url, `${dir}/all`, "--json"], options)).text);
+      assert.ok(
+        oneReport.bytesRead < whole.bytesRead / 3,
+        `${oneReport.bytesRead} of ${whole.bytesRead} bytes`,
+      );
+      assert.equal(
+        sha256Hex(await Deno.readFile(`${dir}/one/disk-drive-scsi1.raw`)),
+        sha256Hex(disks[1]!),
+      );
 
       // Independent readers: the AWS CLI downloads the object, the zstd CLI decodes it.
       await tool(

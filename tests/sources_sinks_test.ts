@@ -63,7 +63,8 @@ Deno.test("rawDiskSource() recycles its read buffers only after they are release
     await Deno.writeFile(`${dir}/d.raw`, bytes);
     const seenBuffers = new Set<ArrayBufferLike>();
     let mismatches = 0;
-    await rawDiskSource(`${dir}/d.raw`, { name: "d", readSize: 4 * CLUSTER_SIZE }).pipeTo(
+    const options = { name: "d", readSize: 4 * CLUSTER_SIZE, reuseBuffers: true };
+    await rawDiskSource(`${dir}/d.raw`, options).pipeTo(
       new WritableStream({
         write(record) {
           if (record.type !== "cluster") return;
@@ -191,7 +192,7 @@ Deno.test("DeviceBytesStream() passes the reader's buffers on, and a ByteSink gi
     chunks.push(archive.subarray(at, at + 65536));
   }
   await ReadableStream.from(chunks)
-    .pipeThrough(new VmaReaderStream())
+    .pipeThrough(new VmaReaderStream({ reuseBuffers: true }))
     .pipeThrough(new DeviceBytesStream("a"))
     .pipeThrough(
       new TransformStream({
@@ -231,7 +232,7 @@ Deno.test("VmaReaderStream() reuses its extent buffers when a pipe's sink releas
   const buffers = new Set<ArrayBufferLike>();
   let clusters = 0;
   // pipeTo may run write() inside the reader's enqueue, before the reader returns.
-  await ReadableStream.from(chunks).pipeThrough(new VmaReaderStream()).pipeTo(
+  await ReadableStream.from(chunks).pipeThrough(new VmaReaderStream({ reuseBuffers: true })).pipeTo(
     new WritableStream<VmaRecord>({
       write(record) {
         if (record.type !== "cluster") return;

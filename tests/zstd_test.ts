@@ -215,3 +215,37 @@ Deno.test("zstd: frame compression and decoding fall back when the native handle
   assert.deepEqual(back, input);
   assert.equal(why.length, 2);
 });
+
+Deno.test("decompressInput: a corrupt or cut compressed stream is a VmaFormatError at its offset", async () => {
+  const { decompressInput, VmaFormatError } = await import("../mod.ts");
+  const { gzipSync } = await import("node:zlib");
+  const vma = new Uint8Array(200_000).fill(7);
+  vma.set([0x56, 0x4d, 0x41, 0x00]);
+  const gzip = new Uint8Array(gzipSync(vma));
+  const zstd = await new Response(ReadableStream.from([vma]).pipeThrough(new ZstdCompressStream()))
+    .bytes();
+  for (const [name, bytes] of [["gzip", gzip], ["zstd", zstd]] as const) {
+    const cut = bytes.subarray(0, bytes.byteLength - 9);
+    const corrupt = bytes.slice();
+    corrupt[bytes.byteLength - 6]! ^= 0x40; // gzip's CRC32, zstd's content checksum
+    for (const broken of [cut, corrupt]) {
+      const { readable } = await decompressInput(ReadableStream.from([broken]));
+      await assert.rejects(new Response(readable).bytes(), (error: Error) => {
+        assert.ok(error instanceof VmaFormatError, `${name}: ${error.name}: ${error.message}`);
+        assert.equal(error.reason, "bad-compression");
+        return true;
+      });
+    }
+  }
+  // A failed read of the input is the input's own error, not a corrupt archive.
+  const failing = new ReadableStream<Uint8Array>({
+    start(controller) {
+      controller.enqueue(zstd.subarray(0, 100));
+    },
+    pull(controller) {
+      controller.error(new Deno.errors.Interrupted("EIO"));
+    },
+  });
+  const { readable } = await decompressInput(failing);
+  await assert.rejects(new Response(readable).bytes(), Deno.errors.Interrupted);
+});

@@ -10,6 +10,7 @@ import { join } from "node:path";
 import {
   backup,
   cpSparse,
+  cpSparseDurable,
   extract,
   extractsEqual,
   makeArchive,
@@ -69,6 +70,14 @@ export default defineGroup<Archives>({
         ours: backup(ctx, disk, out("backup.vma")),
         native: cpSparse(ctx, disk, out("copy.raw")),
         target: 0.8,
+        bytes,
+      }),
+      pair({
+        id: "backup.vma/cp-sync",
+        label: "backup dense → .vma vs `cp --sparse=always && sync` (both durable)",
+        ours: backup(ctx, disk, out("backup.vma")),
+        native: cpSparseDurable(ctx, disk, out("copy.raw")),
+        target: null,
         bytes,
       }),
       pair({

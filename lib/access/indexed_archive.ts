@@ -7,6 +7,7 @@
  */
 import { createHash } from "node:crypto";
 import { popcount16 } from "../_bytes.ts";
+import { BufferPool, type PooledBuffer, SizedBufferPool } from "../_pool.ts";
 import { readEmbeddedIndex } from "../index/embedded_index.ts";
 import { decodeIndex, type VmaIndex, type VmaIndexDevice } from "../index/index_format.ts";
 import { type AllocationExtent, IndexMap } from "../index/index_map.ts";
@@ -14,7 +15,7 @@ import { type AllocationExtent, IndexMap } from "../index/index_map.ts";
 export type { AllocationExtent } from "../index/index_map.ts";
 import type { SeekTable } from "../index/seek_table.ts";
 import type { RangeReader } from "../storage/range_reader.ts";
-import { FrameDecoderPool } from "../transforms/_frame_decoder.ts";
+import { FrameDecoderPool, INLINE_SIZE } from "../transforms/_frame_decoder.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 import { decodeExtentHeader, type VmaExtentSlot } from "../vma/extent_header.ts";
 import { type DecodedVmaHeader, decodeHeader } from "../vma/header.ts";
@@ -24,6 +25,7 @@ import {
   EXTENT_HEADER_SIZE,
   HEADER_FIXED_SIZE,
   HeaderOffset,
+  SLOTS_PER_EXTENT,
   VMA_MAGIC,
 } from "../vma/format.ts";
 import { scanPlainArchive } from "./scan_plain.ts";
@@ -32,12 +34,22 @@ import { scanPlainArchive } from "./scan_plain.ts";
 export interface IndexedArchiveOptions {
   /** The index of a plain `.vma`, from its sidecar file. Without it, one is built by scanning. */
   sidecar?: Uint8Array | undefined;
+  /** The same, already decoded (`decodeIndex`). */
+  index?: VmaIndex | undefined;
   /** Bytes of decoded extents kept for reuse (default 64 MiB). */
   cacheBytes?: number | undefined;
   /** Reads of the stored archive in flight at once (default 4). */
   readsInFlight?: number | undefined;
+  /** Worker threads that decode zstd frames (default one per core). */
+  workers?: number | undefined;
   /** Check every extent read against its digest in the index (default true). */
   checkDigests?: boolean | undefined;
+  /**
+   * Skip the index's SHA-256 for zstd frames that carry a content checksum: the decoder
+   * checks every byte against that one already (XXH64), and the seek table's copy of it
+   * ties the frame to its place (default false: check both).
+   */
+  trustFrameChecksums?: boolean | undefined;
 }
 
 /** Counters of an open archive. */
@@ -58,6 +70,23 @@ interface DecodedExtent {
   devIds: Uint8Array;
   clusters: Uint32Array;
   data: Uint8Array;
+  /** The pooled buffer `data` lives in, recycled once the extent leaves the cache. */
+  lease: PooledBuffer | undefined;
+}
+
+/** An extent in the cache: loading, or loaded; pinned while reads copy out of it. */
+interface CacheEntry {
+  promise: Promise<DecodedExtent>;
+  extent: DecodedExtent | undefined;
+  /** Reads that will copy out of it: its buffer is recycled only when none is left. */
+  pins: number;
+  evicted: boolean;
+}
+
+/** A decoded piece of the archive, in a pooled buffer or not. */
+interface Piece {
+  bytes: Uint8Array;
+  lease?: PooledBuffer | undefined;
 }
 
 /**
@@ -108,16 +137,26 @@ export class IndexedArchive {
   #seekTable: SeekTable | undefined;
   #decoders: FrameDecoderPool | undefined;
   #checkDigests: boolean;
+  #trustFrameChecksums: boolean;
   #cacheBytes: number;
   #cached = 0;
-  #cache = new Map<number, Promise<DecodedExtent>>();
-  #sizes = new Map<number, number>();
+  /** Decoded extents in least recently used order. */
+  #cache = new Map<number, CacheEntry>();
+  /** Buffers that frames are decoded into, reused once their extent left the cache. */
+  #outputs: BufferPool | undefined;
+  /** Buffers that an extent's stored frames are read into, by size. */
+  #inputs: SizedBufferPool | undefined;
   #map: IndexMap;
   /** Per frame: compressed and decompressed start offsets (one more entry: the ends). */
   #frameStored = new Float64Array(0);
   #frameDecoded = new Float64Array(0);
   #reads: { active: number; waiting: (() => void)[]; limit: number };
-  #lastExtent = -2;
+  /** Data bytes of the extents being read and decoded. */
+  #loadingBytes = 0;
+  /** Cached extents that a sequential reader has moved past: evicted first. */
+  #passed = new Set<number>();
+  /** Per device, where its last reads ended (several readers at once), to see sequential ones. */
+  #lastEnds = new Map<number, number[]>();
   #header: DecodedVmaHeader | undefined;
 
   private constructor(
@@ -135,6 +174,7 @@ export class IndexedArchive {
     this.indexSource = source;
     this.#seekTable = seekTable;
     this.#checkDigests = options.checkDigests ?? true;
+    this.#trustFrameChecksums = options.trustFrameChecksums ?? false;
     this.#cacheBytes = options.cacheBytes ?? 64 << 20;
     this.#reads = { active: 0, waiting: [], limit: options.readsInFlight ?? 4 };
     this.#map = new IndexMap(index);
@@ -146,7 +186,21 @@ export class IndexedArchive {
         this.#frameStored[f + 1] = this.#frameStored[f]! + seekTable.compressedSizes[f]!;
         this.#frameDecoded[f + 1] = this.#frameDecoded[f]! + seekTable.decompressedSizes[f]!;
       }
-      this.#decoders = new FrameDecoderPool();
+      this.#decoders = new FrameDecoderPool(options.workers);
+      const largest = Math.max(0, ...seekTable.decompressedSizes);
+      // Evicted extents hand their buffers to the next decodes. Enough of them stay free
+      // that none is dropped: a dropped one means a fresh one later, and the memory of
+      // both stays resident.
+      this.#outputs = new BufferPool(largest, { maxFree: 8 });
+      let span = 0;
+      for (let e = 0; e < index.blockCounts.length; e++) {
+        const [from, to] = [this.#map.extentOffsets[e]!, this.#map.extentOffsets[e + 1]!];
+        if (to <= from) continue;
+        const stored = this.#frameStored[this.#frameAt(to - 1) + 1]! -
+          this.#frameStored[this.#frameAt(from)]!;
+        span = Math.max(span, stored);
+      }
+      this.#inputs = new SizedBufferPool(256 << 10, Math.max(span, 1), this.#reads.limit + 2);
     }
   }
 
@@ -165,10 +219,10 @@ export class IndexedArchive {
       : 0;
     let archive: IndexedArchive;
     if (magic === VMA_MAGIC) {
-      const index = options.sidecar === undefined
-        ? await scanPlainArchive(reader)
-        : decodeIndex(options.sidecar);
-      const source = options.sidecar === undefined ? "scan" : "sidecar";
+      const given = options.index ??
+        (options.sidecar === undefined ? undefined : decodeIndex(options.sidecar));
+      const index = given ?? await scanPlainArchive(reader);
+      const source = given === undefined ? "scan" : "sidecar";
       archive = new IndexedArchive(reader, index, "vma", source, undefined, options);
       if (index.archiveBytes !== reader.size) {
         throw new VmaFormatError(
@@ -229,10 +283,16 @@ export class IndexedArchive {
   ): Promise<{ mask: number; data: Uint8Array | null }> {
     const place = this.#map.locate(devId, cluster);
     if (place === null) return { mask: 0, data: null };
-    const extent = await this.#extent(place.extent);
-    const data = new Uint8Array(CLUSTER_SIZE);
-    copyCluster(extent, place.slot, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name);
-    return { mask: extent.masks[place.slot]!, data };
+    const entry = this.#extent(place.extent);
+    entry.pins++;
+    try {
+      const extent = await entry.promise;
+      const data = new Uint8Array(CLUSTER_SIZE);
+      copyCluster(extent, place.slot, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name, false);
+      return { mask: extent.masks[place.slot]!, data };
+    } finally {
+      this.#unpin(entry);
+    }
   }
 
   /** The device of `name` (exactly, or with the `drive-` prefix added), if there is one. */
@@ -242,43 +302,138 @@ export class IndexedArchive {
   }
 
   /**
-   * The bytes `offset` to `offset + length` of device `devId`. Throws a `RangeError` past
-   * the device's end, a `VmaFormatError` when stored data fails its checks, and the
-   * reader's own error (for example `UnexpectedEof` for a file cut while it was open).
+   * The bytes `offset` to `offset + length` of device `devId`: in a new buffer, or in
+   * `into` (at its start; it must hold `length` bytes; what it held is overwritten, zero
+   * ranges included). Throws a `RangeError` past the device's end, a `VmaFormatError` when
+   * stored data fails its checks, and the reader's own error (for example `UnexpectedEof`
+   * for a file cut while it was open).
    */
-  async read(devId: number, offset: number, length: number): Promise<Uint8Array> {
+  async read(
+    devId: number,
+    offset: number,
+    length: number,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
     const device = this.#deviceOf(devId);
     if (offset < 0 || length < 0 || offset + length > device.size) {
       throw new RangeError(
         `Cannot read ${offset}+${length} of ${device.name}: It is ${device.size} bytes`,
       );
     }
-    const out = new Uint8Array(length);
+    if (into !== undefined && into.byteLength < length) {
+      throw new RangeError(`Cannot read ${length} bytes into a buffer of ${into.byteLength}`);
+    }
+    const out = into === undefined ? new Uint8Array(length) : into.subarray(0, length);
+    const dirty = into !== undefined; // a reused buffer: its zero ranges must be written
     const end = offset + length;
-    const reads: Promise<void>[] = [];
+    // The clusters to copy, grouped by extent: [slot, cluster, from, to] for each.
+    const groups = new Map<number, { entry: CacheEntry; jobs: number[] }>();
     for (let cluster = Math.floor(offset / CLUSTER_SIZE); cluster * CLUSTER_SIZE < end; cluster++) {
       const place = this.#map.locate(devId, cluster);
-      if (place === null) continue; // a zero cluster: nothing stored, nothing to read
       const from = Math.max(offset, cluster * CLUSTER_SIZE);
       const to = Math.min(end, (cluster + 1) * CLUSTER_SIZE);
-      reads.push(
-        this.#extent(place.extent).then((extent) => {
-          copyCluster(
-            extent,
-            place.slot,
-            devId,
-            cluster,
-            from - cluster * CLUSTER_SIZE,
-            out,
-            from - offset,
-            to - from,
-            this.name,
-          );
-        }),
-      );
+      if (place === null) { // a zero cluster: nothing stored, nothing to read
+        if (dirty) out.fill(0, from - offset, to - offset);
+        continue;
+      }
+      let group = groups.get(place.extent);
+      if (group === undefined) {
+        const entry = this.#extent(place.extent);
+        entry.pins++; // kept from reuse until its clusters are copied
+        group = { entry, jobs: [] };
+        groups.set(place.extent, group);
+      }
+      group.jobs.push(place.slot, cluster, from, to);
     }
-    await Promise.all(reads);
+    const copyAll = (extent: DecodedExtent, jobs: number[]) => {
+      for (let j = 0; j < jobs.length; j += 4) {
+        const [slot, cluster, from, to] = [jobs[j]!, jobs[j + 1]!, jobs[j + 2]!, jobs[j + 3]!];
+        const within = from - cluster * CLUSTER_SIZE;
+        copyCluster(
+          extent,
+          slot,
+          devId,
+          cluster,
+          within,
+          out,
+          from - offset,
+          to - from,
+          this.name,
+          dirty,
+        );
+      }
+    };
+    // Extents in the cache are copied at once, without a promise per request (most reads).
+    const waits: Promise<void>[] = [];
+    let failure: { error: unknown } | undefined;
+    for (const { entry, jobs } of groups.values()) {
+      if (entry.extent === undefined) {
+        waits.push(
+          entry.promise.then((extent) => copyAll(extent, jobs)).finally(() => this.#unpin(entry)),
+        );
+        continue;
+      }
+      try {
+        if (failure === undefined) copyAll(entry.extent, jobs);
+      } catch (error) {
+        failure = { error };
+      } finally {
+        this.#unpin(entry);
+      }
+    }
+    // A reader that goes on where it stopped gets the extents of the next clusters of this
+    // disk read ahead (the archive's next extents may hold another disk). Several readers
+    // of one disk at once (nbdcopy's connections) are each seen as sequential.
+    const ends = this.#lastEnds.get(devId) ?? [];
+    const stream = ends.indexOf(offset);
+    if (stream >= 0) {
+      ends.splice(stream, 1);
+      this.#passedBefore(devId, offset);
+      this.#readAhead(devId, end, device.size);
+    }
+    ends.push(end);
+    if (ends.length > 8) ends.shift();
+    this.#lastEnds.set(devId, ends);
+    if (waits.length > 0) {
+      const settled = await Promise.allSettled(waits);
+      const rejected = settled.find((result) => result.status === "rejected");
+      if (failure === undefined && rejected !== undefined) failure = { error: rejected.reason };
+    }
+    if (failure !== undefined) throw failure.error;
     return out;
+  }
+
+  /** A sequential reader that starts a new extent at `offset` is done with the one before. */
+  #passedBefore(devId: number, offset: number): void {
+    if (offset === 0) return;
+    const before = this.#map.locate(devId, Math.floor((offset - 1) / CLUSTER_SIZE));
+    const now = this.#map.locate(devId, Math.floor(offset / CLUSTER_SIZE));
+    if (before !== null && before.extent !== now?.extent && this.#cache.has(before.extent)) {
+      this.#passed.add(before.extent);
+    }
+  }
+
+  /**
+   * Starts reading the extents that hold the next clusters after `from` (up to
+   * {@linkcode READ_AHEAD} of them), only into free cache room: extents sequential readers
+   * have moved past may go for it, but not what other readers still use.
+   */
+  #readAhead(devId: number, from: number, size: number): void {
+    const first = Math.ceil(from / CLUSTER_SIZE);
+    const last = Math.min(Math.ceil(size / CLUSTER_SIZE), first + READ_AHEAD * SLOTS_PER_EXTENT);
+    const seen = new Set<number>();
+    for (let cluster = first; cluster < last; cluster++) {
+      const place = this.#map.locate(devId, cluster);
+      if (place === null || seen.has(place.extent)) continue;
+      seen.add(place.extent);
+      if (seen.size > READ_AHEAD) return;
+      if (this.#cache.has(place.extent)) continue;
+      const bytes = this.index.blockCounts[place.extent]! * BLOCK_SIZE;
+      const room = () => this.#cacheBytes - this.#cached - this.#loadingBytes;
+      if (room() < bytes) this.#evict(bytes - room(), true);
+      if (room() < bytes) return;
+      this.#load(place.extent).promise.catch(() => {}); // a failed read-ahead fails its reader
+    }
   }
 
   /**
@@ -302,7 +457,8 @@ export class IndexedArchive {
       this.#frameDecoded[dataFrame + 1] !== end
     ) return undefined;
     const [header] = await this.#archiveBytes(start, start + EXTENT_HEADER_SIZE);
-    const { slots } = decodeExtentHeader(header!, start, this.#uuidBytes());
+    header!.lease?.release();
+    const { slots } = decodeExtentHeader(header!.bytes, start, this.#uuidBytes());
     const from = this.#frameStored[dataFrame]!;
     const frame = await this.#reader.read(from, this.#frameStored[dataFrame + 1]! - from);
     this.stats.storedBytesRead += frame.byteLength;
@@ -327,7 +483,9 @@ export class IndexedArchive {
   close(): void {
     this.#decoders?.stop();
     this.#reader.close();
+    for (const entry of this.#cache.values()) entry.evicted = true;
     this.#cache.clear();
+    this.#passed.clear();
   }
 
   #deviceOf(devId: number): VmaIndexDevice {
@@ -337,46 +495,76 @@ export class IndexedArchive {
   }
 
   /** A decoded extent, from the cache or read now; reads ahead for sequential readers. */
-  #extent(e: number): Promise<DecodedExtent> {
-    const sequential = e === this.#lastExtent + 1 || e === this.#lastExtent;
-    this.#lastExtent = e;
-    if (sequential) {
-      for (let next = e + 1; next <= e + 2 && next < this.index.blockCounts.length; next++) {
-        if (this.index.blockCounts[next]! > 0 && !this.#cache.has(next)) {
-          this.#load(next).catch(() => {}); // a failed read-ahead fails the read that needs it
-        }
-      }
-    }
-    const cached = this.#cache.get(e);
-    if (cached !== undefined) {
+  #extent(e: number): CacheEntry {
+    let entry = this.#cache.get(e);
+    if (entry !== undefined) {
       this.stats.cacheHits++;
+      this.#passed.delete(e); // read again: not done with after all
       this.#cache.delete(e); // most recently used last
-      this.#cache.set(e, cached);
-      return cached;
+      this.#cache.set(e, entry);
+    } else {
+      entry = this.#load(e);
     }
-    return this.#load(e);
+    return entry;
   }
 
-  #load(e: number): Promise<DecodedExtent> {
-    const loading = this.#limited(() => this.#readExtent(e));
-    this.#cache.set(e, loading);
-    loading.then((extent) => {
-      if (this.#cache.get(e) !== loading) return;
-      this.#sizes.set(e, extent.data.byteLength);
+  #load(e: number): CacheEntry {
+    const size = this.index.blockCounts[e]! * BLOCK_SIZE;
+    this.#loadingBytes += size;
+    const entry: CacheEntry = {
+      promise: this.#limited(() => this.#readExtent(e)).finally(() => this.#loadingBytes -= size),
+      extent: undefined,
+      pins: 0,
+      evicted: false,
+    };
+    this.#cache.set(e, entry);
+    entry.promise.then((extent) => {
+      entry.extent = extent;
+      if (entry.evicted) return; // the archive was closed meanwhile
       this.#cached += extent.data.byteLength;
       this.#evict();
-    }, () => this.#cache.delete(e));
-    return loading;
+    }, () => {
+      if (this.#cache.get(e) === entry) this.#cache.delete(e);
+    });
+    return entry;
   }
 
-  #evict(): void {
-    for (const e of this.#cache.keys()) {
-      if (this.#cached <= this.#cacheBytes) break;
-      const size = this.#sizes.get(e);
-      if (size === undefined) continue; // still loading
+  /**
+   * Evicts until the cache is within its budget (or, with `passedOnly`, until `bytes` are
+   * freed from extents sequential readers have moved past): those first, then the least
+   * recently used.
+   */
+  #evict(bytes = 0, passedOnly = false): void {
+    const over = () => this.#cached - this.#cacheBytes;
+    let freed = 0;
+    const done = () => passedOnly ? freed >= bytes : over() <= 0;
+    const candidates = [
+      ...[...this.#passed].map((e) => [e, this.#cache.get(e)] as const),
+      ...(passedOnly ? [] : this.#cache),
+    ];
+    for (const [e, entry] of candidates) {
+      if (done()) break;
+      // Still loading, or being copied out of: reads that need it now must not decode it again.
+      if (entry?.extent === undefined || entry.pins > 0 || entry.evicted) continue;
       this.#cache.delete(e);
-      this.#sizes.delete(e);
-      this.#cached -= size;
+      this.#passed.delete(e);
+      this.#cached -= entry.extent.data.byteLength;
+      freed += entry.extent.data.byteLength;
+      entry.evicted = true;
+      entry.extent.lease?.release();
+    }
+  }
+
+  /** A read is done with `entry`: an evicted extent's buffer can be reused now. */
+  #unpin(entry: CacheEntry): void {
+    if (entry.pins > 0) entry.pins--;
+    if (entry.pins > 0) return;
+    if (entry.evicted) {
+      const lease = entry.extent?.lease;
+      if (entry.extent !== undefined) entry.extent.lease = undefined;
+      lease?.release();
+    } else if (this.#cached > this.#cacheBytes) {
+      this.#evict(); // it may have been kept over the budget while it was pinned
     }
   }
 
@@ -394,34 +582,79 @@ export class IndexedArchive {
   }
 
   /** Reads the stored bytes `start` to `end` of the (decompressed) archive. */
-  async #archiveBytes(start: number, end: number, digestOf?: number): Promise<Uint8Array[]> {
+  async #archiveBytes(start: number, end: number, digestOf?: number): Promise<Piece[]> {
     if (this.#seekTable === undefined) {
       this.stats.storedBytesRead += end - start;
-      return [await this.#reader.read(start, end - start)];
+      return [{ bytes: await this.#reader.read(start, end - start) }];
     }
     const table = this.#seekTable;
     const f0 = this.#frameAt(start);
     const f1 = this.#frameAt(end - 1);
     const from = this.#frameStored[f0]!;
-    const stored = await this.#reader.read(from, this.#frameStored[f1 + 1]! - from);
-    this.stats.storedBytesRead += stored.byteLength;
-    const pieces: Promise<Uint8Array>[] = [];
+    const span = this.#frameStored[f1 + 1]! - from;
+    // An extent's frames (a small header frame, one data frame) are read into a pooled
+    // buffer and decoded from it: the small ones here, at once, and then the data frame in
+    // a worker, which takes the whole buffer along and gives it back.
+    const order: number[] = [];
+    let toWorker = 0;
     for (let f = f0; f <= f1; f++) {
+      if (table.decompressedSizes[f]! > INLINE_SIZE) toWorker++;
+      else order.push(f);
+    }
+    for (let f = f0; f <= f1; f++) if (table.decompressedSizes[f]! > INLINE_SIZE) order.push(f);
+    const inputs = this.#inputs!;
+    const pooled = toWorker <= 1 && span <= inputs.largest && this.#reader.readInto !== undefined
+      ? inputs.acquire(span)
+      : undefined;
+    let stored: Uint8Array<ArrayBuffer>;
+    if (pooled !== undefined) {
+      stored = pooled.bytes.subarray(0, span);
+      await this.#reader.readInto!(from, stored).catch((error) => {
+        pooled.hold(0);
+        throw error;
+      });
+    } else {
+      stored = await this.#reader.read(from, span) as Uint8Array<ArrayBuffer>;
+    }
+    this.stats.storedBytesRead += stored.byteLength;
+    const pieces: Promise<Piece>[] = [];
+    for (const f of order) {
       const size = table.decompressedSizes[f]!;
       if (size === 0) continue; // a skippable frame
       const at = this.#frameStored[f]! - from;
-      const frame = stored.slice(at, at + table.compressedSizes[f]!);
-      this.#checkFrameChecksum(frame, f);
-      const digest = digestOf !== undefined && this.#frameDecoded[f] === start + EXTENT_HEADER_SIZE;
+      const view = stored.subarray(at, at + table.compressedSizes[f]!);
+      const frame = pooled !== undefined ? view : view.slice();
+      try {
+        this.#checkFrameChecksum(frame, f); // the worker frame comes last: still ours here
+      } catch (error) {
+        pooled?.hold(0);
+        for (const piece of pieces) piece.then((p) => p.lease?.release(), () => {});
+        throw error;
+      }
+      const checksummed = frame.byteLength >= 9 && (frame[4]! & 0x04) !== 0;
+      const digest = digestOf !== undefined && this.#checkDigests &&
+        !(checksummed && this.#trustFrameChecksums) &&
+        this.#frameDecoded[f] === start + EXTENT_HEADER_SIZE;
       const begin = Math.max(start, this.#frameDecoded[f]!) - this.#frameDecoded[f]!;
       const finish = Math.min(end, this.#frameDecoded[f + 1]!) - this.#frameDecoded[f]!;
+      // Data frames decode into recycled buffers: fresh multi-MiB ones stay resident.
+      const lent = size > INLINE_SIZE ? this.#outputs!.acquire() : undefined;
       pieces.push(
-        this.#decoders!.decode({ input: frame, size, digest }).then(
-          ({ output, digest: sha }) => {
-            if (sha !== undefined) this.#checkDigest(digestOf!, sha);
-            return output.subarray(begin, finish);
-          },
-          (error) => {
+        this.#decoders!.decode({ input: frame, size, digest, ...(lent && { output: lent.bytes }) })
+          .then(({ input, output, digest: sha }) => {
+            if (pooled !== undefined && size > INLINE_SIZE) inputs.adopt(input);
+            const lease = lent && this.#outputs!.wrap(new Uint8Array(output.buffer));
+            lease?.hold(1);
+            if (sha !== undefined) {
+              try {
+                this.#checkDigest(digestOf!, sha);
+              } catch (error) {
+                lease?.release();
+                throw error;
+              }
+            }
+            return { bytes: output.subarray(begin, finish), lease };
+          }, (error) => {
             throw new VmaFormatError(
               "bad-frame-checksum",
               this.#frameStored[f]!,
@@ -429,11 +662,20 @@ export class IndexedArchive {
                 this.#map.describe(digestOf)
               }`,
             );
-          },
-        ),
+          }),
       );
     }
-    return await Promise.all(pieces);
+    // Without a data frame, the buffer was only read here: it can be reused now.
+    if (pooled !== undefined && toWorker === 0) pooled.hold(0);
+    const settled = await Promise.allSettled(pieces);
+    const failed = settled.find((result) => result.status === "rejected");
+    if (failed !== undefined) {
+      for (const result of settled) {
+        if (result.status === "fulfilled") result.value.lease?.release();
+      }
+      throw failed.reason;
+    }
+    return settled.map((result) => (result as PromiseFulfilledResult<Piece>).value);
   }
 
   async #readExtent(e: number): Promise<DecodedExtent> {
@@ -441,13 +683,32 @@ export class IndexedArchive {
     const end = this.#map.extentOffsets[e + 1]!;
     const pieces = await this.#archiveBytes(start, end, e);
     this.stats.extentsRead++;
-    const joined = pieces.length === 1 ? pieces[0]! : concat(pieces, end - start);
-    const header = pieces[0]!.byteLength >= EXTENT_HEADER_SIZE
-      ? pieces[0]!.subarray(0, EXTENT_HEADER_SIZE)
-      : joined.subarray(0, EXTENT_HEADER_SIZE);
-    const data = pieces.length === 2 && pieces[0]!.byteLength === EXTENT_HEADER_SIZE
-      ? pieces[1]!
-      : joined.subarray(EXTENT_HEADER_SIZE);
+    // The usual seekable layout is [header frame, data frame]: no need to join them.
+    const split = pieces.length === 2 && pieces[0]!.bytes.byteLength === EXTENT_HEADER_SIZE;
+    const joined = pieces.length === 1 || split
+      ? undefined
+      : concat(pieces.map((piece) => piece.bytes), end - start);
+    const first = joined ?? pieces[0]!.bytes;
+    const header = first.subarray(0, EXTENT_HEADER_SIZE);
+    const data = split ? pieces[1]!.bytes : first.subarray(EXTENT_HEADER_SIZE);
+    // The buffer that holds `data` stays leased with the extent; the others go back now.
+    const kept = split ? pieces[1]!.lease : pieces.length === 1 ? pieces[0]!.lease : undefined;
+    for (const piece of pieces) if (piece.lease !== kept) piece.lease?.release();
+    try {
+      return this.#decodeSlots(e, start, header, data, kept);
+    } catch (error) {
+      kept?.release();
+      throw error;
+    }
+  }
+
+  #decodeSlots(
+    e: number,
+    start: number,
+    header: Uint8Array,
+    data: Uint8Array,
+    lease: PooledBuffer | undefined,
+  ): DecodedExtent {
     const { blockCount, slots } = decodeExtentHeader(header, start, this.#uuidBytes());
     if (blockCount !== this.index.blockCounts[e] || slots.length !== this.index.slotCounts[e]) {
       throw new VmaFormatError(
@@ -467,6 +728,7 @@ export class IndexedArchive {
       devIds: new Uint8Array(slots.length),
       clusters: new Uint32Array(slots.length),
       data,
+      lease,
     };
     let at = 0;
     slots.forEach((slot, k) => {
@@ -527,7 +789,8 @@ export class IndexedArchive {
   /** The stored header must be the one the index was made for. */
   async #checkHeader(): Promise<void> {
     const pieces = await this.#archiveBytes(0, this.index.headerSize);
-    const bytes = pieces.length === 1 ? pieces[0]! : concat(pieces, this.index.headerSize);
+    const bytes = concat(pieces.map((piece) => piece.bytes), this.index.headerSize);
+    for (const piece of pieces) piece.lease?.release();
     const uuid = bytes.subarray(HeaderOffset.uuid, HeaderOffset.uuid + 16).toHex();
     const md5 = bytes.subarray(HeaderOffset.md5, HeaderOffset.md5 + 16).toHex();
     const want = this.index.uuid.replaceAll("-", "");
@@ -550,6 +813,9 @@ export class IndexedArchive {
     this.#header = decodeHeader(bytes); // checks its MD5, and gives the configs
   }
 }
+
+/** Extents read ahead of a sequential reader: the ones that hold the next clusters. */
+const READ_AHEAD = 3;
 
 /** An extent of a seekable archive as stored, for a verbatim copy. */
 export interface StoredExtent {
@@ -574,16 +840,12 @@ export class NotSeekableError extends Error {
   }
 }
 
-/** Copies part of one cluster out of a decoded extent, zeros where no block is stored. */
-function copyCluster(
+/** The slot must hold the cluster the index says it does. */
+function checkSlot(
   extent: DecodedExtent,
   slot: number,
   devId: number,
   cluster: number,
-  within: number,
-  out: Uint8Array,
-  outAt: number,
-  length: number,
   name: string,
 ): void {
   if (extent.devIds[slot] !== devId || extent.clusters[slot] !== cluster) {
@@ -595,20 +857,49 @@ function copyCluster(
       } of device ${extent.devIds[slot]}`,
     );
   }
+}
+
+/** Copies part of one cluster out of a decoded extent, zeros where no block is stored. */
+function copyCluster(
+  extent: DecodedExtent,
+  slot: number,
+  devId: number,
+  cluster: number,
+  within: number,
+  out: Uint8Array,
+  outAt: number,
+  length: number,
+  name: string,
+  dirty: boolean,
+): void {
+  checkSlot(extent, slot, devId, cluster, name);
   const mask = extent.masks[slot]!;
   let stored = extent.starts[slot]!;
-  for (let block = 0; block < 16; block++) {
-    if (!(mask & (1 << block))) continue;
-    const blockStart = block * BLOCK_SIZE;
-    const lo = Math.max(within, blockStart);
-    const hi = Math.min(within + length, blockStart + BLOCK_SIZE);
+  // Runs of stored blocks are contiguous in the extent: one copy per run, not per block.
+  for (let block = 0; block < 16;) {
+    if (!(mask & (1 << block))) {
+      if (dirty) {
+        const lo = Math.max(within, block * BLOCK_SIZE);
+        const hi = Math.min(within + length, (block + 1) * BLOCK_SIZE);
+        if (lo < hi) out.fill(0, outAt + lo - within, outAt + hi - within);
+      }
+      block++;
+      continue;
+    }
+    let last = block;
+    while (last < 15 && mask & (1 << (last + 1))) last++;
+    const runStart = block * BLOCK_SIZE;
+    const runEnd = (last + 1) * BLOCK_SIZE;
+    const lo = Math.max(within, runStart);
+    const hi = Math.min(within + length, runEnd);
     if (lo < hi) {
       out.set(
-        extent.data.subarray(stored + lo - blockStart, stored + hi - blockStart),
+        extent.data.subarray(stored + lo - runStart, stored + hi - runStart),
         outAt + lo - within,
       );
     }
-    stored += BLOCK_SIZE;
+    stored += runEnd - runStart;
+    block = last + 1;
   }
 }
 

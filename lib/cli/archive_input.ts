@@ -8,6 +8,7 @@
 import { type Compression, decompressInput, type ZstdEngine } from "../transforms/compression.ts";
 import { readEmbeddedIndex } from "../index/embedded_index.ts";
 import { decodeIndex, type VmaIndex } from "../index/index_format.ts";
+import { IndexedArchive, NotSeekableError } from "../access/indexed_archive.ts";
 import { IndexChecker } from "../index/index_checker.ts";
 import { IndexMap } from "../index/index_map.ts";
 import type { SeekTable } from "../index/seek_table.ts";
@@ -15,7 +16,6 @@ import { fileRangeReader } from "../storage/range_reader.ts";
 import { EXTENT_HEADER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
-import { VmaFormatError } from "../vma/errors.ts";
 import { openInput } from "./files.ts";
 import { openS3RangeReader, readS3Object, type StorageOptions } from "./s3_files.ts";
 import { isS3Url } from "../storage/s3_config.ts";
@@ -119,13 +119,16 @@ export async function openArchive(
   const found = options.index === "ignore"
     ? undefined
     : await findIndex(path, options.indexPath, options.storage);
-  const input = await openInput(path, options.storage);
+  // The CLI's pipelines give every chunk and record one final consumer: buffers are reused.
+  const input = await openInput(path, { ...options.storage, reuseBuffers: true });
   let read = 0;
   const progress = options.progress?.(input.size);
-  const counted = input.readable.pipeThrough(tapStream<Uint8Array>((chunk) => {
-    read += chunk.byteLength;
-    progress?.add(chunk.byteLength);
-  }));
+  const counted = input.readable.pipeThrough(
+    tapStream<Uint8Array>((chunk) => {
+      read += chunk.byteLength;
+      progress?.add(chunk.byteLength);
+    }),
+  );
   const checker = found && new IndexChecker(found.index);
   const map = found && new IndexMap(found.index);
   const seekable = found?.seekTable && {
@@ -139,17 +142,22 @@ export async function openArchive(
     },
     describe: (_frame: number, decodedOffset: number) => checker!.describeOffset(decodedOffset),
     framesDigest: found.index.framesDigest,
+    // Reading without copying the data (verify) leaves this thread free to decode too.
+    mainThread: options.reader?.skipData === true,
   };
-  const decompressed = await decompressInput(counted, options.zstd, seekable || undefined);
+  const decompressed = await decompressInput(counted, options.zstd, seekable || undefined, {
+    reuseBuffers: true,
+  });
   const digestData = options.digestData === true && found?.index.digestScope === "vma-data";
   const reader: VmaReaderStream = new VmaReaderStream({
     ...options.reader,
+    reuseBuffers: true,
     ...(checker && {
       onExtent: (extent) => checker.extent(extent, reader.stats),
       digestData,
     }),
   });
-  const records = asArchiveErrors(decompressed.readable, decompressed.compression, () => read)
+  const records = decompressed.readable
     .pipeThrough(reader)
     .pipeThrough(new TransformStream({ flush: () => checker?.finish(reader.stats.bytes) }));
   return {
@@ -175,6 +183,50 @@ export async function openArchive(
       return { level, frames, checksummedFrames, extentsWithData, digestsChecked };
     },
   };
+}
+
+/**
+ * Opens the archive at `path` (a file or an `s3://` object) for random access through its
+ * index, for commands that need a part of it: a seekable `.vma.zst`, or a plain `.vma` with
+ * its sidecar (or mapped by a scan of its extent headers). `undefined` for stdin and for
+ * archives that can only be read from the start (gzip, lzop, zstd without a seek table).
+ * A damaged or foreign index is a `VmaFormatError`.
+ *
+ * @example A plain archive, mapped by a scan
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { VmaWriterStream } from "../../mod.ts";
+ * import { openRandomAccess } from "./archive_input.ts";
+ *
+ * const path = await Deno.makeTempFile({ suffix: ".vma" });
+ * await Deno.writeFile(path, ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "zeros" as const, devId: 1, cluster: 0, count: 1 },
+ * ]).pipeThrough(new VmaWriterStream()));
+ * const archive = await openRandomAccess(path, {});
+ * assert.equal(archive?.indexSource, "scan");
+ * archive?.close();
+ * assert.equal(await openRandomAccess("-", {}), undefined);
+ * await Deno.remove(path);
+ * ```
+ */
+export async function openRandomAccess(
+  path: string,
+  options: { indexPath?: string | undefined; storage?: StorageOptions | undefined },
+): Promise<IndexedArchive | undefined> {
+  if (path === "-") return undefined;
+  const s3 = isS3Url(path);
+  if (!s3 && !(await Deno.stat(path).catch(() => undefined))?.isFile) return undefined;
+  const reader = s3 ? await openS3RangeReader(path, options.storage) : await fileRangeReader(path);
+  try {
+    const found = await findIndex(path, options.indexPath, options.storage);
+    const index = found?.source === "sidecar" ? found.index : undefined;
+    return await IndexedArchive.open(reader, { index });
+  } catch (error) {
+    reader.close();
+    if (error instanceof NotSeekableError) return undefined;
+    throw error;
+  }
 }
 
 /**
@@ -214,37 +266,6 @@ async function findIndex(
     throw error;
   }
   return { index: decodeIndex(bytes), source: "sidecar", path: sidecar };
-}
-
-/**
- * Decompressed bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
- * become {@linkcode VmaFormatError}s: the archive is bad, and the error says how and where.
- */
-function asArchiveErrors(
-  input: ReadableStream<Uint8Array>,
-  compression: Compression,
-  bytesRead: () => number,
-): ReadableStream<Uint8Array> {
-  const reader = input.getReader();
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      let next;
-      try {
-        next = await reader.read();
-      } catch (error) {
-        if (
-          compression === "none" || error instanceof Deno.errors.NotCapable ||
-          error instanceof VmaFormatError
-        ) throw error;
-        const detail = (error instanceof Error ? error.message : String(error))
-          .replace(/^Cannot decode [^:]*: /, "");
-        throw new VmaFormatError("bad-compression", bytesRead(), `${compression} data: ${detail}`);
-      }
-      if (next.done) controller.close();
-      else controller.enqueue(next.value);
-    },
-    cancel: (reason) => reader.cancel(reason),
-  }, { highWaterMark: 0 });
 }
 
 /**

@@ -14,6 +14,8 @@ export interface CliContext {
   stderr: ByteWriter;
   /** Whether stderr is a terminal (progress bars only go to terminals). */
   stderrIsTerminal: boolean;
+  /** Whether stdout is a terminal, which archive and disk bytes never go to (default no). */
+  stdoutIsTerminal?: boolean;
   /** Aborted on SIGINT, SIGTERM or SIGHUP. */
   signal: AbortSignal;
 }
@@ -63,6 +65,7 @@ export function processContext(signal: AbortSignal): CliContext {
     stdout: Deno.stdout,
     stderr: Deno.stderr,
     stderrIsTerminal: Deno.stderr.isTerminal(),
+    stdoutIsTerminal: Deno.stdout.isTerminal(),
     signal,
   };
 }

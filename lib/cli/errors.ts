@@ -4,6 +4,9 @@
  *
  * @module
  */
+import { NotSeekableError } from "../access/indexed_archive.ts";
+import { NbdError, type NbdErrorReason } from "../protocols/nbd_protocol.ts";
+import { ImageFileError } from "../qemu/qemu_img.ts";
 import { S3Error } from "../storage/s3_errors.ts";
 import { VmaFormatError } from "../vma/errors.ts";
 
@@ -44,6 +47,11 @@ export const ExitCode = {
    * no permission for the bucket), or no credentials were found.
    */
   denied: 8,
+  /**
+   * The archive cannot be read at random (a `.vma.zst` without a seek table, gzip, lzop):
+   * `serve` and live restores need `convert` first.
+   */
+  notSeekable: 9,
   /** Interrupted by SIGINT (128 + 2). */
   interrupted: 130,
   /** Stopped by SIGTERM (128 + 15). */
@@ -141,6 +149,7 @@ export function signalExitCode(signal: Deno.Signal): number {
 }
 
 const IO_ERRORS = [
+  ImageFileError,
   Deno.errors.NotFound,
   Deno.errors.PermissionDenied,
   Deno.errors.IsADirectory,
@@ -163,6 +172,7 @@ const IO_ERRORS = [
  * import assert from "node:assert/strict";
  * import { S3Error } from "../storage/s3_errors.ts";
  * import { describeError, ExitCode } from "./errors.ts";
+ * import { NbdError } from "../protocols/nbd_protocol.ts";
  *
  * const missing = new Deno.errors.NotFound("No such file or directory (os error 2)");
  * assert.deepEqual(describeError(missing), {
@@ -170,6 +180,9 @@ const IO_ERRORS = [
  *   message: "No such file or directory (os error 2)",
  * });
  * assert.equal(describeError(new Error("first line\nsecond line")).message, "first line");
+ * assert.equal(describeError(new Error("a \x1b[2J b")).message, "a \\x1b[2J b"); // escaped
+ * const full = new NbdError("command-failed", "Cannot write: ENOSPC", { code: 28 });
+ * assert.equal(describeError(full).exitCode, ExitCode.io); // a disk error reported over NBD
  * const denied = { url: "s3://b/k", operation: "open", status: 403, code: "Forbidden", detail: "x" };
  * assert.equal(describeError(new S3Error(denied)).exitCode, ExitCode.denied);
  * assert.equal(describeError(new S3Error({ ...denied, status: 0, code: "NetworkError" })).exitCode, 4);
@@ -177,9 +190,25 @@ const IO_ERRORS = [
  * ```
  */
 export function describeError(error: unknown): { exitCode: number; message: string } {
+  const { exitCode, message } = classify(error);
+  // Messages quote archive names and paths: no control character reaches the terminal.
+  return { exitCode, message: message.replace(CONTROL, escapeControl) };
+}
+
+// deno-lint-ignore no-control-regex -- control characters are what it finds
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/g;
+
+function escapeControl(char: string): string {
+  return `\\x${char.charCodeAt(0).toString(16).padStart(2, "0")}`;
+}
+
+function classify(error: unknown): { exitCode: number; message: string } {
   if (error instanceof CliError) return { exitCode: error.exitCode, message: error.message };
   if (error instanceof VmaFormatError) {
     return { exitCode: ExitCode.corrupt, message: error.message };
+  }
+  if (error instanceof NotSeekableError) {
+    return { exitCode: ExitCode.notSeekable, message: error.message };
   }
   // Storage failures are I/O errors, a missing bucket or key as much as a missing file.
   if (error instanceof S3Error) {
@@ -194,10 +223,26 @@ export function describeError(error: unknown): { exitCode: number; message: stri
       message: `${errorText(error)} (use --force to replace it)`,
     };
   }
-  if (IO_ERRORS.some((type) => error instanceof type) || isOsError(error)) {
+  if (IO_ERRORS.some((type) => error instanceof type) || isOsError(error) || isNbdIoError(error)) {
     return { exitCode: ExitCode.io, message: errorText(error) };
   }
   return { exitCode: ExitCode.failure, message: errorText(error) };
+}
+
+/**
+ * NBD failures that are I/O errors of a disk: the server reported an errno for a command
+ * (EIO on a read, ENOSPC on a write), refused the export, or the connection failed.
+ */
+const NBD_IO_REASONS: NbdErrorReason[] = [
+  "command-failed",
+  "option-failed",
+  "connect-failed",
+  "disconnected",
+  "timeout",
+];
+
+function isNbdIoError(error: unknown): boolean {
+  return error instanceof NbdError && NBD_IO_REASONS.includes(error.reason);
 }
 
 /** Errors with an OS error code (ENOSPC, EIO, ...) that Deno maps to a plain Error. */

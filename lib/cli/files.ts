@@ -1,7 +1,8 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
  * Inputs and outputs of CLI commands: `-` for stdin or stdout, and outputs that appear
- * only when complete (written to `NAME.partial`, renamed on success, removed on failure).
+ * only when complete (written to `NAME.partial`, flushed and renamed on success, removed on
+ * failure; see `durable.ts`).
  *
  * @module
  */
@@ -9,7 +10,8 @@ import { fileByteSource } from "../sources/file_bytes.ts";
 import { ByteSink } from "../sinks/file_sink.ts";
 import { isS3Url } from "../storage/s3_config.ts";
 import type { CliContext } from "./context.ts";
-import { CliError, ExitCode } from "./errors.ts";
+import { commitFiles, type PendingFile } from "./durable.ts";
+import { CliError, ExitCode, UsageError } from "./errors.ts";
 import { openS3Input, openS3Output, type StorageOptions } from "./s3_files.ts";
 
 /** An archive opened for reading. */
@@ -17,12 +19,14 @@ export interface Input {
   readable: ReadableStream<Uint8Array>;
   /** Size in bytes when the input is a regular file. */
   size?: number | undefined;
-  /** Shown in messages: the path, `stdin`, or the `s3://` URL. */
+  /** Shown in messages: the path, or `stdin`. */
   name: string;
 }
 
 /**
- * Opens `path` for reading, stdin for `-`, or an S3 object for `s3://BUCKET/KEY`.
+ * Opens `path` for reading, stdin for `-`, or an S3 object for `s3://BUCKET/KEY`. With
+ * `reuseBuffers`, file and stdin chunks are recycled once their final consumer calls
+ * `releaseChunk` (for a pipeline without fan-out).
  *
  * @example Read a file
  * ```ts
@@ -37,8 +41,13 @@ export interface Input {
  * await Deno.remove(path);
  * ```
  */
-export async function openInput(path: string, storage: StorageOptions = {}): Promise<Input> {
-  if (path === "-") return { readable: fileByteSource(Deno.stdin), name: "stdin" };
+export async function openInput(
+  path: string,
+  options: StorageOptions & { reuseBuffers?: boolean } = {},
+): Promise<Input> {
+  const { reuseBuffers = false, ...storage } = options;
+  const chunks = { reuseBuffers };
+  if (path === "-") return { readable: fileByteSource(Deno.stdin, chunks), name: "stdin" };
   if (isS3Url(path)) return await openS3Input(path, storage);
   const file = await Deno.open(path, { read: true });
   const info = await file.stat();
@@ -46,7 +55,8 @@ export async function openInput(path: string, storage: StorageOptions = {}): Pro
     file.close();
     throw new Deno.errors.IsADirectory(`Cannot read archive ${path}: It is a directory`);
   }
-  return { readable: fileByteSource(file), size: info.isFile ? info.size : undefined, name: path };
+  const size = info.isFile ? info.size : undefined;
+  return { readable: fileByteSource(file, chunks), size, name: path };
 }
 
 /**
@@ -67,37 +77,30 @@ export function existsError(path: string): CliError {
 }
 
 /**
- * Moves a finished `partial` to `target`. An existing `target` (allowed with --force) is
- * first renamed aside and removed only once the new one is in place; if the rename fails,
- * the old one is put back, so a failure never loses both.
+ * Refuses to write binary data to a terminal, as `zstd` and `borg` do: the bytes would be
+ * garbage on the screen and could drive the terminal. A usage error (exit code 2).
  *
- * @example Replace an existing directory
+ * @example
  * ```ts
  * import assert from "node:assert/strict";
- * import { replaceWith } from "./files.ts";
+ * import { refuseTerminal } from "./files.ts";
  *
- * const dir = await Deno.makeTempDir();
- * await Deno.mkdir(`${dir}/restore/old`, { recursive: true });
- * await Deno.mkdir(`${dir}/restore.partial`);
- * await Deno.writeTextFile(`${dir}/restore.partial/new.txt`, "new");
- * await replaceWith(`${dir}/restore.partial`, `${dir}/restore`);
- * const names = await Array.fromAsync(Deno.readDir(dir), (entry) => entry.name);
- * assert.deepEqual(names, ["restore"]);
- * assert.equal(await Deno.readTextFile(`${dir}/restore/new.txt`), "new");
- * await Deno.remove(dir, { recursive: true });
+ * const write = (bytes: Uint8Array) => Promise.resolve(bytes.length);
+ * const context = { stdout: { write }, stderr: { write }, stderrIsTerminal: false };
+ * const signal = new AbortController().signal;
+ * refuseTerminal({ ...context, signal }, "the archive"); // a pipe or a file: fine
+ * assert.throws(
+ *   () => refuseTerminal({ ...context, signal, stdoutIsTerminal: true }, "the archive"),
+ *   { exitCode: 2, message: /not writing the archive to a terminal/ },
+ * );
  * ```
  */
-export async function replaceWith(partial: string, target: string): Promise<void> {
-  if (!await exists(target)) return await Deno.rename(partial, target);
-  const aside = `${target}.old-${Deno.pid}`;
-  await Deno.rename(target, aside);
-  try {
-    await Deno.rename(partial, target);
-  } catch (error) {
-    await Deno.rename(aside, target).catch(() => {});
-    throw error;
+export function refuseTerminal(context: CliContext, what: string): void {
+  if (context.stdoutIsTerminal) {
+    throw new UsageError(
+      `not writing ${what} to a terminal; redirect stdout to a file or a pipe`,
+    );
   }
-  await Deno.remove(aside, { recursive: true });
 }
 
 /**
@@ -132,7 +135,12 @@ export interface Output {
   path: string;
   /** Tells the output how many bytes to expect (S3 sizes its upload parts by it). */
   expectSize?(bytes: number): void;
-  /** Makes the output final (renames `NAME.partial` to `NAME`). */
+  /**
+   * Makes the output final. A file durably (see {@linkcode commitFiles}): its data are
+   * flushed, it is renamed to `PATH` (one atomic rename, also over an existing `PATH`), and
+   * the directory is flushed. To commit it together with sidecar outputs (its index), use
+   * {@linkcode commitOutputs}.
+   */
   commit(): Promise<void>;
   /** Removes the partial output; safe to call more than once, and after commit. */
   discard(): Promise<void>;
@@ -141,9 +149,9 @@ export interface Output {
 }
 
 /**
- * Opens an output: stdout for `-`, an S3 upload for `s3://BUCKET/KEY` (see `openS3Output`),
- * otherwise `PATH.partial`, which {@linkcode Output.commit} renames to `PATH`. An existing
- * `PATH` is refused unless `force`.
+ * Opens an output: stdout for `-` (refused when it is a terminal), an S3 upload for
+ * `s3://BUCKET/KEY` (see `openS3Output`), otherwise `PATH.partial`, which
+ * {@linkcode Output.commit} renames to `PATH`. An existing `PATH` is refused unless `force`.
  *
  * @example The file appears only on commit
  * ```ts
@@ -169,6 +177,7 @@ export async function openOutput(
 ): Promise<Output> {
   if (isS3Url(path)) return await openS3Output(path, context, options);
   if (path === "-") {
+    refuseTerminal(context, "binary output");
     const noop = () => Promise.resolve();
     return {
       writable: new ByteSink(context.stdout),
@@ -189,33 +198,81 @@ export async function openOutput(
   ).catch((error) => {
     throw error instanceof Deno.errors.AlreadyExists ? existsError(partial) : error;
   });
-  let state: "open" | "committed" | "discarded" = "open";
+  let state: "open" | "closed" | "committed" | "discarded" = "open";
   const close = () => {
-    try {
-      file.close();
-    } catch { /* already closed */ }
+    if (state === "open") file.close();
+    state = "closed";
   };
-  return {
+  const seal = (): Sealed => {
+    if (state !== "open") throw new Error(`Cannot commit ${path}: It was committed or discarded`);
+    state = "closed"; // commitFiles flushes and closes the file
+    return { file: { partial, target: path, file }, committed: () => void (state = "committed") };
+  };
+  const output: Output = {
     writable: new ByteSink(file),
     path,
-    async commit() {
-      close();
-      await replaceWith(partial, path);
-      state = "committed";
-    },
+    commit: () => commitSealed([seal()]),
     async discard() {
-      if (state !== "open") return;
-      state = "discarded";
+      if (state === "committed" || state === "discarded") return;
       close();
+      state = "discarded";
       await Deno.remove(partial).catch(() => {});
     },
     discardSync() {
-      if (state !== "open") return;
-      state = "discarded";
+      if (state === "committed" || state === "discarded") return;
       close();
+      state = "discarded";
       try {
         Deno.removeSync(partial);
       } catch { /* already gone */ }
     },
   };
+  sealers.set(output, seal);
+  return output;
+}
+
+/** A file output closed for committing, and how to mark it committed once it is. */
+interface Sealed {
+  file: PendingFile;
+  committed(): void;
+}
+
+/** How each file output is sealed when it is committed together with others. */
+const sealers = new WeakMap<Output, () => Sealed>();
+
+async function commitSealed(sealed: Sealed[]): Promise<void> {
+  await commitFiles(sealed.map((entry) => entry.file));
+  for (const entry of sealed) entry.committed();
+}
+
+/**
+ * Commits `output` together with `sidecars`, outputs written beside it (its index), so that
+ * `output` never appears without them: files are all flushed first, then renamed, sidecars
+ * before `output`, then their directories flushed (see {@linkcode commitFiles}); other
+ * outputs (S3 objects) are committed one by one, sidecars first.
+ *
+ * @example An archive and its index
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { processContext } from "./context.ts";
+ * import { commitOutputs, openOutput } from "./files.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const context = processContext(new AbortController().signal);
+ * const archive = await openOutput(`${dir}/vm.vma`, context, { force: false });
+ * const index = await openOutput(`${dir}/vm.vma.idx`, context, { force: false });
+ * await ReadableStream.from([new Uint8Array([1, 2, 3])]).pipeTo(archive.writable);
+ * await ReadableStream.from([new Uint8Array([4])]).pipeTo(index.writable);
+ * await commitOutputs(archive, index);
+ * assert.deepEqual(await Deno.readFile(`${dir}/vm.vma`), new Uint8Array([1, 2, 3]));
+ * assert.deepEqual(await Deno.readFile(`${dir}/vm.vma.idx`), new Uint8Array([4]));
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function commitOutputs(output: Output, ...sidecars: Output[]): Promise<void> {
+  const all = [...sidecars, output];
+  if (all.every((each) => sealers.has(each))) {
+    return await commitSealed(all.map((each) => sealers.get(each)!()));
+  }
+  for (const each of all) await each.commit();
 }

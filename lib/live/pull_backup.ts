@@ -363,8 +363,11 @@ export async function startPullBackup(options: PullBackupOptions): Promise<LiveB
       controller.close();
     },
     async cancel(reason) {
-      await combined.cancel(reason).catch(() => {});
-      await finish(reason ?? new Error("The backup was cancelled")).catch(() => {});
+      // Set before the readers stop: a pull waiting on them must not take their end for a
+      // finished backup and resolve `finished`.
+      abortReason ??= reason ?? new Error("The backup was cancelled");
+      await combined.cancel(abortReason).catch(() => {});
+      await finish(abortReason).catch(() => {});
     },
   }, { highWaterMark: 0 });
 

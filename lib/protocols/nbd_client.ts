@@ -253,6 +253,11 @@ export interface NbdConnectOptions extends NbdOpenOptions {
   metaContexts?: readonly string[];
   /** Negotiate structured replies (default `true`); required for metadata contexts. */
   structuredReplies?: boolean;
+  /**
+   * A connection to the server that is already open (the client owns it from now on);
+   * `target` then only names the export.
+   */
+  conn?: Deno.Conn;
 }
 
 /** Options of {@linkcode NbdClient.write}. */
@@ -470,7 +475,9 @@ export class NbdClient {
     const exportName = options.exportName ??
       (typeof target === "string" ? parseNbdUri(target).exportName : "");
     const contexts = options.metaContexts ?? [];
-    const client = await NbdClient.open(target, options);
+    const client = options.conn === undefined
+      ? await NbdClient.open(target, options)
+      : await NbdClient.fromConn(options.conn, options);
     try {
       if (options.structuredReplies ?? true) await client.structuredReply();
       if (contexts.length > 0) {

@@ -85,6 +85,13 @@ export interface NbdRequestContext {
   readonly flags: number;
   /** The connection's number, as in the log lines. */
   readonly connection: number;
+  /**
+   * Runs `callback` once the reply to this request has been written to the socket, or
+   * will never be (the connection dropped, the server closed): a read handler that
+   * returns views of buffers it recycles gives them back here. Callbacks run after the
+   * handler has returned, once each.
+   */
+  readonly afterReply?: (callback: () => void) => void;
 }
 
 /** The context of a block status request. */
@@ -652,6 +659,8 @@ interface Pending {
   bytes: number;
   replied: boolean;
   request: NbdRequest;
+  /** What the handler asked to run once the reply is out. */
+  after: (() => void)[];
 }
 
 /** Thrown into the loops of a connection that is being stopped. */
@@ -1003,7 +1012,7 @@ class Connection {
         ? request.length
         : 0;
       await this.#slot(bytes);
-      const pending: Pending = { bytes, replied: false, request };
+      const pending: Pending = { bytes, replied: false, request, after: [] };
       this.#pending.add(pending);
       this.#pendingBytes += bytes;
       const problem = this.#check(request);
@@ -1013,7 +1022,7 @@ class Connection {
       } else if (request.type === NbdCmd.WRITE) {
         await this.#write(pending);
       } else {
-        void this.#complete(pending, () => this.#execute(request));
+        void this.#complete(pending, () => this.#execute(request, pending));
       }
     }
   }
@@ -1085,16 +1094,21 @@ class Connection {
     return undefined;
   }
 
-  #context(request: NbdRequest): NbdRequestContext {
-    return { signal: this.#abort.signal, flags: request.flags, connection: this.id };
+  #context(request: NbdRequest, pending: Pending): NbdRequestContext {
+    return {
+      signal: this.#abort.signal,
+      flags: request.flags,
+      connection: this.id,
+      afterReply: (callback) => void pending.after.push(callback),
+    };
   }
 
   /** Runs a valid request other than WRITE; the reply. */
-  async #execute(request: NbdRequest): Promise<Uint8Array[]> {
+  async #execute(request: NbdRequest, pending: Pending): Promise<Uint8Array[]> {
     const { type, flags, cookie, offset, length } = request;
     const { handler } = this.#export!;
     const { stats } = this.#core;
-    const context = this.#context(request);
+    const context = this.#context(request, pending);
     const fua = async () => {
       if ((flags & NbdCmdFlag.FUA) !== 0) await handler.flush?.(context);
     };
@@ -1129,7 +1143,7 @@ class Connection {
     const { request } = pending;
     const { flags, offset, length } = request;
     const { handler } = this.#export!;
-    const context = this.#context(request);
+    const context = this.#context(request, pending);
     // An object, so that the checks below see what read() did meanwhile.
     const payloadState: { now: "waiting" | "reading" | "read" | "gone" } = { now: "waiting" };
     const payload = Promise.withResolvers<void>();
@@ -1292,6 +1306,11 @@ class Connection {
     } catch {
       closeQuietly(this.#conn); // the socket failed: the reading loop ends the connection
     } finally {
+      for (const callback of pending.after.splice(0)) {
+        try {
+          callback();
+        } catch { /* a handler's callback cannot break the connection */ }
+      }
       this.#pending.delete(pending);
       this.#pendingBytes -= pending.bytes;
       const wake = this.#wake;

@@ -9,7 +9,7 @@ import { spawnQemuTool } from "./spawn.ts";
 
 /**
  * Creates an empty image of `size` bytes with `qemu-img create`, or fails with qemu-img's
- * own message. qemu-img replaces a file already at `path`: callers that must not overwrite
+ * own message (an {@linkcode ImageFileError} when the file system is at fault). qemu-img replaces a file already at `path`: callers that must not overwrite
  * check first. Needs `--allow-run=qemu-img`.
  *
  * @example Create a qcow2 image
@@ -41,8 +41,33 @@ export async function createImage(path: string, format: ImageFormat, size: numbe
   });
   const [status, stderr] = await Promise.all([child.status, new Response(child.stderr).text()]);
   if (!status.success) {
-    throw new Error(
-      `Cannot create ${path} as ${format}: ${stderr.trim().replace(/^qemu-img: /, "")}`,
-    );
+    const message = `Cannot create ${path} as ${format}: ${
+      stderr.trim().replace(/^qemu-img: /, "")
+    }`;
+    throw FILE_SYSTEM_ERRORS.test(stderr) ? new ImageFileError(message) : new Error(message);
+  }
+}
+
+/** What qemu-img says when the file system, not the request, is at fault. */
+const FILE_SYSTEM_ERRORS =
+  /No space left on device|Disk quota exceeded|Input\/output error|Read-only file system|Permission denied/;
+
+/**
+ * qemu-img could not write the image file: the disk is full, read-only, failing, or not
+ * writable for us. An I/O error, unlike a bad request (an unknown format, a bad size).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ImageFileError } from "./qemu_img.ts";
+ *
+ * assert.equal(new ImageFileError("Cannot create x: No space left on device").name, "ImageFileError");
+ * ```
+ */
+export class ImageFileError extends Error {
+  /** An error with `message`. */
+  constructor(message: string) {
+    super(message);
+    this.name = "ImageFileError";
   }
 }

@@ -21,7 +21,7 @@ export interface ImageRestoreOptions {
 }
 
 interface OpenImage {
-  served: QemuNbdExport;
+  served: QemuNbdExport<NbdClient>;
   client: NbdClient;
   info: RestoredDevice;
 }
@@ -69,16 +69,14 @@ export class ImageRestoreSink extends WritableStream<VmaRecord> {
         const path = options.target(record);
         if (path === undefined) return void images.set(record.devId, null);
         await createImage(path, options.format, record.size);
-        const served = await serveImage(path, { format: options.format, readOnly: false });
-        try {
-          const client = await NbdClient.connect(served.uri);
-          const info = { name: record.name, path, size: record.size, dataBytes: 0 };
-          images.set(record.devId, { served, client, info });
-          restored.push(info);
-        } catch (error) {
-          await served.stop();
-          throw error;
-        }
+        const served = await serveImage(
+          path,
+          { format: options.format, readOnly: false },
+          (uri, conn) => NbdClient.connect(uri, { conn }),
+        );
+        const info = { name: record.name, path, size: record.size, dataBytes: 0 };
+        images.set(record.devId, { served, client: served.connection, info });
+        restored.push(info);
         return;
       }
       if (record.type !== "cluster") return;

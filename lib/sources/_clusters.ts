@@ -12,7 +12,8 @@ import type { VmaClusterRecord, VmaZerosRecord } from "../vma/records.ts";
 /**
  * The cluster records for `length` bytes of a device read into `buffer` from `offset` (a
  * multiple of 64 KiB). The last cluster is zero-padded past the data, its mask covers only
- * blocks inside the device, and every record holds the buffer's lease once.
+ * blocks inside the device, and every record holds a lease of its own on the buffer (none when
+ * the buffer's pool does not recycle: the data then belong to the receiver).
  *
  * @example The whole device of 65536 + 4096 bytes in one buffer
  * ```ts
@@ -26,6 +27,7 @@ import type { VmaClusterRecord, VmaZerosRecord } from "../vma/records.ts";
  * const records = bufferClusters(buffer, where);
  * assert.deepEqual(records.map((record) => [record.cluster, record.mask]), [[0, 0xffff], [1, 1]]);
  * assert.equal(records[1]?.data?.[5000], 0); // zero-padded past the data
+ * assert.notEqual(records[0]?.lease, records[1]?.lease); // one release each
  * ```
  */
 export function bufferClusters(
@@ -36,16 +38,19 @@ export function bufferClusters(
   const bytes = buffer.bytes;
   const count = clusterCount(length);
   bytes.fill(0, length, count * CLUSTER_SIZE);
-  buffer.hold(count);
+  const leases = buffer.lend(count);
   const first = offset / CLUSTER_SIZE;
-  return Array.from({ length: count }, (_, i): VmaClusterRecord => ({
-    type: "cluster",
-    devId,
-    cluster: first + i,
-    mask: validMask(deviceSize, first + i),
-    data: bytes.subarray(i * CLUSTER_SIZE, (i + 1) * CLUSTER_SIZE),
-    lease: buffer,
-  }));
+  return Array.from({ length: count }, (_, i): VmaClusterRecord => {
+    const record: VmaClusterRecord = {
+      type: "cluster",
+      devId,
+      cluster: first + i,
+      mask: validMask(deviceSize, first + i),
+      data: bytes.subarray(i * CLUSTER_SIZE, (i + 1) * CLUSTER_SIZE),
+    };
+    if (leases !== undefined) record.lease = leases[i]!;
+    return record;
+  });
 }
 
 /** Largest zero run in one record: 64 GiB, so progress keeps moving on huge holes. */

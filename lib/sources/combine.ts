@@ -4,14 +4,19 @@
  *
  * @module
  */
-import { MAX_DEV_ID } from "../vma/format.ts";
+import { MAX_DEV_ID, WRITER_SLOTS_PER_EXTENT } from "../vma/format.ts";
 import type { VmaConfigRecord, VmaRecord } from "../vma/records.ts";
 
 /** Options of {@linkcode combineRecordStreams}. */
 export interface CombineOptions {
   /** Config files to put first, such as `qemu-server.conf`. */
   configs?: { name: string; data: Uint8Array }[];
-  /** Clusters taken from one source per turn (default 16, one MiB). */
+  /**
+   * Clusters taken from one source per turn (default 58, one extent as `VmaWriterStream`
+   * writes them by default). Turns end where the combined stream reaches a multiple of this,
+   * a run of zero clusters split there if need be, so each extent holds one disk: reading one
+   * disk of an indexed archive then reads its extents alone.
+   */
   clustersPerTurn?: number;
 }
 
@@ -27,7 +32,7 @@ interface Source {
  * Merges record streams (one per disk, for example from {@linkcode rawDiskSource}) into one
  * stream for the writer. Configs come first, then every source's devices, renumbered
  * 1, 2, 3... in source order as Proxmox assigns them, then the clusters, taken from the
- * sources in turns, so the archive interleaves the devices. `header` records of the
+ * sources in turns of one extent each, so the archive interleaves the devices by extent. `header` records of the
  * sources are dropped.
  *
  * @example Two disks in one archive
@@ -54,7 +59,9 @@ export function combineRecordStreams(
   streams: ReadableStream<VmaRecord>[],
   options: CombineOptions = {},
 ): ReadableStream<VmaRecord> {
-  const clustersPerTurn = options.clustersPerTurn ?? 16;
+  const clustersPerTurn = options.clustersPerTurn ?? WRITER_SLOTS_PER_EXTENT;
+  /** Clusters emitted so far: turns end at multiples of `clustersPerTurn`. */
+  let emitted = 0;
   let sources: Source[] = streams.map((stream) => ({
     reader: stream.getReader(),
     devIds: new Map(),
@@ -75,7 +82,7 @@ export function combineRecordStreams(
       }
       const source = sources[turn % sources.length]!;
       let taken = 0;
-      while (taken < clustersPerTurn) {
+      while (taken === 0 || emitted % clustersPerTurn !== 0) {
         let record = source.pending;
         source.pending = undefined;
         if (record === undefined) {
@@ -97,7 +104,20 @@ export function combineRecordStreams(
             `Cannot combine disks: Cluster ${record.cluster} has undeclared device id ${record.devId}`,
           );
         }
+        if (record.type === "zeros") {
+          const room = clustersPerTurn - (emitted % clustersPerTurn);
+          if (record.count > room) {
+            // The turn ends inside this run: the rest waits for the source's next turn.
+            source.pending = {
+              ...record,
+              cluster: record.cluster + room,
+              count: record.count - room,
+            };
+            record = { ...record, count: room };
+          }
+        }
         controller.enqueue(devId === record.devId ? record : { ...record, devId });
+        emitted += record.type === "zeros" ? record.count : 1;
         taken++;
       }
       turn++;

@@ -19,13 +19,19 @@ export interface ClosableByteReader extends ByteReader {
 export interface FileByteSourceOptions {
   /** Bytes per read (default 1 MiB). `FsFile.readable` reads 64 KiB, which costs about 3×. */
   chunkSize?: number;
+  /**
+   * Recycle the chunk buffers (default `false`); only for a pipeline in which every chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean;
 }
 
 /**
  * Reads an open file (or stdin) from its current position to the end in chunks of `chunkSize`,
- * and closes it at the end or on cancel. Chunks come from recycled buffers: a final
+ * and closes it at the end or on cancel. Each chunk is a fresh buffer that belongs to its
+ * receiver; with `reuseBuffers`, chunks come from recycled buffers instead, and the final
  * consumer calls `releaseChunk` on them when done (this library's readers and
- * decompressors do), otherwise fresh buffers are used.
+ * decompressors do).
  *
  * @example Read a file
  * ```ts
@@ -43,7 +49,10 @@ export function fileByteSource(
   file: ClosableByteReader,
   options: FileByteSourceOptions = {},
 ): ReadableStream<Uint8Array> {
-  const pool = new BufferPool(options.chunkSize ?? 1 << 20, { trackChunks: true });
+  const pool = new BufferPool(options.chunkSize ?? 1 << 20, {
+    trackChunks: true,
+    recycle: options.reuseBuffers ?? false,
+  });
   let closed = false;
   const close = () => {
     if (!closed) file.close();
@@ -61,7 +70,7 @@ export function fileByteSource(
       }
       if (filled > 0) {
         buffer.hold(1);
-        controller.enqueue(buffer.bytes.subarray(0, filled));
+        controller.enqueue(buffer.view(0, filled));
       } else {
         buffer.hold(0);
       }

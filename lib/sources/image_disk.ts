@@ -9,6 +9,9 @@ import { detectImageFormat, type ImageFormat } from "../qemu/image_format.ts";
 import { nbdDiskSource, type NbdDiskSourceOptions } from "./nbd_disk.ts";
 import { rawDiskSource } from "./raw_disk.ts";
 import { type QemuNbdExport, serveImage } from "../qemu/qemu_nbd.ts";
+import { NbdClient } from "../protocols/nbd_client.ts";
+
+const BASE_ALLOCATION = "base:allocation";
 
 /** Options of {@linkcode imageDiskSource}. */
 export interface ImageDiskSourceOptions extends NbdDiskSourceOptions {
@@ -21,7 +24,7 @@ export interface ImageDiskSourceOptions extends NbdDiskSourceOptions {
  * Raw images are read directly (see {@linkcode rawDiskSource}); the others are served by a
  * read-only `qemu-nbd` on a private unix socket and read with block status, so only
  * allocated data is read. The `qemu-nbd` child is stopped when the stream ends, fails or is
- * cancelled, and when the process exits. Needs `--allow-run=qemu-nbd` and `--allow-net`.
+ * cancelled, and when the process exits or dies (see `serveImage`). Needs `--allow-run=qemu-nbd` and `--allow-net`.
  *
  * @example Back up a qcow2 image
  * ```ts ignore
@@ -36,7 +39,7 @@ export function imageDiskSource(
   path: string,
   options: ImageDiskSourceOptions,
 ): ReadableStream<VmaRecord> {
-  let served: QemuNbdExport | undefined;
+  let served: QemuNbdExport<NbdClient> | undefined;
   let reader: ReadableStreamDefaultReader<VmaRecord> | undefined;
   const stop = async () => {
     const running = served;
@@ -50,8 +53,10 @@ export function imageDiskSource(
         reader = rawDiskSource(path, options).getReader();
         return;
       }
-      served = await serveImage(path, { format });
-      reader = nbdDiskSource(served.uri, options).getReader();
+      const connect = (uri: string, conn: Deno.UnixConn) =>
+        NbdClient.connect(uri, { conn, metaContexts: [BASE_ALLOCATION] });
+      served = await serveImage(path, { format }, connect);
+      reader = nbdDiskSource(served.connection, options).getReader();
     },
     async pull(controller) {
       try {

@@ -24,16 +24,22 @@ export interface NbdDiskSourceOptions {
   onConnect?: (client: NbdClient) => void;
   /** Milliseconds any NBD wait may last (default 30 s). */
   timeoutMs?: number;
+  /**
+   * Recycle the read buffers (default `false`); only for a pipeline in which every record
+   * reaches exactly one final consumer that releases its lease (see `rawDiskSource`).
+   */
+  reuseBuffers?: boolean;
 }
 
 const BASE_ALLOCATION = "base:allocation";
 
 /**
- * Connects to an NBD export (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`) and
- * emits a `device` record and then the export's clusters in order. With the server's
+ * Connects to an NBD export (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`), or
+ * takes a connected client (which it closes at the end), and emits a `device` record and then the export's clusters in order. With the server's
  * `base:allocation` block status, ranges that read as zeros become `zeros` records and are
- * never read; the rest is read in large requests into recycled buffers. Servers without
- * block status are read in full (zero blocks are still found by the zero filter).
+ * never read; the rest is read in large requests (into recycled buffers with
+ * `reuseBuffers`). Servers without block status are read in full (zero blocks are still
+ * found by the zero filter).
  *
  * @example Back up an export served by qemu-nbd
  * ```ts ignore
@@ -45,7 +51,7 @@ const BASE_ALLOCATION = "base:allocation";
  * ```
  */
 export function nbdDiskSource(
-  target: string,
+  target: string | NbdClient,
   options: NbdDiskSourceOptions,
 ): ReadableStream<VmaRecord> {
   const { name, devId = 1 } = options;
@@ -93,17 +99,23 @@ export function nbdDiskSource(
 
   return new ReadableStream<VmaRecord>({
     async start(controller) {
-      const connect = (metaContexts: string[]) =>
-        NbdClient.connect(target, {
+      const connect = (uri: string, metaContexts: string[]) =>
+        NbdClient.connect(uri, {
           metaContexts,
           ...(options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs }),
         });
-      try {
-        client = await connect([BASE_ALLOCATION]);
-        extents = client.extents(BASE_ALLOCATION);
-      } catch (error) {
-        if ((error as { reason?: string }).reason !== "unsupported") throw error;
-        client = await connect([]); // no block status: read everything
+      if (typeof target !== "string") {
+        client = target; // connected already; block status if it was negotiated
+        const negotiated = [...client.metaContexts.values()].includes(BASE_ALLOCATION);
+        if (negotiated) extents = client.extents(BASE_ALLOCATION);
+      } else {
+        try {
+          client = await connect(target, [BASE_ALLOCATION]);
+          extents = client.extents(BASE_ALLOCATION);
+        } catch (error) {
+          if ((error as { reason?: string }).reason !== "unsupported") throw error;
+          client = await connect(target, []); // no block status: read everything
+        }
       }
       options.onConnect?.(client);
       size = client.info.size;
@@ -112,7 +124,7 @@ export function nbdDiskSource(
         Math.floor(Math.min(options.readSize ?? 1 << 20, client.maxRequestSize) / CLUSTER_SIZE) *
           CLUSTER_SIZE,
       );
-      pool = new BufferPool(readSize);
+      pool = new BufferPool(readSize, { recycle: options.reuseBuffers ?? false });
       controller.enqueue({ type: "device", devId, name, size });
     },
     async pull(controller) {

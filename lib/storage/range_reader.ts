@@ -17,6 +17,11 @@ export interface RangeReader {
    * the stored bytes end first (the archive was truncated after it was opened).
    */
   read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Reads exactly `target.byteLength` bytes at `offset` into `target`, so that a caller can
+   * reuse its buffers (optional; callers fall back to `read`). Rejects as `read` does.
+   */
+  readInto?(offset: number, target: Uint8Array): Promise<void>;
   /** Releases the file handle or connections. */
   close(): void;
 }
@@ -35,6 +40,9 @@ export interface RangeReader {
  * const reader = await fileRangeReader(path);
  * assert.equal(reader.size, 10);
  * assert.equal(new TextDecoder().decode(await reader.read(3, 4)), "3456");
+ * const into = new Uint8Array(2);
+ * await reader.readInto!(8, into);
+ * assert.equal(new TextDecoder().decode(into), "89");
  * await assert.rejects(reader.read(8, 4), Deno.errors.UnexpectedEof);
  * reader.close();
  * await Deno.remove(path);
@@ -49,27 +57,32 @@ export async function fileRangeReader(path: string): Promise<RangeReader> {
   }
   // One position for the file: reads take turns (each is a seek and a read loop).
   let turn = Promise.resolve();
+  const readInto = (offset: number, bytes: Uint8Array): Promise<void> => {
+    const result = turn.then(async () => {
+      const length = bytes.byteLength;
+      await file.seek(offset, Deno.SeekMode.Start);
+      for (let filled = 0; filled < length;) {
+        const count = await file.read(bytes.subarray(filled));
+        if (count === null) {
+          throw new Deno.errors.UnexpectedEof(
+            `Cannot read ${length} bytes at ${offset} of ${path}: It ends at ${offset + filled}`,
+          );
+        }
+        filled += count;
+      }
+    });
+    turn = result.then(() => {}, () => {});
+    return result;
+  };
   return {
     name: path,
     size: info.size,
-    read(offset, length) {
-      const result = turn.then(async () => {
-        const bytes = new Uint8Array(length);
-        await file.seek(offset, Deno.SeekMode.Start);
-        for (let filled = 0; filled < length;) {
-          const count = await file.read(bytes.subarray(filled));
-          if (count === null) {
-            throw new Deno.errors.UnexpectedEof(
-              `Cannot read ${length} bytes at ${offset} of ${path}: It ends at ${offset + filled}`,
-            );
-          }
-          filled += count;
-        }
-        return bytes;
-      });
-      turn = result.then(() => {}, () => {});
-      return result;
+    async read(offset, length) {
+      const bytes = new Uint8Array(length);
+      await readInto(offset, bytes);
+      return bytes;
     },
+    readInto,
     close() {
       try {
         file.close();

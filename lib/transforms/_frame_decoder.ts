@@ -171,7 +171,7 @@ self.onmessage = ({ data }) => {
 let workerUrl: string | undefined;
 
 /** Frames up to this size decode on this thread: a worker round trip costs more. */
-const INLINE_SIZE = 64 * 1024;
+export const INLINE_SIZE = 64 * 1024;
 
 /**
  * Decodes frames on a pool of Workers (frames up to 64 KiB on this thread). Rejections
@@ -211,7 +211,7 @@ export class FrameDecoderPool {
   /**
    * A pool of at most `size` workers (default one per core; with `mainThread`, one per core
    * but one). With `mainThread`, this thread decodes a frame itself whenever every worker
-   * has two queued: all cores decode without one more Worker's memory (about 15 MiB).
+   * has one: all cores decode without one more Worker's memory (about 15 MiB).
    */
   constructor(
     size?: number,
@@ -231,7 +231,7 @@ export class FrameDecoderPool {
 
   /** Decodes a frame; its input buffer is transferred until the result (or the failure). */
   decode(job: DecodeJob): Promise<DecodeResult> {
-    const busy = this.#mainThread && this.#waiting.size >= 2 * this.size;
+    const busy = this.#mainThread && this.#waiting.size >= this.size;
     if (job.size <= INLINE_SIZE || busy) {
       try {
         this.#here ??= frameDecoder(zlib, this.#onFallback);

@@ -11,6 +11,7 @@ import { noteFallback } from "./_zstd_note.ts";
 import {
   type CompressFrame,
   encodeFrames,
+  frameBound,
   frameCompressor,
   type FrameResult,
   ZstdWorkerPool,
@@ -26,13 +27,21 @@ export interface FrameEncoderOptions {
   workers?: number | undefined;
   /** Whether this thread compresses a job when every worker has two queued (default true). */
   mainThread?: boolean | undefined;
+  /**
+   * Recycle the output chunks that their final consumer gives back with `releaseChunk`
+   * (default `false`: only for a pipeline without fan-out).
+   */
+  reuseBuffers?: boolean | undefined;
 }
+
+/** Jobs of up to this many output bytes are compressed on this thread (with `mainThread`). */
+const SMALL_JOB = 256 << 10;
 
 /** A finished job: its frames, contiguous in one recycled chunk, and what they carry. */
 export interface EncodedJob {
   /**
    * The frames, one after another. The chunk belongs to the receiver, who gives it back
-   * with `releaseChunk` once written.
+   * with `releaseChunk` once written (recycled with `reuseBuffers`).
    */
   chunk: Uint8Array;
   /** Length of each frame in `chunk`. */
@@ -75,10 +84,13 @@ export class FrameEncoder {
   #workers: ZstdWorkerPool;
   #workerQueue: number;
   #mainThread: boolean;
-  #outputs: BufferPool;
+  #outputs: BufferPool[];
   #compressHere: CompressFrame | undefined;
-  #inflight: { result: Promise<FrameResult>; giveBack(bytes: Uint8Array<ArrayBuffer>): void }[] =
-    [];
+  #inflight: {
+    result: Promise<FrameResult>;
+    giveBack(bytes: Uint8Array<ArrayBuffer>): void;
+    pool: BufferPool;
+  }[] = [];
 
   /** An encoder; {@linkcode stop} ends its workers. */
   constructor(options: FrameEncoderOptions) {
@@ -94,10 +106,17 @@ export class FrameEncoder {
     // Two more, for this thread: with one, it waited for the worker's oldest frame instead of
     // compressing (94 of 284 frames here; with two, 119, and a 1 GiB backup 7 % faster).
     this.maxInFlight = this.#workerQueue + (this.#mainThread ? 2 : 0);
-    this.#outputs = new BufferPool(options.outputSize, {
-      maxFree: this.maxInFlight + 5, // and the chunks queued downstream
-      trackChunks: true,
-    });
+    // Outputs by size: a job of a few small frames (a sparse disk's extents, headers) gets a
+    // buffer of its size, not one for the largest job.
+    const sizes = [...new Set([128 << 10, 1 << 20, options.outputSize])]
+      .filter((size) => size <= options.outputSize).sort((a, b) => a - b);
+    this.#outputs = sizes.map((size) =>
+      new BufferPool(size, {
+        maxFree: this.maxInFlight + 5, // and the chunks queued downstream
+        trackChunks: true,
+        recycle: options.reuseBuffers ?? false,
+      })
+    );
   }
 
   /** Jobs submitted and not yet taken with {@linkcode shift}. */
@@ -116,29 +135,36 @@ export class FrameEncoder {
     digest: number[],
     giveBack: (bytes: Uint8Array<ArrayBuffer>) => void,
   ): Promise<void> {
-    const output = this.#outputs.acquire().bytes;
+    const needed = ranges.reduce((sum, [start, end]) => sum + frameBound(end - start), 0);
+    const pool = this.#outputs.find((candidate) => candidate.size >= needed) ??
+      this.#outputs.at(-1)!;
+    const output = pool.acquire().bytes;
     const job = { input, ranges, output, level: this.#level, digest };
+    // A small job costs less here than a Worker's round trip (a sparse disk's extents hold a
+    // cluster or two): with thousands of them, the round trips were most of the time.
+    const small = this.#mainThread && needed <= SMALL_JOB;
     // Let finished workers report first: while this thread compresses, their replies wait.
-    if (this.#mainThread && this.#workers.pending >= this.#workerQueue) {
+    if (!small && this.#mainThread && this.#workers.pending >= this.#workerQueue) {
       await new Promise((resolve) => setTimeout(resolve, 0));
     }
-    if (!this.#mainThread || this.#workers.pending < this.#workerQueue) {
-      this.#inflight.push({ result: this.#workers.run(job), giveBack });
+    if (!small && (!this.#mainThread || this.#workers.pending < this.#workerQueue)) {
+      this.#inflight.push({ result: this.#workers.run(job), giveBack, pool });
       return;
     }
     this.#compressHere ??= frameCompressor(zlib, noteFallback);
     this.#inflight.push({
       result: Promise.resolve(encodeFrames(job, this.#compressHere)),
       giveBack,
+      pool,
     });
   }
 
   /** The oldest job's frames, once done. */
   async shift(): Promise<EncodedJob> {
-    const { result, giveBack } = this.#inflight.shift()!;
+    const { result, giveBack, pool } = this.#inflight.shift()!;
     const { input, output, lengths, digests } = await result;
     giveBack(input); // the input came back with the transfer: reuse it
-    this.#outputs.wrap(output).hold(1); // the final consumer's releaseChunk() gives it back
+    pool.wrap(output).hold(1); // the final consumer's releaseChunk() gives it back
     const view = new DataView(output.buffer);
     let end = 0;
     const checksums = lengths.map((length) => {

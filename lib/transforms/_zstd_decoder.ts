@@ -35,6 +35,8 @@ const SHARED_OUTPUTS = new BufferPool(OUTPUT_SIZE, {
   maxFree: 2 * (OUTPUTS_AHEAD + 2),
   trackChunks: true,
 });
+/** Without `reuseBuffers`, decoded chunks are new buffers that belong to their receiver. */
+const FRESH_OUTPUTS = new BufferPool(OUTPUT_SIZE, { recycle: false });
 
 const WORKER_SOURCE = `
 import * as zlib from "node:zlib";
@@ -219,8 +221,8 @@ type Reply =
 
 /**
  * This side of the decoding worker: {@linkcode write} compressed bytes, {@linkcode end},
- * and {@linkcode read} decoded chunks. Decoded chunks come from a pool; the final consumer
- * gives each back with `releaseChunk`.
+ * and {@linkcode read} decoded chunks. With `reuseBuffers`, decoded chunks come from a pool
+ * and the final consumer gives each back with `releaseChunk`.
  *
  * @example Decode two frames written in two pieces
  * ```ts
@@ -244,19 +246,12 @@ type Reply =
 export class ZstdDecoderWorker {
   #worker: Worker | undefined;
   #inputs = SHARED_INPUTS;
-  #outputs = SHARED_OUTPUTS;
+  #outputs: BufferPool;
   #inputsInFlight = 0;
   /** Where frames start in the input being gathered. */
   #starts: number[] = [];
   #publicApi: boolean;
 
-  /**
-   * A decoder; `publicApi` decodes through node:zlib's public streaming API, as when the
-   * native handle fails its self-test (to test that path).
-   */
-  constructor(options: { publicApi?: boolean } = {}) {
-    this.#publicApi = options.publicApi ?? false;
-  }
   /** An input buffer being filled from small chunks while the worker is busy. */
   #gathering: Uint8Array<ArrayBuffer> | undefined;
   #gathered = 0;
@@ -265,6 +260,16 @@ export class ZstdDecoderWorker {
   #ended = false;
   #failure: { reason: unknown } | undefined;
   #change = Promise.withResolvers<void>();
+
+  /**
+   * A decoder; `publicApi` decodes through node:zlib's public streaming API, as when the
+   * native handle fails its self-test (to test that path); `reuseBuffers` recycles the
+   * decoded chunks that their only consumer releases.
+   */
+  constructor(options: { publicApi?: boolean; reuseBuffers?: boolean } = {}) {
+    this.#publicApi = options.publicApi ?? false;
+    this.#outputs = options.reuseBuffers ? SHARED_OUTPUTS : FRESH_OUTPUTS;
+  }
 
   /**
    * Copies `chunk` towards the worker; resolves once few enough inputs wait there. Small

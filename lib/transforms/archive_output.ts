@@ -30,6 +30,11 @@ export interface ArchiveOutputOptions {
   index?: boolean | undefined;
   /** For a synthetic full backup: the base archive, recorded in the index. */
   base?: VmaIndexBase | undefined;
+  /**
+   * Recycle the buffers of the stages inside (default `false`): only when every output chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** Archive bytes in, stored bytes out, and the index once the output has ended. */
@@ -66,8 +71,10 @@ export interface ArchiveOutput extends ReadableWritablePair<Uint8Array, Uint8Arr
  */
 export function archiveOutput(options: ArchiveOutputOptions): ArchiveOutput {
   const { compression, level, zstd = "builtin" } = options;
+  const reuseBuffers = options.reuseBuffers ?? false;
   if (options.index === false) {
-    const pair = compressor(compression, level, zstd, { mainThread: options.mainThread ?? true });
+    const mainThread = options.mainThread ?? true;
+    const pair = compressor(compression, level, zstd, { mainThread, reuseBuffers });
     return {
       readable: pair.readable,
       writable: pair.writable,
@@ -75,7 +82,7 @@ export function archiveOutput(options: ArchiveOutputOptions): ArchiveOutput {
       index: () => undefined,
     };
   }
-  const pieces = new VmaExtentStream();
+  const pieces = new VmaExtentStream({ reuseBuffers });
   const output = indexedOutput(options);
   return {
     writable: pieces.writable,
@@ -121,6 +128,7 @@ export function indexedOutput(options: ArchiveOutputOptions): IndexedOutput {
       ...(level !== undefined && { level }),
       ...(options.mainThread !== undefined && { mainThread: options.mainThread }),
       ...base,
+      reuseBuffers: options.reuseBuffers ?? false,
     });
     return {
       writable: seekable.writable,
@@ -132,7 +140,9 @@ export function indexedOutput(options: ArchiveOutputOptions): IndexedOutput {
   const indexer = new VmaIndexStream(base ?? {});
   return {
     writable: indexer.writable,
-    readable: indexer.readable.pipeThrough(compressor(compression, level, zstd)),
+    readable: indexer.readable.pipeThrough(
+      compressor(compression, level, zstd, { reuseBuffers: options.reuseBuffers ?? false }),
+    ),
     indexPlace: "sidecar",
     index: () => indexer.index,
   };
@@ -176,7 +186,10 @@ export function encodeArchive(
   records: ReadableStream<VmaRecord>,
   options: ArchiveOutputOptions & { uuid?: string | undefined },
 ): EncodedArchive {
-  const writerOptions = { ...(options.uuid && { uuid: options.uuid }), reuseBuffers: true };
+  const writerOptions = {
+    ...(options.uuid && { uuid: options.uuid }),
+    reuseBuffers: options.reuseBuffers ?? false, // only where the caller proved one consumer
+  };
   if (options.index === false) {
     const writer = new VmaWriterStream(writerOptions);
     const output = archiveOutput(options);

@@ -67,7 +67,7 @@ export function compressor(
     case "zstd":
       if (engine === "program") {
         const strength = (level ?? 3) < 0 ? `--fast=${-level!}` : `-${level ?? 3}`;
-        return zstdProgram([strength, "-T0"], "encode zstd");
+        return zstdProgram([strength, "-T0"], "encode zstd", zstdOptions.reuseBuffers);
       }
       return new ZstdCompressStream(level === undefined ? zstdOptions : { ...zstdOptions, level });
     case "gzip":
@@ -120,10 +120,13 @@ export class GzipDecompressStream extends TransformStream<Uint8Array, Uint8Array
  * assert.equal(await new Response(packed.pipeThrough(lzopDecompress())).text(), "VMA");
  * ```
  */
-export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
+export function lzopDecompress(
+  options: { reuseBuffers?: boolean } = {},
+): ReadableWritablePair<Uint8Array, Uint8Array> {
   return programTransform("lzop", ["-d", "-c", "-q"], {
     purpose: "decode the lzop-compressed archive",
     debianPackage: "lzop",
+    ...options,
   });
 }
 
@@ -134,8 +137,9 @@ export function lzopDecompress(): ReadableWritablePair<Uint8Array, Uint8Array> {
  */
 export type ZstdEngine = "builtin" | "program";
 
-function zstdProgram(args: string[], purpose: string) {
-  return programTransform("zstd", ["-q", "-c", ...args], { purpose, debianPackage: "zstd" });
+function zstdProgram(args: string[], purpose: string, reuseBuffers = false) {
+  const options = { purpose, debianPackage: "zstd", reuseBuffers };
+  return programTransform("zstd", ["-q", "-c", ...args], options);
 }
 
 /**
@@ -156,15 +160,18 @@ function zstdProgram(args: string[], purpose: string) {
 export function decompressor(
   compression: Compression,
   engine: ZstdEngine = "builtin",
+  options: { reuseBuffers?: boolean } = {},
 ): ReadableWritablePair<Uint8Array, Uint8Array> {
   switch (compression) {
     case "zstd":
-      if (engine === "program") return zstdProgram(["-d", "--long=31"], "decode zstd");
-      return new ZstdDecompressStream();
+      if (engine === "program") {
+        return zstdProgram(["-d", "--long=31"], "decode zstd", options.reuseBuffers);
+      }
+      return new ZstdDecompressStream(options);
     case "gzip":
       return new GzipDecompressStream();
     case "lzop":
-      return lzopDecompress();
+      return lzopDecompress(options);
     case "none":
       return new TransformStream();
   }
@@ -185,7 +192,9 @@ export interface DecompressedInput {
 
 /**
  * Looks at the first bytes of `input` and decompresses it accordingly, so plain, zstd,
- * gzip and lzop archives all come out as plain VMA bytes. With `seekable` (a seekable
+ * gzip and lzop archives all come out as plain VMA bytes. A corrupt or truncated compressed
+ * stream fails the readable with a `VmaFormatError` (`bad-compression`, at the input offset
+ * reached); a failed read of `input` with its own error. With `seekable` (a seekable
  * `.vma.zst`'s table, read first from the file's end), zstd frames decode on every core. Throws a `VmaFormatError`
  * (`bad-magic`, naming the first bytes, or `truncated-header` for an empty input) when the
  * input is none of these.
@@ -206,6 +215,7 @@ export async function decompressInput(
   input: ReadableStream<Uint8Array>,
   engine: ZstdEngine = "builtin",
   seekable?: SeekableDecodeOptions,
+  options: { reuseBuffers?: boolean } = {},
 ): Promise<DecompressedInput> {
   const reader = input.getReader();
   const head: Uint8Array[] = [];
@@ -234,22 +244,69 @@ export async function decompressInput(
       `unknown compression or not a VMA archive (first bytes: ${shown})`,
     );
   }
-  // Put the bytes that were looked at back in front of the rest.
+  // Put the bytes that were looked at back in front of the rest, counting what was read
+  // and keeping a read error apart from the decoder's own.
+  const read = { bytes: 0, failure: undefined as { error: unknown } | undefined };
   const replayed = new ReadableStream<Uint8Array>({
     pull: async (controller) => {
-      const chunk = head.shift();
-      if (chunk !== undefined) return controller.enqueue(chunk);
-      const { value, done } = await reader.read();
-      if (done) controller.close();
-      else controller.enqueue(value);
+      let chunk = head.shift();
+      if (chunk === undefined) {
+        let next;
+        try {
+          next = await reader.read();
+        } catch (error) {
+          read.failure = { error };
+          throw error;
+        }
+        if (next.done) return controller.close();
+        chunk = next.value;
+      }
+      read.bytes += chunk.byteLength;
+      controller.enqueue(chunk);
     },
     cancel: (reason) => reader.cancel(reason),
   }, { highWaterMark: 0 });
   if (compression === "zstd" && engine === "builtin") {
     const decoder = seekable === undefined
-      ? new ZstdDecompressStream()
-      : new SeekableZstdDecompressStream(seekable);
-    return { compression, readable: replayed.pipeThrough(decoder), frames: () => decoder.stats };
+      ? new ZstdDecompressStream(options)
+      : new SeekableZstdDecompressStream({ ...seekable, ...options });
+    const readable = asFormatErrors(replayed.pipeThrough(decoder), compression, read);
+    return { compression, readable, frames: () => decoder.stats };
   }
-  return { compression, readable: replayed.pipeThrough(decompressor(compression, engine)) };
+  const decoded = replayed.pipeThrough(decompressor(compression, engine, options));
+  return { compression, readable: asFormatErrors(decoded, compression, read) };
+}
+
+/**
+ * Decoded bytes whose decoding errors (a truncated or corrupt zstd, gzip or lzop stream)
+ * become `VmaFormatError`s (`bad-compression`) at the input offset reached: the archive is
+ * bad, and the error says how and where. A failed read of the input stays what it was (an
+ * I/O error), and so do permission errors and errors that already are format errors.
+ */
+function asFormatErrors(
+  readable: ReadableStream<Uint8Array>,
+  compression: Compression,
+  input: { bytes: number; failure: { error: unknown } | undefined },
+): ReadableStream<Uint8Array> {
+  const reader = readable.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let next;
+      try {
+        next = await reader.read();
+      } catch (error) {
+        if (input.failure !== undefined) throw input.failure.error;
+        if (
+          compression === "none" || error instanceof Deno.errors.NotCapable ||
+          error instanceof VmaFormatError
+        ) throw error;
+        const detail = (error instanceof Error ? error.message : String(error))
+          .replace(/^Cannot decode [^:]*: /, "");
+        throw new VmaFormatError("bad-compression", input.bytes, `${compression} data: ${detail}`);
+      }
+      if (next.done) controller.close();
+      else controller.enqueue(next.value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
 }

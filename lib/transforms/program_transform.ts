@@ -13,6 +13,11 @@ export interface ProgramTransformOptions {
   purpose: string;
   /** The Debian package that provides it, named when it is missing. */
   debianPackage: string;
+  /**
+   * Read the output into recycled 1 MiB buffers (default `false`); only for a pipeline in
+   * which every output chunk reaches exactly one final consumer that calls `releaseChunk`.
+   */
+  reuseBuffers?: boolean;
 }
 
 /**
@@ -69,9 +74,12 @@ export function programTransform(
       } catch { /* already exited */ }
     },
   });
-  // Read the output into recycled 1 MiB buffers (consumers release them), not fresh chunks.
+  // Read the output into 1 MiB buffers, recycled (consumers release them) when allowed.
   const output = child.stdout.getReader({ mode: "byob" });
-  const pool = new BufferPool(1 << 20, { trackChunks: true });
+  const pool = new BufferPool(1 << 20, {
+    trackChunks: true,
+    recycle: options.reuseBuffers ?? false,
+  });
   const readable = new ReadableStream<Uint8Array>({
     async pull(controller) {
       const { value, done } = await output.read(pool.acquire().bytes, { min: pool.size });

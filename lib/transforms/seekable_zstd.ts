@@ -32,6 +32,11 @@ export interface SeekableZstdOptions {
   mainThread?: boolean;
   /** For a synthetic full backup: the base archive, recorded in the index. */
   base?: VmaIndexBase;
+  /**
+   * Recycle the output chunks (default `false`); only for a pipeline in which every chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean;
 }
 
 type Output = TransformStreamDefaultController<Uint8Array>;
@@ -120,6 +125,7 @@ export class SeekableZstdStream
       outputSize: frameBound(MAX_EXTENT_SIZE) + frameBound(EXTENT_HEADER_SIZE),
       workers: options.workers,
       mainThread: options.mainThread,
+      reuseBuffers: options.reuseBuffers,
     });
     const inputs = new BufferPool(MAX_EXTENT_SIZE, { maxFree: encoder.maxInFlight + 1 });
     const table = new SeekTableWriter();

@@ -26,8 +26,19 @@ export interface SeekableDecodeOptions {
   describe?: (frame: number, decodedOffset: number) => string;
   /** Decoding workers (default one per core). */
   workers?: number;
+  /**
+   * Whether this thread decodes frames too when the workers are busy (default true): right
+   * when it has little else to do (verify); a restore, whose thread copies and writes every
+   * byte, is faster with a Worker per core.
+   */
+  mainThread?: boolean;
   /** SHA-256 (hex) of every frame without an expected digest, in order (the index's). */
   framesDigest?: string | undefined;
+  /**
+   * Recycle the decoded chunks (default `false`); only for a pipeline in which every chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** Counters of a decode. */
@@ -49,8 +60,9 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * checks each frame's XXH64 as it decodes, and a frame with an expected digest must have
  * it. The index frame and the table at the end are skipped. A failure is a
  * `VmaFormatError` (`bad-frame-checksum`) naming the frame, its byte offset in the file and,
- * with `describe`, what it holds. Memory: a few frames in flight per worker; decoded
- * frames come from a pool, and a final consumer gives them back with `releaseChunk`.
+ * with `describe`, what it holds. Memory: a few frames in flight per worker; with
+ * `reuseBuffers`, decoded frames come from a pool, and a final consumer gives them back with
+ * `releaseChunk`.
  *
  * @example Decode a seekable archive in parallel
  * ```ts
@@ -85,11 +97,15 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const stats: SeekableDecodeStats = { frames: 0, checksummedFrames: 0, digestsChecked: 0 };
     const table = options.seekTable;
     const frames = table.compressedSizes.length;
-    // Workers for the cores but one, and this thread decodes when they all have two frames
-    // queued: each frame in flight holds its input and output (about 5 MB for a full
-    // extent), and each Worker about 15 MiB.
-    const decoders = new FrameDecoderPool(options.workers, undefined, { mainThread: true });
-    const maxInFlight = 2 * decoders.size + 1;
+    // Workers for the cores but one, and this thread decodes when they are all busy: each
+    // frame in flight holds its input and output (about 5 MB for a full extent), and each
+    // Worker about 15 MiB.
+    const decoders = new FrameDecoderPool(options.workers, undefined, {
+      mainThread: options.mainThread ?? true,
+    });
+    // A data frame for each worker and one for this thread; twice that many entries, since
+    // every data frame comes after its small header frame (decoded at once).
+    const maxInFlight = 2 * (decoders.size + 1);
     // Buffers of the sizes this file needs: its largest frame, compressed and decoded.
     let largest = 0;
     let largestDecoded = 0;
@@ -102,6 +118,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     const outputs = new BufferPool(largestDecoded, {
       maxFree: maxInFlight + 2, // and the chunks the reader holds
       trackChunks: true,
+      recycle: options.reuseBuffers ?? false,
     });
     /** The frame being assembled, and where the next ones start. */
     let frame = 0;

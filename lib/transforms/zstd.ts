@@ -33,6 +33,11 @@ export interface ZstdCompressOptions {
   mainThread?: boolean;
   /** Bytes per independent zstd frame (default 4 MiB). */
   frameSize?: number;
+  /**
+   * Recycle the output buffers (default `false`); only for a pipeline in which every output
+   * chunk reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean;
 }
 
 type Output = TransformStreamDefaultController<Uint8Array>;
@@ -43,7 +48,8 @@ type Output = TransformStreamDefaultController<Uint8Array>;
  * order. Concatenated frames are one valid zstd stream: `zstd -d` and every zstd decoder
  * read it. At most two frames per worker and two more are in flight, so memory stays
  * bounded; input and output buffers travel to the workers and back without copies and are
- * reused (an output chunk returns to the pool once its final consumer calls `releaseChunk`).
+ * reused (with `reuseBuffers`, an output chunk returns to the pool once its final consumer
+ * calls `releaseChunk`).
  * A large recycled chunk that this stage alone holds (the extents of
  * `VmaWriterStream({ reuseBuffers: true })`) is compressed as a frame of its own, uncopied.
  *
@@ -73,6 +79,7 @@ export class ZstdCompressStream extends TransformStream<Uint8Array, Uint8Array> 
       outputSize: frameBound(frameSize),
       workers: options.workers,
       mainThread: options.mainThread,
+      reuseBuffers: options.reuseBuffers,
     });
     const inputs = new BufferPool(frameSize, { maxFree: encoder.maxInFlight + 1 });
     let frame: PooledBuffer | undefined;
@@ -169,8 +176,8 @@ export function checkLevel(level: number): number {
  * ones) in one Worker, in order, as `zstd -d` does; this thread stays free for the stages
  * after it. The frames are also walked here by their headers, which names the byte offset
  * of bad framing and finds a stream that ends inside a frame. Decoded chunks (up to 1 MiB)
- * come from a pool: a final consumer that calls `releaseChunk` lets the next chunk reuse
- * the memory. Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
+ * are fresh, or with `reuseBuffers` come from a pool: a final consumer that calls
+ * `releaseChunk` lets the next chunk reuse the memory (only without `tee()` or fan-out). Not a `TransformStream`, but a pair for `pipeThrough` with backpressure on
  * both sides: however far a frame expands, at most three decoded chunks wait.
  *
  * @example Round trip
@@ -197,9 +204,10 @@ export class ZstdDecompressStream implements ReadableWritablePair<Uint8Array, Ui
   /**
    * A decompressor whose decoding runs in a Worker of its own. `publicApi` decodes through
    * node:zlib's public streaming API, which the Worker falls back to by itself when the
-   * native handle fails its start-up self-test (set it to test that path).
+   * native handle fails its start-up self-test (set it to test that path). `reuseBuffers`
+   * recycles the decoded chunks that their only consumer releases (no `tee()`).
    */
-  constructor(options: { publicApi?: boolean } = {}) {
+  constructor(options: { publicApi?: boolean; reuseBuffers?: boolean } = {}) {
     const decoder = new ZstdDecoderWorker(options);
     const framing = new ZstdFrameSplitter();
     this.#framing = framing;

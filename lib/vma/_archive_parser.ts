@@ -27,7 +27,7 @@ import {
   VMSTATE_NAME,
 } from "./format.ts";
 import { type DecodedVmaHeader, decodeHeader, headerSizeOf } from "./header.ts";
-import type { VmaDeviceRecord, VmaRecord } from "./records.ts";
+import type { VmaClusterRecord, VmaDeviceRecord, VmaRecord } from "./records.ts";
 import { decodeExtentHeader, type SlotRun, slotRuns, type VmaExtentSlot } from "./extent_header.ts";
 
 export type { VmaExtentSlot } from "./extent_header.ts";
@@ -117,6 +117,8 @@ export interface ArchiveParserOptions {
   onExtent?: ((extent: VmaExtentInfo) => void) | undefined;
   /** Give `onExtent` the SHA-256 of each extent's data blocks. */
   digestData?: boolean | undefined;
+  /** Recycle the buffers behind emitted cluster data and pieces (see `VmaReaderOptions`). */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** An extent that was read: where it is, what it holds, and the digest of its data. */
@@ -207,19 +209,28 @@ export class ArchiveParser {
    * Extent data. Tracked, so that a cluster passed on as bytes (`DeviceBytesStream`) comes
    * back through the final byte consumer's `releaseChunk`, instead of its lease.
    */
-  #pool = new BufferPool(SLOTS_PER_EXTENT * CLUSTER_SIZE, { maxFree: 2, trackChunks: true });
+  /** Layout buffers by size: 1, 4, 16 and 59 clusters. */
+  #pools: BufferPool[];
   #layout: PooledBuffer | null = null;
+  /** Clusters with data in the current extent. */
+  #dataClusters = 0;
 
   /** The buffer of the extent being captured whole (pieces mode). */
   #capture: PooledBuffer | null = null;
   /** The input chunk that is exactly the extent being captured (pieces mode). */
   #wholeChunk: Uint8Array | null = null;
   /** Capture buffers of data extents; the receiver of a piece gives them back. */
-  #capturePool = new BufferPool(MAX_EXTENT_SIZE, { maxFree: 2, trackChunks: true });
+  #capturePool: BufferPool;
   /** The input chunk holds exactly the extent being captured: it is passed on, not released. */
   #passChunk = false;
 
   constructor(options: ArchiveParserOptions) {
+    // Emitted buffers come back only where the caller proved a single consumer.
+    const recycle = options.reuseBuffers ?? false;
+    this.#pools = [1, 4, 16, SLOTS_PER_EXTENT].map((clusters) =>
+      new BufferPool(clusters * CLUSTER_SIZE, { maxFree: 2, trackChunks: true, recycle })
+    );
+    this.#capturePool = new BufferPool(MAX_EXTENT_SIZE, { maxFree: 2, trackChunks: true, recycle });
     const require = options.requireComplete ?? true;
     this.#requireComplete = typeof require === "function" ? require : () => require;
     this.#skipData = options.skipData ?? false;
@@ -396,13 +407,19 @@ export class ArchiveParser {
     this.#blockCount = blockCount;
     this.#slots = slots;
     this.#mappedBlocks = 0;
-    for (const { index, mask } of slots) {
+    // The layout holds the clusters with data only, one after another: an extent of one such
+    // cluster among 58 needs 64 KiB, not 3.8 MB (a sparse disk's extents mostly are).
+    let rank = 0;
+    for (const { mask } of slots) {
+      if (mask === 0) continue;
       for (let block = 0; block < 16; block++) {
         if ((mask & (1 << block)) && this.#mappedBlocks < blockCount) {
-          this.#blockTargets[this.#mappedBlocks++] = index * CLUSTER_SIZE + block * BLOCK_SIZE;
+          this.#blockTargets[this.#mappedBlocks++] = rank * CLUSTER_SIZE + block * BLOCK_SIZE;
         }
       }
+      rank++;
     }
+    this.#dataClusters = rank;
     this.#dataFill = 0;
   }
 
@@ -426,7 +443,7 @@ export class ArchiveParser {
       if (this.#dataFill === total) this.#finishExtent(output);
       return used;
     }
-    this.#layout ??= this.#pool.acquire();
+    this.#layout ??= this.#layoutPool(this.#dataClusters).acquire();
     const layout = this.#layout.bytes;
     // Scatter each stored block to its place in the cluster layout; neighbouring blocks of
     // neighbouring slots are contiguous, so a full extent is copied in one go.
@@ -549,7 +566,7 @@ export class ArchiveParser {
       this.#capture!.hold(0);
     } else {
       this.#capture!.hold(1);
-      bytes = this.#capture!.bytes.subarray(0, length);
+      bytes = this.#capture!.view(0, length);
     }
     this.#capture = null;
     this.#wholeChunk = null;
@@ -576,26 +593,38 @@ export class ArchiveParser {
     }
   }
 
+  /** The pool of the smallest layout that holds `clusters` clusters. */
+  #layoutPool(clusters: number): BufferPool {
+    return this.#pools.find((pool) => pool.size >= clusters * CLUSTER_SIZE)!;
+  }
+
   #emitClusters(output: Extract<Output, { kind: "records" }>): void {
     const layout = this.#layout;
     this.#layout = null;
-    // Hold before the first enqueue: a pipe may run its sink, and release, during enqueue.
-    layout?.hold(this.#slots.reduce((holders, slot) => holders + (slot.mask === 0 ? 0 : 1), 0));
+    // Lend before the first enqueue: a pipe may run its sink, and release, during enqueue.
+    const leases = layout?.lend(
+      this.#slots.reduce((holders, slot) => holders + (slot.mask === 0 ? 0 : 1), 0),
+    );
+    let lent = 0;
+    let rank = 0;
     for (const slot of this.#slots) {
-      const { index, mask, devId, cluster } = slot;
+      const { mask, devId, cluster } = slot;
       this.#count(slot);
       if (mask === 0 || layout === null) {
         output.enqueue({ type: "cluster", devId, cluster, mask, data: null });
         continue;
       }
-      const data = layout!.bytes.subarray(index * CLUSTER_SIZE, (index + 1) * CLUSTER_SIZE);
+      const data = layout!.view(rank * CLUSTER_SIZE, (rank + 1) * CLUSTER_SIZE);
+      rank++;
       if (mask !== 0xffff) {
         // The recycled buffer holds stale bytes where no block was stored.
         for (let block = 0; block < 16; block++) {
           if (!(mask & (1 << block))) data.fill(0, block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE);
         }
       }
-      output.enqueue({ type: "cluster", devId, cluster, mask, data, lease: layout! });
+      const record: VmaClusterRecord = { type: "cluster", devId, cluster, mask, data };
+      if (leases !== undefined) record.lease = leases[lent++]!;
+      output.enqueue(record);
     }
   }
 }

@@ -19,6 +19,11 @@ export type { VmaExtentPiece, VmaExtentSlot, VmaHeaderPiece } from "./_archive_p
 export interface VmaExtentStreamOptions {
   /** Which devices must be complete at the end (default all), as for `VmaReaderStream`. */
   requireComplete?: boolean | ((device: VmaDeviceRecord) => boolean);
+  /**
+   * Recycle the capture buffers of the pieces (default `false`); only for a pipeline in
+   * which every piece reaches exactly one final consumer that calls `releaseChunk` on it.
+   */
+  reuseBuffers?: boolean;
 }
 
 /**
@@ -51,9 +56,10 @@ export class VmaExtentStream extends TransformStream<Uint8Array, VmaHeaderPiece 
 
   /** An extent stream for one archive. */
   constructor(options: VmaExtentStreamOptions = {}) {
-    const parser = new ArchiveParser(
-      options.requireComplete === undefined ? {} : { requireComplete: options.requireComplete },
-    );
+    const parser = new ArchiveParser({
+      ...(options.requireComplete !== undefined && { requireComplete: options.requireComplete }),
+      reuseBuffers: options.reuseBuffers ?? false,
+    });
     let output: ParserOutput;
     super({
       start: (controller) => {

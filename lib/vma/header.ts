@@ -203,9 +203,81 @@ function checkName(kind: string, name: string): void {
   const length = utf8.encoder.encode(name).byteLength;
   if (length === 0 || length >= MAX_BLOB_SIZE || name.includes("\0")) {
     throw new TypeError(
-      `Cannot add ${kind} "${name}": A name must be 1..${MAX_BLOB_SIZE - 1} bytes without NUL`,
+      `Cannot add ${kind} "${printableName(name)}": A name must be 1..${
+        MAX_BLOB_SIZE - 1
+      } bytes without NUL`,
     );
   }
+  if (CONTROL.test(name)) {
+    throw new TypeError(
+      `Cannot add ${kind} "${printableName(name)}": A name must not contain control characters`,
+    );
+  }
+}
+
+/** Control characters: C0 (below 0x20), DEL and C1 (U+0080 to U+009F). */
+// deno-lint-ignore no-control-regex -- control characters are what it finds
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+// deno-lint-ignore no-control-regex -- control characters are what it finds
+const CONTROLS = /[\u0000-\u001f\u007f-\u009f\\]/g;
+/** Longest stretch of a name shown in a message. */
+const SHOWN = 200;
+
+/**
+ * A name from an archive made safe to print: control characters (C0, DEL, C1) and
+ * backslashes are escaped as `\xHH` and `\\`, so no name can start a line, move the
+ * cursor or pass for another line of output; a name longer than 200 characters is cut.
+ *
+ * @example A name that tries to forge a line of `vma list`
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { printableName } from "./header.ts";
+ *
+ * assert.equal(printableName("drive-scsi0\nDEV: forged"), "drive-scsi0\\x0aDEV: forged");
+ * assert.equal(printableName("\x1b[2J"), "\\x1b[2J");
+ * assert.equal(printableName("drive-scsi0"), "drive-scsi0");
+ * assert.equal(printableName("x".repeat(300)).length, 200 + "... (300 characters)".length);
+ * ```
+ */
+export function printableName(name: string): string {
+  const escaped = (name.length > SHOWN ? name.slice(0, SHOWN) : name).replace(
+    CONTROLS,
+    (char) => char === "\\" ? "\\\\" : `\\x${char.charCodeAt(0).toString(16).padStart(2, "0")}`,
+  );
+  return name.length > SHOWN ? `${escaped}... (${name.length} characters)` : escaped;
+}
+
+/**
+ * Throws a `RangeError` or `TypeError` unless configs and devices of these names fit one
+ * archive header: at most 254 devices and 256 configs, valid unique names, config sizes of
+ * 1 to 65535 bytes, and all of it within the 512 KiB header the reference writer allows.
+ * For checking a backup before any output is opened, when the device sizes are not known
+ * yet. Config names are stored as given (pass the base name of a path).
+ *
+ * @example 255 disks are too many
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { checkHeaderLimits } from "./header.ts";
+ *
+ * const config = { name: "qemu-server.conf", data: new TextEncoder().encode("cores: 1\n") };
+ * checkHeaderLimits([config], ["drive-scsi0", "drive-efidisk0"]); // fits
+ * const disks = Array.from({ length: 255 }, (_, i) => `drive-scsi${i}`);
+ * assert.throws(() => checkHeaderLimits([], disks), /255 devices exceed the limit of 254/);
+ * const big = Array.from({ length: 9 }, (_, i) => ({ name: `${i}.conf`, data: new Uint8Array(65535) }));
+ * assert.throws(() => checkHeaderLimits(big, []), /exceeds 524288 bytes/);
+ * ```
+ */
+export function checkHeaderLimits(
+  configs: VmaHeader["configs"],
+  deviceNames: string[],
+): void {
+  if (deviceNames.length > MAX_DEV_ID) {
+    throw new RangeError(
+      `Cannot write the VMA header: ${deviceNames.length} devices exceed the limit of ${MAX_DEV_ID}`,
+    );
+  }
+  const devices = deviceNames.map((name, i) => ({ devId: i + 1, name, size: 1 }));
+  encodeHeader({ uuid: "00000000-0000-0000-0000-000000000000", ctime: 0, configs, devices });
 }
 
 /**
@@ -379,11 +451,18 @@ export function decodeHeader(bytes: Uint8Array): DecodedVmaHeader {
         `vma contains invalid data pointers (config slot ${slot})`,
       );
     }
+    if (CONTROL.test(name)) {
+      throw new VmaFormatError(
+        "bad-config",
+        HeaderOffset.configNames + 4 * slot,
+        `config name "${printableName(name)}" contains control characters`,
+      );
+    }
     if (configNames.has(name)) {
       throw new VmaFormatError(
         "bad-config",
         HeaderOffset.configNames + 4 * slot,
-        `duplicate config name "${name}"`,
+        `duplicate config name "${printableName(name)}"`,
       );
     }
     configNames.add(name);
@@ -404,11 +483,26 @@ export function decodeHeader(bytes: Uint8Array): DecodedVmaHeader {
     if (name === undefined) {
       throw new VmaFormatError("bad-device", entry, `invalid name pointer of device ${devId}`);
     }
+    if (CONTROL.test(name)) {
+      throw new VmaFormatError(
+        "bad-device",
+        entry,
+        `name of device ${devId} "${printableName(name)}" contains control characters`,
+      );
+    }
     if (deviceNames.has(name)) {
-      throw new VmaFormatError("bad-device", entry, `duplicate device name "${name}"`);
+      throw new VmaFormatError(
+        "bad-device",
+        entry,
+        `duplicate device name "${printableName(name)}"`,
+      );
     }
     if (size > MAX_DEVICE_SIZE && name !== VMSTATE_NAME) {
-      throw new VmaFormatError("bad-device", entry + 8, `device "${name}" size ${size} is too big`);
+      throw new VmaFormatError(
+        "bad-device",
+        entry + 8,
+        `device "${printableName(name)}" size ${size} is too big`,
+      );
     }
     deviceNames.add(name);
     devices.push({ devId, name, size });

@@ -32,6 +32,13 @@ export interface VmaReaderOptions {
    * without a copy (default false).
    */
   digestData?: boolean | undefined;
+  /**
+   * Recycle the extent buffers behind cluster data (default `false`). Only for a pipeline in
+   * which every cluster record reaches exactly one final consumer that releases it (its
+   * `lease`, or `releaseChunk` on the data passed on as bytes), and no `tee()`. Off, every
+   * extent's data are a fresh buffer that belongs to the records' receiver.
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /**
@@ -44,7 +51,7 @@ export interface VmaReaderOptions {
  * duplicate clusters, writes beyond the end) and more: clusters past a device's end, and,
  * at the end, missing clusters. Every problem is a {@linkcode VmaFormatError} that carries
  * the byte offset. Extents are emitted only once complete and valid; cluster data are views
- * of a recycled extent buffer, so memory stays at about one extent.
+ * of one buffer per extent, recycled with `reuseBuffers`, so memory stays at about one extent.
  *
  * @example Read an archive back into records
  * ```ts

@@ -23,11 +23,13 @@
  */
 
 /**
- * A hold on a shared buffer. Stages that copy or write a cluster's `data` call
- * {@linkcode Lease.release} once they are done with it, so the producer can reuse its buffer.
+ * A hold on a recycled buffer, one per record. The final consumer of a record (one that
+ * copies or writes its `data`) calls {@linkcode Lease.release} once it is done with it, so the
+ * producer can reuse the buffer. Producers attach leases only when their caller opted in
+ * with `reuseBuffers: true`, promising that each record reaches exactly one final consumer.
  */
 export interface Lease {
-  /** Gives the hold back. Call it at most once per record. */
+  /** Gives the hold back. A second call counts nothing (or throws with `checkBufferReuse`). */
   release(): void;
 }
 
@@ -71,9 +73,10 @@ export interface VmaDeviceRecord {
  * outside the mask read as zeros. A `null` cluster has mask 0, except from a reader told to
  * skip data (`VmaReaderStream({ skipData: true })`), which keeps the mask.
  *
- * `data` may be a view into a buffer the producer wants back. Final consumers (the VMA
- * writer, the restore sink) call `lease.release()` after they copied or wrote it. A stage
- * that fans one record out to several consumers must delete `lease` first.
+ * `data` belongs to the receiver, unless the producer was told to recycle its buffers
+ * (`reuseBuffers: true`): then `data` is a view into a buffer the producer wants back, and the
+ * record's final consumer (the VMA writer, the restore sinks) calls `lease.release()` after it
+ * copied or wrote it. Such records must not be fanned out (`tee()`).
  */
 export interface VmaClusterRecord {
   /** Record kind. */

@@ -6,7 +6,7 @@
  */
 import { ClusterBitmap } from "../_bitmap.ts";
 import { forEachBlockRun, md5, popcount16, uuidToBytes } from "../_bytes.ts";
-import { BufferPool } from "../_pool.ts";
+import { BufferPool, type PooledBuffer } from "../_pool.ts";
 import {
   BLOCK_SIZE,
   CLUSTER_SIZE,
@@ -196,6 +196,7 @@ class ArchiveWriter {
   #smallLength = 0;
   /** Data of the extent being built, acquired at its first data block. */
   #extentData: Uint8Array<ArrayBuffer> | null = null;
+  #extentBuffer: PooledBuffer | undefined;
   #extentPool: BufferPool;
   #dataLength = 0;
 
@@ -213,7 +214,7 @@ class ArchiveWriter {
     if (options.uuid !== undefined) uuidToBytes(options.uuid); // fail early on a bad UUID
     this.#extentPool = new BufferPool(
       EXTENT_HEADER_SIZE + this.#slotsPerExtent * CLUSTER_SIZE,
-      { maxFree: options.reuseBuffers ? 4 : 0, trackChunks: options.reuseBuffers ?? false },
+      { trackChunks: true, recycle: options.reuseBuffers ?? false },
     );
   }
 
@@ -388,6 +389,7 @@ class ArchiveWriter {
     if (this.#extentData === null) {
       const buffer = this.#extentPool.acquire();
       buffer.hold(1); // the consumer's releaseChunk() gives it back
+      this.#extentBuffer = buffer;
       this.#extentData = buffer.bytes;
     }
     const target = this.#extentData;
@@ -431,7 +433,7 @@ class ArchiveWriter {
     } else if (this.#extentData === null) {
       this.#emitSmall(header, output); // an extent of zero clusters: its header alone
     } else {
-      const extent = this.#extentData.subarray(0, EXTENT_HEADER_SIZE + this.#dataLength);
+      const extent = this.#extentBuffer!.view(0, EXTENT_HEADER_SIZE + this.#dataLength);
       extent.set(header);
       this.#extentData = null; // handed downstream until released
       this.#emit(extent, output);

@@ -15,14 +15,11 @@ import { nbdDiskSource } from "../../sources/nbd_disk.ts";
 import { encodeArchive, type EncodedArchive } from "../../transforms/archive_output.ts";
 import { type EncodedSyntheticFull, encodeSyntheticFull } from "../../access/synthetic_full.ts";
 import type { VmaWriterStats } from "../../vma/writer_stream.ts";
-import {
-  compressionForPath,
-  type WritableCompression,
-  type ZstdEngine,
-} from "../../transforms/compression.ts";
+import { type WritableCompression, type ZstdEngine } from "../../transforms/compression.ts";
 import { encodeIndex, type VmaIndex } from "../../index/index_format.ts";
 import { ZeroFilterStream } from "../../transforms/zero_filter.ts";
-import { CLUSTER_SIZE, configName } from "../../vma/format.ts";
+import { CLUSTER_SIZE, configName, MAX_BLOB_SIZE } from "../../vma/format.ts";
+import { checkHeaderLimits } from "../../vma/header.ts";
 import type { VmaRecord } from "../../vma/records.ts";
 import {
   type Command,
@@ -35,7 +32,8 @@ import {
 } from "../command.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { UsageError } from "../errors.ts";
-import { openOutput } from "../files.ts";
+import { isDeviceFileLike } from "../file_names.ts";
+import { commitOutputs, openOutput } from "../files.ts";
 import { type BaseArchive, openBaseArchive } from "../base_archive.ts";
 import { checkpointName } from "../../live/checkpoints.ts";
 import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
@@ -58,17 +56,19 @@ usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                        NAME is the Proxmox device name (drive-scsi0, drive-efidisk0, ...); a
                        bare name such as scsi0 gets the drive- prefix. Without NAME: the
                        first free of drive-scsi0, drive-scsi1, ...
-  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable
-  -o, --output OUT     the archive; '-' writes to stdout; s3://BUCKET/KEY uploads it (a
-                       multipart upload: the key appears only once complete). A file is
-                       written to OUT.partial first
+  --config FILE        a config file to store (qemu-server.conf, qemu-server.fw); repeatable.
+                       Names like disk files (disk-..., vmstate.bin) are refused
+  -o, --output OUT     the archive; '-' writes to stdout (not to a terminal); s3://BUCKET/KEY
+                       uploads it (a multipart upload: the key appears only once complete).
+                       A file is written to OUT.partial, flushed to disk, then renamed to OUT
   --compress C         zstd, gzip or none; by default from OUT: .vma.zst, .vma.gz, .vma
+                       (any other extension is an error without --compress)
   --level N            compression level (zstd -7..19, default 3; gzip 1..9)
 ${ZSTD_HELP}
   --no-index           write no archive index (see "Archive index" in the README)
   --index FILE         where the sidecar index of a .vma or .vma.gz goes (default OUT.idx;
                        with -o - none unless given). A .vma.zst carries its index inside
-  --force              replace an existing OUT (and its sidecar index)
+  --force              replace an existing OUT (and its sidecar index), in one atomic rename
   --s3-part-size SIZE  bytes per part of an S3 upload, 5M..5G (default 5M, more when the
                        disks need it to stay within 10,000 parts); memory holds 3 parts
 ${S3_HELP}
@@ -166,7 +166,33 @@ export function parseDiskSpecs(values: string[]): DiskSpec[] {
 }
 
 /**
- * Reads the `--compress` and `--level` values for an output path.
+ * The compression an archive's file name says, by its extension: `.vma` none, `.zst` or
+ * `.zstd` zstd, `.gz` or `.gzip` gzip. `lzop` for `.lzo` (read, never written); `undefined`
+ * for any other name.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { compressionOfName } from "./backup.ts";
+ *
+ * assert.equal(compressionOfName("vzdump-qemu-100.vma.zst"), "zstd");
+ * assert.equal(compressionOfName("BACKUP.VMA"), "none");
+ * assert.equal(compressionOfName("x.vma.lzo"), "lzop");
+ * assert.equal(compressionOfName("x.img"), undefined);
+ * ```
+ */
+export function compressionOfName(path: string): WritableCompression | "lzop" | undefined {
+  if (/\.(zst|zstd)$/i.test(path)) return "zstd";
+  if (/\.(gz|gzip)$/i.test(path)) return "gzip";
+  if (/\.lzo$/i.test(path)) return "lzop";
+  if (/\.vma$/i.test(path)) return "none";
+  return undefined;
+}
+
+/**
+ * Reads the `--compress` and `--level` values for an output path. Without `--compress` the
+ * compression comes from OUT's extension, and any other extension is an error rather than a
+ * silently uncompressed archive; `--compress` must agree with a known extension.
  *
  * @example From the file name, or given
  * ```ts
@@ -176,8 +202,12 @@ export function parseDiskSpecs(values: string[]): DiskSpec[] {
  * const zstd = parseCompression("vm.vma.zst", undefined, "5");
  * assert.deepEqual(zstd, { compression: "zstd", level: 5 });
  * assert.equal(parseCompression("-", "gzip", undefined).compression, "gzip");
+ * assert.equal(parseCompression("-", undefined, undefined).compression, "none");
  * assert.throws(() => parseCompression("vm.vma.gz", undefined, "12"), /within 1\.\.9 for gzip/);
  * assert.throws(() => parseCompression("vm.vma", undefined, "50"), /--level needs --compress/);
+ * assert.throws(() => parseCompression("vm.img", undefined, undefined), { exitCode: 2 });
+ * assert.throws(() => parseCompression("vm.vma.lzo", undefined, undefined), /lzop/);
+ * assert.throws(() => parseCompression("vm.vma.gz", "zstd", undefined), /does not match/);
  * ```
  */
 export function parseCompression(
@@ -185,9 +215,23 @@ export function parseCompression(
   compress: string | undefined,
   level: string | undefined,
 ): { compression: WritableCompression; level: number | undefined } {
-  const compression = compress ?? compressionForPath(output);
+  const named = output === "-" ? undefined : compressionOfName(output);
+  if (named === "lzop") {
+    throw new UsageError(
+      `-o ${output}: lzop archives are read but not written; name it .vma.zst, .vma.gz or .vma`,
+    );
+  }
+  if (compress === undefined && named === undefined && output !== "-") {
+    throw new UsageError(
+      `-o ${output}: unknown extension; name the archive .vma.zst, .vma.gz or .vma, or give --compress`,
+    );
+  }
+  const compression = compress ?? named ?? "none";
   if (compression !== "zstd" && compression !== "gzip" && compression !== "none") {
     throw new UsageError(`--compress must be zstd, gzip or none, not '${compression}'`);
+  }
+  if (named !== undefined && named !== compression) {
+    throw new UsageError(`--compress ${compression} does not match the name ${output}`);
   }
   if (level === undefined) return { compression, level: undefined };
   if (compression === "none") throw new UsageError("--level needs --compress zstd or gzip");
@@ -218,9 +262,54 @@ export function parseCompression(
  * ```
  */
 export async function readConfigs(paths: string[]): Promise<{ name: string; data: Uint8Array }[]> {
-  return await Promise.all(
-    paths.map(async (path) => ({ name: path, data: await Deno.readFile(path) })),
-  );
+  return await Promise.all(paths.map(async (path) => {
+    const { size } = await Deno.stat(path);
+    if (size > MAX_BLOB_SIZE) { // not read at all: it cannot be stored
+      throw new UsageError(
+        `--config ${path}: ${size} bytes is too big for an archive header (at most ${MAX_BLOB_SIZE})`,
+      );
+    }
+    return { name: path, data: await Deno.readFile(path) };
+  }));
+}
+
+/**
+ * Refuses, before any output is opened, configs and disks that one archive cannot hold (see
+ * `checkHeaderLimits`: 254 disks, 256 configs of 1 to 65535 bytes, a 512 KiB header), and
+ * config names that `extract` would have to rename (`disk-...`, `vmstate.bin`; see
+ * `isDeviceFileLike`). A usage error (exit code 2).
+ *
+ * @example A config that would pass for a disk image
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { checkArchiveContents } from "./backup.ts";
+ *
+ * const data = new TextEncoder().encode("cores: 1\n");
+ * checkArchiveContents([{ name: "/etc/pve/qemu-server/100.conf", data }], ["drive-scsi0"]);
+ * assert.throws(
+ *   () => checkArchiveContents([{ name: "disk-drive-scsi0.raw", data }], ["drive-scsi0"]),
+ *   { exitCode: 2, message: /could be taken for a disk image/ },
+ * );
+ * ```
+ */
+export function checkArchiveContents(
+  configs: { name: string; data: Uint8Array }[],
+  diskNames: string[],
+): void {
+  const stored = configs.map((config) => ({ name: configName(config.name), data: config.data }));
+  for (const { name } of stored) {
+    if (isDeviceFileLike(name)) {
+      throw new UsageError(
+        `--config ${name}: the name could be taken for a disk image when extracted; rename the file`,
+      );
+    }
+  }
+  try {
+    checkHeaderLimits(stored, diskNames);
+  } catch (error) {
+    if (!(error instanceof RangeError || error instanceof TypeError)) throw error;
+    throw new UsageError(error.message);
+  }
 }
 
 /** Checkpoint hooks of a backup: a dirty bitmap that the next incremental starts from. */
@@ -374,6 +463,8 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       level: plan.level,
       zstd: plan.zstd,
       mainThread: !started.servesQemu,
+      // every stage of this pipeline is its chunks' only consumer
+      reuseBuffers: true,
     };
     encoded = base === undefined
       ? encodeArchive(records, { uuid, ...outputOptions, index: plan.index !== false })
@@ -400,8 +491,8 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
     if (sidecar !== undefined) {
       await ReadableStream.from([encodeIndex(encoded.index()!)]).pipeTo(sidecar.writable);
     }
-    await output.commit();
-    await sidecar?.commit();
+    // Both durably, the index renamed first: the archive never appears without it.
+    await commitOutputs(output, ...(sidecar === undefined ? [] : [sidecar]));
     // Only now, with the archive durable, may the previous checkpoint go.
     checkpointNotes = await started.checkpoint?.commit().catch((error) => [
       `the archive is complete, but the checkpoints could not be rotated: ${
@@ -602,6 +693,7 @@ export const backupCommand: Command = {
     }
     const plan = await outputPlan(values);
     const disks = parseDiskSpecs(values.disk ?? []);
+    checkArchiveContents(plan.configs, disks.map((disk) => disk.name));
     for (const { path } of disks) {
       if (isNbdUri(path)) continue;
       const info = await checkReadable(path);
@@ -616,8 +708,11 @@ export const backupCommand: Command = {
       ...plan,
       start: () =>
         Promise.resolve({
+          // Each record goes through one linear pipeline to the writer, which releases it.
           sources: disks.map(({ name, path }) =>
-            isNbdUri(path) ? nbdDiskSource(path, { name }) : imageDiskSource(path, { name })
+            isNbdUri(path)
+              ? nbdDiskSource(path, { name, reuseBuffers: true })
+              : imageDiskSource(path, { name, reuseBuffers: true })
           ),
           disks,
         }),

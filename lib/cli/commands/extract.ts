@@ -6,15 +6,14 @@
  */
 import { resolve } from "node:path";
 import { DeviceBytesStream } from "../../sinks/device_stream.ts";
-import { tapStream } from "../../transforms/tap.ts";
 import { ByteSink } from "../../sinks/file_sink.ts";
 import { ImageRestoreSink } from "../../sinks/nbd_restore.ts";
 import { RestoreSink } from "../../sinks/restore_files.ts";
 import { IMAGE_FORMATS, type ImageFormat } from "../../qemu/image_format.ts";
-import { VmaFormatError } from "../../vma/errors.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../../vma/records.ts";
-import { VMSTATE_NAME } from "../../vma/format.ts";
-import { openArchive } from "../archive_input.ts";
+import { openArchive, openRandomAccess } from "../archive_input.ts";
+import { archiveRecords } from "../../access/archive_records.ts";
+import type { IndexedArchive } from "../../access/indexed_archive.ts";
 import {
   type Command,
   expectPositionals,
@@ -28,7 +27,9 @@ import {
 import type { ZstdEngine } from "../../transforms/compression.ts";
 import { type CliContext, formatBytes, formatRate, writeText } from "../context.ts";
 import { CliError, ExitCode, UsageError } from "../errors.ts";
-import { exists, existsError, replaceWith } from "../files.ts";
+import { commitDirectory } from "../durable.ts";
+import { configFileName, deviceFileName, findDevice } from "../file_names.ts";
+import { exists, existsError, refuseTerminal } from "../files.ts";
 import { Progress } from "../progress.ts";
 import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 
@@ -43,7 +44,8 @@ usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT]
                      renamed when complete
   --disk NAMES       extract only these disks (comma-separated, repeatable); the others
                      are not written and not checked for missing clusters
-  --stdout NAME      stream one disk's raw bytes to stdout and write nothing else
+  --stdout NAME      stream one disk's raw bytes to stdout (not to a terminal) and
+                     write nothing else
   --format FMT       write disk-<name>.FMT images: raw (default, sparse files), qcow2,
                      vmdk, vdi, vhdx, vpc or qed. Non-raw images are created with qemu-img
                      and written through a writable qemu-nbd (only stored blocks; no raw
@@ -54,91 +56,90 @@ usage: cli.ts extract ARCHIVE|- TARGETDIR [--disk NAME[,NAME]...] [--format FMT]
 ${ZSTD_HELP}
 ${S3_HELP}
 
-Disk names match with or without the drive- prefix (scsi0 = drive-scsi0).
-Names that would leave TARGETDIR ('/', '..', NUL) are refused.
+Disk names match with or without the drive- prefix (scsi0 = drive-scsi0, unless a disk
+is named scsi0). A config named like a disk file (disk-..., vmstate.bin) is written as
+config-NAME. Names that would leave TARGETDIR ('/', '..') or are too long for a file name
+are refused (exit code 3).
 permissions: --allow-read (ARCHIVE) --allow-write (TARGETDIR); --format other than raw also
 needs --allow-run=qemu-img,qemu-nbd and --allow-net; an s3:// ARCHIVE needs --allow-net=HOST
 --allow-env (and --allow-read of ~/.aws/credentials for a profile)`;
 
-/**
- * True when `name` names a device given as `wanted` (with or without `drive-`).
- *
- * @example With or without the prefix
- * ```ts
- * import assert from "node:assert/strict";
- * import { deviceMatches } from "./extract.ts";
- *
- * assert.ok(deviceMatches("drive-scsi0", "scsi0"));
- * assert.ok(deviceMatches("drive-scsi0", "drive-scsi0"));
- * assert.ok(!deviceMatches("drive-scsi0", "scsi"));
- * ```
- */
-export function deviceMatches(name: string, wanted: string): boolean {
-  return name === wanted || name === `drive-${wanted}`;
+/** What the archive header holds: its configs and devices. */
+interface HeaderRecords {
+  configs: VmaConfigRecord[];
+  devices: VmaDeviceRecord[];
 }
 
 /**
- * Refuses a name from the archive that is not a plain file name.
+ * A pass-through that holds the header records back until the header is complete (the
+ * first cluster, or the end), then calls `check` with all configs and devices, so a
+ * decision that needs every name (which device a name means, whether all names can be file
+ * names) is made before anything is written. Only header records wait.
  *
- * @example Names that would leave the directory
+ * @example Choose a device once all are known
  * ```ts
  * import assert from "node:assert/strict";
- * import { safeFileName } from "./extract.ts";
+ * import { afterHeader } from "./extract.ts";
  *
- * assert.equal(safeFileName("config", "qemu-server.conf"), "qemu-server.conf");
- * assert.throws(() => safeFileName("config", "../../etc/passwd"), { exitCode: 3 });
- * assert.throws(() => safeFileName("device", ".."), /a device named '\.\.'/);
+ * const seen: string[] = [];
+ * const records = ReadableStream.from([
+ *   { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 },
+ *   { type: "device" as const, devId: 2, name: "scsi0", size: 65536 },
+ *   { type: "zeros" as const, devId: 1, cluster: 0, count: 1 },
+ * ]).pipeThrough(afterHeader(({ devices }) => void seen.push(...devices.map((d) => d.name))));
+ * const types = await Array.fromAsync(records, (record) => record.type);
+ * assert.deepEqual(seen, ["drive-scsi0", "scsi0"]);
+ * assert.deepEqual(types, ["device", "device", "zeros"]);
  * ```
  */
-export function safeFileName(kind: string, name: string): string {
-  if (name === "" || name === "." || name === ".." || name.includes("/") || name.includes("\0")) {
-    throw new CliError(
-      ExitCode.corrupt,
-      `the archive has a ${kind} named '${name}', which would leave the target directory`,
-    );
-  }
-  return name;
+export function afterHeader(
+  check: (header: HeaderRecords) => void,
+): TransformStream<VmaRecord, VmaRecord> {
+  let held: VmaRecord[] | undefined = [];
+  const header: HeaderRecords = { configs: [], devices: [] };
+  const release = (controller: TransformStreamDefaultController<VmaRecord>) => {
+    if (held === undefined) return;
+    check(header);
+    for (const record of held) controller.enqueue(record);
+    held = undefined;
+  };
+  return new TransformStream({
+    transform(record, controller) {
+      if (held !== undefined && record.type !== "cluster" && record.type !== "zeros") {
+        if (record.type === "config") header.configs.push(record);
+        if (record.type === "device") header.devices.push(record);
+        held.push(record);
+        return;
+      }
+      release(controller);
+      controller.enqueue(record);
+    },
+    flush: release,
+  });
 }
 
-/**
- * The file name of a device inside TARGETDIR, as `vma extract` names it.
- *
- * @example Disk images and the VM state
- * ```ts
- * import assert from "node:assert/strict";
- * import { deviceFileName } from "./extract.ts";
- *
- * const disk = { type: "device" as const, devId: 1, name: "drive-scsi0", size: 65536 };
- * assert.equal(deviceFileName(disk), "disk-drive-scsi0.raw");
- * assert.equal(deviceFileName(disk, "qcow2"), "disk-drive-scsi0.qcow2");
- * assert.equal(deviceFileName({ ...disk, name: "vmstate" }), "vmstate.bin");
- * ```
- */
-export function deviceFileName(device: VmaDeviceRecord, format: ImageFormat = "raw"): string {
-  return device.name === VMSTATE_NAME
-    ? "vmstate.bin"
-    : `disk-${safeFileName("device", device.name)}.${format}`;
+/** The devices `wanted` names (all of them without names); exit code 7 for a missing one. */
+function chooseDevices(devices: VmaDeviceRecord[], wanted: string[] | undefined): Set<number> {
+  if (wanted === undefined) return new Set(devices.map((device) => device.devId));
+  return new Set(wanted.map((name) => {
+    const device = findDevice(devices, name);
+    if (device === undefined) {
+      throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
+    }
+    return device.devId;
+  }));
 }
 
-/** A pass-through that writes config records into `dir`. */
+/** A pass-through that writes config records into `dir`, under their file names. */
 function writeConfigs(dir: string) {
   return new TransformStream<VmaRecord, VmaRecord>({
     async transform(record, controller) {
       if (record.type === "config") {
-        await Deno.writeFile(`${dir}/${record.name}`, record.data, { createNew: true });
+        const path = `${dir}/${configFileName(record.name)}`;
+        await Deno.writeFile(path, record.data, { createNew: true });
       }
       controller.enqueue(record);
     },
-  });
-}
-
-/** Checks every name from the archive and collects the configs and devices. */
-function inspect(found: { configs: VmaConfigRecord[]; devices: VmaDeviceRecord[] }) {
-  return tapStream<VmaRecord>((record) => {
-    if (record.type === "config") {
-      found.configs.push({ ...record, name: safeFileName("config", record.name) });
-    }
-    if (record.type === "device") found.devices.push(record);
   });
 }
 
@@ -196,6 +197,7 @@ export const extractCommand: Command = {
           "--stdout cannot be combined with --disk, --format, --json or --force",
         );
       }
+      refuseTerminal(context, "the disk");
       return await extractToStdout(positionals[0]!, values.stdout, context, {
         mode,
         zstd,
@@ -229,28 +231,28 @@ async function extractToStdout(
   },
 ): Promise<number> {
   let progress: Progress | undefined;
-  let found = false;
-  const matches = (device: VmaDeviceRecord) => deviceMatches(device.name, name);
-  const archive = await openArchive(path, {
+  let chosen: number | undefined; // the device's id, once the header is complete
+  const isChosen = (device: VmaDeviceRecord) => device.devId === chosen;
+  // With an index, only the extents of this disk are read; otherwise the whole archive.
+  const random = await openRandomAccess(path, { storage });
+  const records = random !== undefined ? randomRecords(random, [name]) : (await openArchive(path, {
     zstd,
     storage,
-    reader: { requireComplete: matches },
+    reader: { requireComplete: isChosen },
     progress: (total) => (progress = new Progress(context, { mode, command: "extract", total })),
-  });
+  })).records;
   try {
-    await archive.records
-      .pipeThrough(tapStream<VmaRecord>((record) => {
-        if (record.type === "device") found ||= matches(record);
+    await records
+      .pipeThrough(afterHeader(({ devices }) => {
+        [chosen] = chooseDevices(devices, [name]);
       }))
-      .pipeThrough(new DeviceBytesStream(matches))
+      .pipeThrough(new DeviceBytesStream(isChosen))
       .pipeTo(new ByteSink(context.stdout), { signal: context.signal });
   } catch (error) {
     await progress?.finish(false);
-    if (context.signal.aborted) throw context.signal.reason;
-    if (!found && !(error instanceof VmaFormatError)) {
-      throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
-    }
-    throw error;
+    throw context.signal.aborted ? context.signal.reason : error;
+  } finally {
+    random?.close();
   }
   await progress?.finish(true);
   return ExitCode.ok;
@@ -293,10 +295,15 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     if (!plan.force) throw existsError(partial);
     await Deno.remove(partial, { recursive: true });
   }
-  const selected = (device: VmaDeviceRecord) =>
-    wanted === undefined || wanted.some((name) => deviceMatches(device.name, name));
+  let chosen = new Set<number>(); // the devices to write, once the header is complete
+  const selected = (device: VmaDeviceRecord) => chosen.has(device.devId);
   let progress: Progress | undefined;
-  const archive = await openArchive(plan.archive, {
+  // Some disks of an indexed archive: read only their extents. All disks, or no index:
+  // one pass over the whole archive.
+  const random = wanted === undefined
+    ? undefined
+    : await openRandomAccess(plan.archive, { storage: plan.storage });
+  const archive = random !== undefined ? undefined : await openArchive(plan.archive, {
     zstd: plan.zstd,
     storage: plan.storage,
     reader: { requireComplete: selected },
@@ -304,13 +311,21 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
       total,
     ) => (progress = new Progress(context, { mode: plan.progress, command: "extract", total })),
   });
+  const records = random !== undefined ? randomRecords(random, wanted!) : archive!.records;
   const started = performance.now();
-  const found = { configs: [] as VmaConfigRecord[], devices: [] as VmaDeviceRecord[] };
+  let found: HeaderRecords = { configs: [], devices: [] };
+  /** Picks the devices and checks that every name to write is a file name, before writing. */
+  const check = (header: HeaderRecords) => {
+    found = header;
+    chosen = chooseDevices(header.devices, wanted);
+    for (const config of header.configs) configFileName(config.name);
+    for (const device of header.devices.filter(selected)) deviceFileName(device, plan.format);
+  };
   const pathOf = (device: VmaDeviceRecord) =>
     selected(device) ? `${partial}/${deviceFileName(device, plan.format)}` : undefined;
   const sink = new RestoreSink({
     target: pathOf,
-    configTarget: (config) => `${partial}/${config.name}`,
+    configTarget: (config) => `${partial}/${configFileName(config.name)}`,
   });
   const imageSink = plan.format === "raw"
     ? undefined
@@ -323,7 +338,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
   await Deno.mkdir(partial);
   context.signal.addEventListener("abort", onAbort);
   try {
-    const checked = archive.records.pipeThrough(inspect(found));
+    const checked = records.pipeThrough(afterHeader(check));
     if (imageSink === undefined) {
       await checked.pipeTo(sink, { signal: context.signal });
     } else {
@@ -331,12 +346,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
         signal: context.signal,
       });
     }
-    for (const name of wanted ?? []) {
-      if (!found.devices.some((device) => deviceMatches(device.name, name))) {
-        throw new CliError(ExitCode.notFound, `the archive has no disk named '${name}'`);
-      }
-    }
-    await replaceWith(partial, target);
+    await commitDirectory(partial, target);
     await progress?.finish(true);
   } catch (error) {
     await Deno.remove(partial, { recursive: true }).catch(() => {});
@@ -344,6 +354,7 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     throw context.signal.aborted ? context.signal.reason : error;
   } finally {
     context.signal.removeEventListener("abort", onAbort);
+    random?.close();
   }
   const seconds = (performance.now() - started) / 1000;
   const restored = found.devices.filter(selected).map((device) => ({
@@ -360,10 +371,16 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
       jsonLine({
         ok: true,
         command: "extract",
-        archive: archive.name,
-        compression: archive.compression,
+        archive: random?.name ?? archive!.name,
+        compression: random === undefined
+          ? archive!.compression
+          : random.layout === "vma"
+          ? "none"
+          : "zstd",
+        access: random === undefined ? "sequential" : "random",
+        bytesRead: random?.stats.storedBytesRead ?? archive!.bytesRead(),
         target,
-        configs: found.configs.map((config) => `${target}/${config.name}`),
+        configs: found.configs.map((config) => `${target}/${configFileName(config.name)}`),
         disks: restored,
         seconds: Number(seconds.toFixed(3)),
       }),
@@ -377,4 +394,15 @@ async function extractToDirectory(plan: ExtractPlan, context: CliContext): Promi
     );
   }
   return ExitCode.ok;
+}
+
+/** The records of the disks named `wanted`, read at random (exit code 7 for a missing one). */
+function randomRecords(archive: IndexedArchive, wanted: string[]): ReadableStream<VmaRecord> {
+  const devices = archive.header.devices.map(({ devId, name, size }) => ({
+    type: "device" as const,
+    devId,
+    name,
+    size,
+  }));
+  return archiveRecords(archive, [...chooseDevices(devices, wanted)]);
 }

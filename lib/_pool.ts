@@ -379,11 +379,19 @@ export function exclusiveChunk(chunk: Uint8Array): PooledBuffer | undefined {
 export class SizedBufferPool {
   #classes: BufferPool[] = [];
 
-  /** Classes from `smallest` to `largest`, each keeping up to `maxFree` free buffers. */
-  constructor(smallest: number, largest: number, maxFree: number) {
+  /**
+   * Classes from `smallest` to `largest`, each keeping up to `maxFree` free buffers; the
+   * other options as for {@linkcode BufferPool}.
+   */
+  constructor(
+    smallest: number,
+    largest: number,
+    maxFree: number,
+    options: Omit<BufferPoolOptions, "maxFree"> = {},
+  ) {
     for (let size = smallest;; size *= 4) {
       const top = size >= largest;
-      this.#classes.push(new BufferPool(top ? largest : size, { maxFree }));
+      this.#classes.push(new BufferPool(top ? largest : size, { ...options, maxFree }));
       if (top) break;
     }
   }

@@ -185,3 +185,47 @@ Deno.test("synthetic full: a device the base does not have, or of another size, 
     }
   });
 });
+
+Deno.test("synthetic full: a base frame damaged after the base was indexed fails both sides, at once", async () => {
+  await withTempDir(async (dir) => {
+    const disks = [randomBytes(16 << 20, 5)]; // 256 clusters: 5 extents
+    const path = `${dir}/base.vma.zst`;
+    await Deno.writeFile(
+      path,
+      ReadableStream.from([...devices(disks), ...scrambledRecords(disks, 5)])
+        .pipeThrough(new ZeroFilterStream()).pipeThrough(new VmaWriterStream())
+        .pipeThrough(archiveOutput({ compression: "zstd" })),
+    );
+    // A byte in the middle of the file: inside a data frame, far from the index at the end.
+    const bytes = await Deno.readFile(path);
+    bytes[bytes.byteLength >> 1]! ^= 0x40;
+    await Deno.writeFile(path, bytes);
+    const base = await IndexedArchive.open(await fileRangeReader(path));
+    try {
+      const synthetic = syntheticFull({ base });
+      const writing = new Response(synthetic.readable.pipeThrough(new SeekableZstdStream()))
+        .bytes();
+      const feeding = ReadableStream.from([
+        ...devices(disks),
+        { type: "zeros", devId: 1, cluster: 0, count: 1 },
+      ]).pipeTo(synthetic.writable);
+      // Before, the failure stayed on the writable side and the pieces never ended.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const hang = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error("the synthetic full hung")), 20_000);
+      });
+      try {
+        for (const side of [feeding, writing]) {
+          await assert.rejects(
+            Promise.race([side, hang]),
+            /does not match the SHA-256 in the index|checksum/,
+          );
+        }
+      } finally {
+        clearTimeout(timer);
+      }
+    } finally {
+      base.close();
+    }
+  });
+});

@@ -146,6 +146,8 @@ export class IndexedArchive {
   #outputs: BufferPool | undefined;
   /** Buffers that an extent's stored frames are read into, by size. */
   #inputs: SizedBufferPool | undefined;
+  /** Buffers of frames handed out for copies (`storedExtent` with `reuseBuffers`). */
+  #storedFrames: SizedBufferPool | undefined;
   #map: IndexMap;
   /** Per frame: compressed and decompressed start offsets (one more entry: the ends). */
   #frameStored = new Float64Array(0);
@@ -295,6 +297,59 @@ export class IndexedArchive {
     }
   }
 
+  /**
+   * Every used slot of extent `e`, decoded, for a reader that takes whole extents (the
+   * unchanged clusters of a synthetic full): each slot's device, cluster, mask and 64 KiB
+   * as a record would carry them, `null` data for a zero cluster. The data of a cluster
+   * with every block stored is a view into the cached extent, kept from reuse until
+   * {@linkcode ExtentClusters.release}; the others are copies.
+   */
+  async extentClusters(e: number): Promise<ExtentClusters> {
+    if (!(e >= 0 && e < this.index.blockCounts.length)) {
+      throw new RangeError(`The archive has no extent ${e}`);
+    }
+    const entry = this.#extent(e);
+    entry.pins++;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      this.#unpin(entry);
+    };
+    let extent: DecodedExtent;
+    try {
+      extent = await entry.promise;
+    } catch (error) {
+      release();
+      throw error;
+    }
+    const clusters: ExtentCluster[] = [];
+    for (let k = 0; k < extent.masks.length; k++) {
+      const devId = extent.devIds[k]!;
+      const cluster = extent.clusters[k]!;
+      const mask = extent.masks[k]!;
+      let data: Uint8Array | null = null;
+      if (mask === 0xffff) {
+        data = extent.data.subarray(extent.starts[k]!, extent.starts[k]! + CLUSTER_SIZE);
+      } else if (mask !== 0) {
+        data = new Uint8Array(CLUSTER_SIZE);
+        copyCluster(extent, k, devId, cluster, 0, data, 0, CLUSTER_SIZE, this.name, false);
+      }
+      clusters.push({ devId, cluster, mask, data });
+    }
+    return { clusters, release };
+  }
+
+  /**
+   * Starts reading and decoding extent `e` into the cache, if it has data and is not there
+   * yet: for a reader that knows which extents it will need next (a failed read fails the
+   * read that needs it).
+   */
+  prefetch(e: number): void {
+    if (!(this.index.blockCounts[e]! > 0) || this.#cache.has(e)) return;
+    this.#load(e).promise.catch(() => {});
+  }
+
   /** The device of `name` (exactly, or with the `drive-` prefix added), if there is one. */
   device(name: string): VmaIndexDevice | undefined {
     return this.index.devices.find((device) => device.name === name) ??
@@ -441,9 +496,13 @@ export class IndexedArchive {
    * its decoded 512-byte header and slots, and its data frame exactly as stored, with the
    * frame's checksum and SHA-256 (checked against the index). `undefined` when the
    * extent's data is not one frame of its own (a plain archive, another layout) or it has
-   * no data.
+   * no data. With `reuseBuffers`, the frame is a view of a recycled buffer that its final
+   * consumer gives back with `releaseChunk` (see the ownership rule in `_pool.ts`).
    */
-  async storedExtent(e: number): Promise<StoredExtent | undefined> {
+  async storedExtent(
+    e: number,
+    options: { reuseBuffers?: boolean } = {},
+  ): Promise<StoredExtent | undefined> {
     const table = this.#seekTable;
     if (table === undefined || this.index.digestScope !== "zstd-frame") return undefined;
     if (this.index.blockCounts[e] === 0) return undefined;
@@ -456,12 +515,40 @@ export class IndexedArchive {
       this.#frameDecoded[dataFrame] !== start + EXTENT_HEADER_SIZE ||
       this.#frameDecoded[dataFrame + 1] !== end
     ) return undefined;
-    const [header] = await this.#archiveBytes(start, start + EXTENT_HEADER_SIZE);
-    header!.lease?.release();
-    const { slots } = decodeExtentHeader(header!.bytes, start, this.#uuidBytes());
-    const from = this.#frameStored[dataFrame]!;
-    const frame = await this.#reader.read(from, this.#frameStored[dataFrame + 1]! - from);
-    this.stats.storedBytesRead += frame.byteLength;
+    // Both frames in one read; the header's (512 bytes) is decoded on this thread.
+    const from = this.#frameStored[headerFrame]!;
+    const split = this.#frameStored[dataFrame]! - from;
+    const length = this.#frameStored[dataFrame + 1]! - from;
+    let both: Uint8Array;
+    if (options.reuseBuffers && this.#reader.readInto !== undefined) {
+      // A pooled buffer, which the frame's final consumer gives back with releaseChunk.
+      this.#storedFrames ??= new SizedBufferPool(1 << 20, this.#inputs!.largest, 16, {
+        trackChunks: true,
+      });
+      const buffer = this.#storedFrames.acquire(length);
+      both = buffer.bytes.subarray(0, length);
+      await this.#limited(() => this.#reader.readInto!(from, both));
+      buffer.hold(1);
+    } else {
+      both = await this.#limited(() => this.#reader.read(from, length));
+    }
+    this.stats.storedBytesRead += both.byteLength;
+    const headerFrameBytes = both.subarray(0, split);
+    this.#checkFrameChecksum(headerFrameBytes, headerFrame);
+    const header = await this.#decoders!.decode({
+      input: headerFrameBytes as Uint8Array<ArrayBuffer>, // decoded here: never transferred
+      size: EXTENT_HEADER_SIZE,
+    }).then(({ output }) => output, (error) => {
+      throw new VmaFormatError(
+        "bad-frame-checksum",
+        from,
+        `zstd frame ${headerFrame} of ${this.name}: ${(error as Error).message}${
+          this.#map.describe(e)
+        }`,
+      );
+    });
+    const { slots } = decodeExtentHeader(header, start, this.#uuidBytes());
+    const frame = both.subarray(split);
     this.#checkFrameChecksum(frame, dataFrame);
     const digest = new Uint8Array(createHash("sha256").update(frame).digest());
     this.#checkDigest(e, digest);
@@ -829,6 +916,26 @@ export interface StoredExtent {
   checksum: number;
   /** SHA-256 of `frame`, as the index lists it. */
   digest: Uint8Array;
+}
+
+/** One used slot of a decoded extent (see {@linkcode IndexedArchive.extentClusters}). */
+export interface ExtentCluster {
+  /** Device id. */
+  devId: number;
+  /** Cluster number. */
+  cluster: number;
+  /** Its stored 4 KiB blocks. */
+  mask: number;
+  /** Its 64 KiB, zeros where no block is stored; `null` for a zero cluster. */
+  data: Uint8Array | null;
+}
+
+/** A decoded extent's clusters, valid until released. */
+export interface ExtentClusters {
+  /** Its used slots, in slot order. */
+  clusters: ExtentCluster[];
+  /** The data views may be reused once this is called (calling it again does nothing). */
+  release(): void;
 }
 
 /** The archive cannot be read at random (it is not seekable). */

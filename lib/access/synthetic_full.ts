@@ -13,10 +13,10 @@ import type { WritableCompression, ZstdEngine } from "../transforms/compression.
 import { SeekableZstdStream, type StoredExtentPiece } from "../transforms/seekable_zstd.ts";
 import { encodeExtentHeader, type SlotRun, slotRuns } from "../vma/extent_header.ts";
 import type { VmaExtentPiece, VmaHeaderPiece } from "../vma/extent_stream.ts";
-import { VmaExtentStream } from "../vma/extent_stream.ts";
+import { HeaderOffset } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
-import { VmaWriterStream } from "../vma/writer_stream.ts";
-import type { IndexedArchive } from "./indexed_archive.ts";
+import { VmaExtentWriterStream } from "../vma/writer_stream.ts";
+import type { IndexedArchive, StoredExtent } from "./indexed_archive.ts";
 
 /** Options of {@linkcode syntheticFull}. */
 export interface SyntheticFullOptions {
@@ -32,6 +32,11 @@ export interface SyntheticFullOptions {
    * is re-encoded, for any other output.
    */
   copyFrames?: boolean | undefined;
+  /**
+   * Recycle the writer's extent buffers (default `false`): only when every piece reaches
+   * exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** Counters of a synthetic full backup; final once its output has ended. */
@@ -63,14 +68,31 @@ export interface SyntheticFull {
   stats: SyntheticFullStats;
 }
 
+/** Extents to copy that are read (and checked) ahead of the one being written. */
+const COPIES_AHEAD = 4;
+/** Extents to rewrite that are decoded ahead (the base's cache must hold them). */
+const DECODES_AHEAD = 2;
+
+/** What becomes of an extent of the base. */
+const enum Fill {
+  /** Copied as stored (none of its clusters changed). */
+  Copy,
+  /** Its unchanged clusters decoded and written again. */
+  Rewrite,
+  /** Nothing: every cluster of it changed. */
+  Skip,
+}
+
 /**
  * Builds a complete archive from the clusters that changed and a base archive. The changed
- * clusters go through a `VmaWriterStream` as they come (a live backup's order); when their
- * stream ends, every cluster not received is taken from `base`: an extent of the base none
- * of whose clusters changed is copied as stored (its compressed data frame under a new
- * header), the others' unchanged clusters are decoded and written again, and zero clusters
- * cost nothing. Devices are matched with the base by name; the caller checks that their
- * names and sizes are the base's. The result is an archive like any other: `vma extract`,
+ * clusters go through a `VmaExtentWriterStream` as they come (a live backup's order); when
+ * their stream ends, every cluster not received is taken from `base`, in the base's order:
+ * an extent of the base none of whose clusters changed is copied as stored (its compressed
+ * data frame under a new header), the others' unchanged clusters are decoded and written
+ * again (packed into full extents with the changed ones), and zero clusters cost nothing.
+ * The next extents are read and decoded ahead, so copies, decoding and compression
+ * overlap. Devices are matched with the base by name; the caller checks that their names
+ * and sizes are the base's. The result is an archive like any other: `vma extract`,
  * `verify` and every reader restore it on its own.
  *
  * @example Change one cluster of three
@@ -110,25 +132,25 @@ export function syntheticFull(options: SyntheticFullOptions): SyntheticFull {
     rewrittenClusters: 0,
     zeroClusters: 0,
   };
-  const writer = new VmaWriterStream({
+  const writer = new VmaExtentWriterStream({
     ...(options.uuid !== undefined && { uuid: options.uuid }),
     ...(options.ctime !== undefined && { ctime: options.ctime }),
-    reuseBuffers: true,
+    reuseBuffers: options.reuseBuffers ?? false,
     requireComplete: false, // copied extents hold the rest: counted below instead
   });
-  const pieces = writer.readable.pipeThrough(new VmaExtentStream({ requireComplete: false }));
   const records = writer.writable.getWriter();
   const merged = new TransformStream<SyntheticPiece, SyntheticPiece>();
   const output = merged.writable.getWriter();
   /** Received clusters, by the base's device id. */
   const received = new Map<number, ClusterBitmap>();
-  /** The new archive's device id of each base device id. */
+  /** The new archive's device id of each base device id, and the other way round. */
   const devIds = new Map<number, number>();
+  const baseIds = new Map<number, number>();
   let header: VmaHeaderPiece | undefined;
   const headerOut = Promise.withResolvers<void>();
 
   // The writer's pieces go out as they come; the header's UUID is the new archive's.
-  const pumping = pieces.pipeTo(
+  const pumping = writer.readable.pipeTo(
     new WritableStream<VmaHeaderPiece | VmaExtentPiece>({
       async write(piece) {
         if (piece.type === "header") {
@@ -146,103 +168,186 @@ export function syntheticFull(options: SyntheticFullOptions): SyntheticFull {
 
   /** Everything the changes did not bring, from the base, in the base's order. */
   const fillFromBase = async () => {
-    const { index } = base;
     const map = base.map;
-    for (let e = 0; e < index.blockCounts.length; e++) {
+    const extents = base.index.blockCounts.length;
+    const plan = new Uint8Array(extents);
+    for (let e = 0; e < extents; e++) {
+      let changed = 0;
       const slots = map.slotsOf(e);
-      const changed = slots.some((slot) => received.get(slot.devId)?.has(slot.cluster));
-      if (!changed && copyFrames && header !== undefined) {
-        const stored = await base.storedExtent(e);
-        if (stored !== undefined) {
-          const uuid = header.bytes.subarray(8, 24);
-          const newSlots = stored.slots.map((slot) => ({
-            ...slot,
-            devId: devIds.get(slot.devId)!,
-          }));
-          await output.write({
-            type: "stored-extent",
-            header: encodeExtentHeader(uuid, stored.blockCount, newSlots),
-            blockCount: stored.blockCount,
-            slots: newSlots,
-            frame: stored.frame,
-            checksum: stored.checksum,
-            digest: stored.digest,
-          });
-          stats.copiedExtents++;
-          stats.copiedClusters += newSlots.length;
-          stats.copiedBytes += stored.frame.byteLength;
-          continue;
-        }
+      for (const slot of slots) if (received.get(slot.devId)!.has(slot.cluster)) changed++;
+      plan[e] = changed === slots.length && changed > 0
+        ? Fill.Skip
+        : changed === 0 && copyFrames && base.index.blockCounts[e]! > 0
+        ? Fill.Copy
+        : Fill.Rewrite;
+    }
+    // Copies are read (and checked) ahead; extents to rewrite are decoded ahead.
+    const copies = new Map<number, Promise<StoredExtent | undefined>>();
+    const reuseBuffers = options.reuseBuffers ?? false;
+    const ahead = { copy: 0, decode: 0 };
+    const decoding: number[] = [];
+    const readAhead = (e: number) => {
+      ahead.copy = Math.max(ahead.copy, e);
+      while (copies.size < COPIES_AHEAD && ahead.copy < extents) {
+        const next = ahead.copy++;
+        if (plan[next] !== Fill.Copy) continue;
+        const copy = base.storedExtent(next, { reuseBuffers });
+        copy.catch(() => {}); // awaited in its turn
+        copies.set(next, copy);
       }
-      for (const { devId, cluster, zero } of slots) {
-        if (received.get(devId)?.has(cluster)) continue;
-        const target = devIds.get(devId)!;
-        if (zero) {
-          stats.zeroClusters++;
-          await records.write({ type: "zeros", devId: target, cluster, count: 1 });
-        } else {
-          const { mask, data } = await base.cluster(devId, cluster);
-          stats.rewrittenClusters++;
-          await records.write({ type: "cluster", devId: target, cluster, mask, data });
-        }
-        // The header comes out with the first cluster: copies may follow from then on.
+      ahead.decode = Math.max(ahead.decode, e);
+      while (decoding.length > 0 && decoding[0]! < e) decoding.shift();
+      while (decoding.length < DECODES_AHEAD && ahead.decode < extents) {
+        const next = ahead.decode++;
+        if (plan[next] !== Fill.Rewrite || base.index.blockCounts[next] === 0) continue;
+        base.prefetch(next);
+        decoding.push(next);
+      }
+    };
+    for (let e = 0; e < extents; e++) {
+      readAhead(e);
+      const copy = copies.get(e);
+      copies.delete(e);
+      if (plan[e] === Fill.Skip) continue;
+      // The header comes out with the first cluster written: copies may follow from then on.
+      const stored = copy === undefined || header === undefined ? undefined : await copy;
+      if (stored !== undefined) {
+        await copyExtent(stored);
+      } else {
+        await rewriteExtent(e);
         if (header === undefined) await headerOut.promise;
       }
     }
   };
 
+  /** A stored extent of the base, under a new header. */
+  const copyExtent = async (stored: StoredExtent) => {
+    const uuid = header!.bytes.subarray(HeaderOffset.uuid, HeaderOffset.uuid + 16);
+    const slots = stored.slots.map((slot) => ({ ...slot, devId: devIds.get(slot.devId)! }));
+    await output.write({
+      type: "stored-extent",
+      header: encodeExtentHeader(uuid, stored.blockCount, slots),
+      blockCount: stored.blockCount,
+      slots,
+      frame: stored.frame,
+      checksum: stored.checksum,
+      digest: stored.digest,
+    });
+    stats.copiedExtents++;
+    stats.copiedClusters += slots.length;
+    stats.copiedBytes += stored.frame.byteLength;
+  };
+
+  /** The unchanged clusters of extent `e` of the base, decoded and written again. */
+  const rewriteExtent = async (e: number) => {
+    if (base.index.blockCounts[e] === 0) { // zero clusters only: nothing to decode
+      for (const { devId, cluster } of base.map.slotsOf(e)) {
+        if (received.get(devId)!.has(cluster)) continue;
+        stats.zeroClusters++;
+        await records.write({ type: "zeros", devId: devIds.get(devId)!, cluster, count: 1 });
+      }
+      return;
+    }
+    const decoded = await base.extentClusters(e);
+    // The writer copies each cluster's data and then releases it; the extent stays pinned
+    // in the base's cache until the last one is copied.
+    let pending = 1;
+    const lease = { release: () => --pending === 0 && decoded.release() };
+    try {
+      for (const { devId, cluster, mask, data } of decoded.clusters) {
+        if (received.get(devId)?.has(cluster)) continue;
+        const target = devIds.get(devId)!;
+        if (data === null) {
+          stats.zeroClusters++;
+          await records.write({ type: "zeros", devId: target, cluster, count: 1 });
+        } else {
+          stats.rewrittenClusters++;
+          pending++;
+          await records.write({ type: "cluster", devId: target, cluster, mask, data, lease });
+        }
+      }
+    } finally {
+      lease.release();
+    }
+  };
+
+  /** A failure ends both sides: the pieces' reader sees it too. */
+  const fail = async (error: unknown) => {
+    await records.abort(error).catch(() => {});
+    await output.abort(error).catch(() => {});
+    return error;
+  };
+
   const writable = new WritableStream<VmaRecord>({
     async write(record) {
-      if (record.type === "device") {
-        const known = baseDevice(record.name);
-        if (known === undefined || known.size !== record.size) {
-          throw new RangeError(
-            `Cannot make a synthetic full backup: device ${record.name} (${record.size} bytes) is not in the base archive as it is`,
-          );
-        }
-        devIds.set(known.devId, record.devId);
-        received.set(known.devId, new ClusterBitmap());
-      } else if (record.type === "cluster" || record.type === "zeros") {
-        const name = [...devIds].find(([, target]) => target === record.devId);
-        if (name === undefined) {
-          throw new RangeError(
-            `Cannot make a synthetic full backup: device ${record.devId} was not declared`,
-          );
-        }
-        const seen = received.get(name[0])!;
-        const count = record.type === "zeros" ? record.count : 1;
-        for (let i = 0; i < count; i++) seen.add(record.cluster + i);
-        stats.changedClusters += count;
+      try {
+        await take(record);
+      } catch (error) {
+        throw await fail(error);
       }
-      await records.write(record);
     },
     async close() {
-      for (const device of base.devices) {
-        if (!devIds.has(device.devId)) {
-          throw new RangeError(
-            `Cannot make a synthetic full backup: device ${device.name} of the base is missing`,
-          );
-        }
+      try {
+        await finish();
+      } catch (error) {
+        throw await fail(error);
       }
-      await fillFromBase();
-      // Every cluster exactly once: the changes, and the base's others, copied or written.
-      const clusters = base.index.slotCounts.reduce((sum, count) => sum + count, 0);
-      const written = stats.changedClusters + stats.rewrittenClusters + stats.zeroClusters +
-        stats.copiedClusters;
-      if (written !== clusters) {
-        throw new RangeError(
-          `Cannot make a synthetic full backup: ${written} clusters written, the base has ${clusters}`,
-        );
-      }
-      await records.close();
-      await pumping;
-      await output.close();
     },
     async abort(reason) {
-      await records.abort(reason).catch(() => {});
-      await output.abort(reason).catch(() => {});
+      await fail(reason);
     },
   });
+
+  /** One record of the changes. */
+  const take = async (record: VmaRecord) => {
+    if (record.type === "device") {
+      const known = baseDevice(record.name);
+      if (known === undefined || known.size !== record.size) {
+        throw new RangeError(
+          `Cannot make a synthetic full backup: device ${record.name} (${record.size} bytes) is not in the base archive as it is`,
+        );
+      }
+      devIds.set(known.devId, record.devId);
+      baseIds.set(record.devId, known.devId);
+      received.set(known.devId, new ClusterBitmap());
+    } else if (record.type === "cluster" || record.type === "zeros") {
+      const baseId = baseIds.get(record.devId);
+      if (baseId === undefined) {
+        throw new RangeError(
+          `Cannot make a synthetic full backup: device ${record.devId} was not declared`,
+        );
+      }
+      const seen = received.get(baseId)!;
+      const count = record.type === "zeros" ? record.count : 1;
+      for (let i = 0; i < count; i++) seen.add(record.cluster + i);
+      stats.changedClusters += count;
+    }
+    await records.write(record);
+  };
+
+  /** The changes have ended: the rest from the base, then the end of the archive. */
+  const finish = async () => {
+    for (const device of base.devices) {
+      if (!devIds.has(device.devId)) {
+        throw new RangeError(
+          `Cannot make a synthetic full backup: device ${device.name} of the base is missing`,
+        );
+      }
+    }
+    await fillFromBase();
+    // Every cluster exactly once: the changes, and the base's others, copied or written.
+    const clusters = base.index.slotCounts.reduce((sum, count) => sum + count, 0);
+    const written = stats.changedClusters + stats.rewrittenClusters + stats.zeroClusters +
+      stats.copiedClusters;
+    if (written !== clusters) {
+      throw new RangeError(
+        `Cannot make a synthetic full backup: ${written} clusters written, the base has ${clusters}`,
+      );
+    }
+    await records.close();
+    await pumping;
+    await output.close();
+  };
   return { writable, readable: merged.readable, stats };
 }
 
@@ -266,6 +371,11 @@ export interface EncodeSyntheticOptions {
   depth?: number | undefined;
   /** Called with the clusters of each extent of the new archive as it goes out (progress). */
   onExtent?: ((runs: SlotRun[]) => void) | undefined;
+  /**
+   * Recycle the buffers of the stages inside (default `false`): only when every output chunk
+   * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
+   */
+  reuseBuffers?: boolean | undefined;
 }
 
 /** A synthetic full archive being written: its stored bytes, counters and index. */
@@ -316,7 +426,8 @@ export function encodeSyntheticFull(
 ): EncodedSyntheticFull {
   const { base, compression, level, zstd = "builtin" } = options;
   const copyFrames = compression === "zstd" && zstd === "builtin";
-  const synthetic = syntheticFull({ base, uuid: options.uuid, copyFrames });
+  const reuseBuffers = options.reuseBuffers ?? false;
+  const synthetic = syntheticFull({ base, uuid: options.uuid, copyFrames, reuseBuffers });
   const recorded = {
     uuid: base.index.uuid,
     ...(options.checkpoint !== undefined && { checkpoint: options.checkpoint }),
@@ -339,6 +450,7 @@ export function encodeSyntheticFull(
       ...(level !== undefined && { level }),
       ...(options.mainThread !== undefined && { mainThread: options.mainThread }),
       base: recorded,
+      reuseBuffers,
     });
     return {
       readable: pieces.pipeThrough(seekable),
@@ -353,6 +465,7 @@ export function encodeSyntheticFull(
     zstd,
     mainThread: options.mainThread,
     base: recorded,
+    reuseBuffers,
   });
   return {
     // Without copies, the pieces are only a header and extents.

@@ -90,6 +90,7 @@ export class FrameEncoder {
     result: Promise<FrameResult>;
     giveBack(bytes: Uint8Array<ArrayBuffer>): void;
     pool: BufferPool;
+    done: boolean;
   }[] = [];
 
   /** An encoder; {@linkcode stop} ends its workers. */
@@ -148,7 +149,9 @@ export class FrameEncoder {
       await new Promise((resolve) => setTimeout(resolve, 0));
     }
     if (!small && (!this.#mainThread || this.#workers.pending < this.#workerQueue)) {
-      this.#inflight.push({ result: this.#workers.run(job), giveBack, pool });
+      const entry = { result: this.#workers.run(job), giveBack, pool, done: false };
+      entry.result.then(() => entry.done = true, () => entry.done = true);
+      this.#inflight.push(entry);
       return;
     }
     this.#compressHere ??= frameCompressor(zlib, noteFallback);
@@ -156,7 +159,26 @@ export class FrameEncoder {
       result: Promise.resolve(encodeFrames(job, this.#compressHere)),
       giveBack,
       pool,
+      done: true,
     });
+  }
+
+  /** Whether the oldest job's frames are ready ({@linkcode shift} would not wait). */
+  get oldestDone(): boolean {
+    return this.#inflight[0]?.done ?? false;
+  }
+
+  /**
+   * Compresses `input` into one frame on this thread, now, outside the order of the jobs:
+   * for a few hundred bytes (an extent header), which take microseconds here and would
+   * wait behind the jobs in flight otherwise. Returns the frame and its `Content_Checksum`.
+   */
+  compressNow(input: Uint8Array): { frame: Uint8Array<ArrayBuffer>; checksum: number } {
+    this.#compressHere ??= frameCompressor(zlib, noteFallback);
+    const output = new Uint8Array(frameBound(input.byteLength));
+    const length = this.#compressHere(input, output, this.#level);
+    const frame = output.subarray(0, length);
+    return { frame, checksum: new DataView(output.buffer).getUint32(length - 4, true) };
   }
 
   /** The oldest job's frames, once done. */

@@ -69,8 +69,8 @@ interface JobEntry {
   extents: VmaExtentPiece[];
   /** Decompressed size of each frame. */
   sizes: number[];
-  /** A stored data frame that follows the job's frame (the job compressed its header). */
-  stored?: StoredExtentPiece;
+  /** The archive header's job: nothing may go out before it. */
+  header?: true;
 }
 
 /**
@@ -87,7 +87,9 @@ interface JobEntry {
  *   entry for every frame including the index frame.
  *
  * The decompressed bytes are exactly the input archive's: `zstd -d`, `pzstd -d` and the
- * Proxmox tools read the file as any `.vma.zst`. Frames are compressed in Workers and on
+ * Proxmox tools read the file as any `.vma.zst`. Only a stored extent (a synthetic full's
+ * copy, {@linkcode StoredExtentPiece}) may go out ahead of extents still being compressed:
+ * its header frame is compressed on this thread, and the order of extents is free. Frames are compressed in Workers and on
  * this thread, in order, with the memory of a few extents; the index grows by about 50
  * bytes per extent (about 14 MiB for a 1 TiB disk).
  *
@@ -151,25 +153,37 @@ export class SeekableZstdStream
     };
     const emitOldest = async (controller: Output) => {
       const { chunk, lengths, checksums, digests } = await encoder.shift();
-      const { extents, sizes, stored } = jobs.shift()!;
+      const { extents, sizes } = jobs.shift()!;
       if (cancelled !== undefined) throw cancelled.reason;
       // Every frame but a data frame goes into one digest, so each byte has one.
       const dataFrame = extents.length === 1 && extents[0]!.blockCount > 0;
       framesHash.update(chunk.subarray(0, dataFrame ? lengths[0] : chunk.byteLength));
       lengths.forEach((length, i) => table.add(length, sizes[i]!, checksums[i]!));
-      if (stored !== undefined) {
-        table.add(stored.frame.byteLength, stored.blockCount * BLOCK_SIZE, stored.checksum);
-        const { blockCount, slots } = stored;
-        builder!.addExtent(
-          { blockCount, slotCount: slots.length, runs: slotRuns(slots) },
-          stored.digest,
-        );
-        return deliver(controller, chunk) && deliver(controller, stored.frame);
-      }
       for (const extent of extents) {
         builder!.addExtent(extent, extent.blockCount === 0 ? null : digests.shift()!);
       }
       return deliver(controller, chunk);
+    };
+    /**
+     * A stored extent goes out at once, ahead of the extents still being compressed (the
+     * order of extents is free): only its 512-byte header is compressed, here.
+     */
+    const emitStored = async (stored: StoredExtentPiece, controller: Output) => {
+      while (jobs[0]?.header) await emitOldest(controller); // the archive header first
+      const { frame, checksum } = encoder.compressNow(stored.header);
+      framesHash.update(frame);
+      table.add(frame.byteLength, EXTENT_HEADER_SIZE, checksum);
+      table.add(stored.frame.byteLength, stored.blockCount * BLOCK_SIZE, stored.checksum);
+      const { blockCount, slots } = stored;
+      builder!.addExtent(
+        { blockCount, slotCount: slots.length, runs: slotRuns(slots) },
+        stored.digest,
+      );
+      if (!deliver(controller, frame) || !deliver(controller, stored.frame)) return;
+      // Extents compressed meanwhile go out too, so their buffers come back.
+      while (encoder.oldestDone && !jobs[0]?.header) {
+        if (!await emitOldest(controller)) return;
+      }
     };
     const flushBatch = async (controller: Output) => {
       if (batch === null) return;
@@ -184,7 +198,7 @@ export class SeekableZstdStream
           if (piece.type === "header") {
             builder = new IndexBuilder(piece);
             const bytes = piece.bytes.slice(); // small; the builder keeps the original
-            const entry = { extents: [], sizes: [bytes.byteLength] };
+            const entry = { extents: [], sizes: [bytes.byteLength], header: true as const };
             await submit(bytes, [[0, bytes.byteLength]], entry, [], () => {}, controller);
             return;
           }
@@ -192,10 +206,7 @@ export class SeekableZstdStream
             throw new TypeError("Cannot compress the archive: An extent came before the header");
           }
           if (piece.type === "stored-extent") {
-            await flushBatch(controller);
-            const header = piece.header.slice(); // 512 bytes, compressed anew
-            const entry = { extents: [], sizes: [EXTENT_HEADER_SIZE], stored: piece };
-            await submit(header, [[0, EXTENT_HEADER_SIZE]], entry, [], () => {}, controller);
+            await emitStored(piece, controller);
             return;
           }
           if (piece.blockCount === 0) {

@@ -502,42 +502,74 @@ qemuTest(
   },
 );
 
-qemuTest("incremental push: a corrupt base archive gives a full", async () => {
-  const vm = await startVm([qcow2Disk()]);
-  await withTempDir(async (dir) => {
-    try {
-      const before = await vm.nodes();
-      const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
-      assert.equal(a.code, 0, a.stderr);
-      // One byte of the embedded index (inside its skippable frame, before the seek table).
-      const file = await Deno.readFile(`${dir}/a.vma.zst`);
-      const bad = file.slice();
-      const at = indexFrameOffset(file) + 8 + 40; // in the index's JSON header
-      bad[at] = bad[at]! ^ 0x01;
-      await Deno.writeFile(`${dir}/bad.vma.zst`, bad);
-      await vm.write("vda", 7 * MiB, 4096, 0x71);
-      const b = await assertFull(
-        vm,
-        "push",
-        ["--base", `${dir}/bad.vma.zst`, "-o", `${dir}/b.vma.zst`],
-        /the base archive .*bad\.vma\.zst cannot be used: .*index/,
-      );
-      await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
-      // A truncated one too.
-      await Deno.writeFile(`${dir}/cut.vma.zst`, file.subarray(0, file.byteLength - 100));
-      const c = await assertFull(
-        vm,
-        "push",
-        ["--base", `${dir}/cut.vma.zst`, "-o", `${dir}/c.vma.zst`],
-        /the base archive .*cut\.vma\.zst cannot be used/,
-      );
-      await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
-      assert.deepEqual(await vm.nodes(), before);
-    } finally {
-      await vm.stop().catch(() => {});
-    }
-  });
-});
+qemuTest(
+  "incremental push: a corrupt base archive gives a full; a damaged frame fails the incremental",
+  async () => {
+    const vm = await startVm([qcow2Disk()]);
+    await withTempDir(async (dir) => {
+      try {
+        const before = await vm.nodes();
+        const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
+        assert.equal(a.code, 0, a.stderr);
+        // One byte of the embedded index (inside its skippable frame, before the seek table).
+        const file = await Deno.readFile(`${dir}/a.vma.zst`);
+        const bad = file.slice();
+        const at = indexFrameOffset(file) + 8 + 40; // in the index's JSON header
+        bad[at] = bad[at]! ^ 0x01;
+        await Deno.writeFile(`${dir}/bad.vma.zst`, bad);
+        await vm.write("vda", 7 * MiB, 4096, 0x71);
+        const b = await assertFull(
+          vm,
+          "push",
+          ["--base", `${dir}/bad.vma.zst`, "-o", `${dir}/b.vma.zst`],
+          /the base archive .*bad\.vma\.zst cannot be used: .*index/,
+        );
+        await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
+        // A truncated one too.
+        await Deno.writeFile(`${dir}/cut.vma.zst`, file.subarray(0, file.byteLength - 100));
+        const c = await assertFull(
+          vm,
+          "push",
+          ["--base", `${dir}/cut.vma.zst`, "-o", `${dir}/c.vma.zst`],
+          /the base archive .*cut\.vma\.zst cannot be used/,
+        );
+        await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
+        // A data frame damaged, its index intact: found only when it is copied, so the
+        // incremental fails (exit 3, one line) and leaves no archive; c's checkpoint stays.
+        const good = await Deno.readFile(`${dir}/c.vma.zst`);
+        const damaged = good.slice();
+        damaged[damaged.byteLength >> 1]! ^= 0x10;
+        await Deno.writeFile(`${dir}/c-damaged.vma.zst`, damaged);
+        await vm.write("vda", 0, 4096, 0x72);
+        const d = await backup(vm, "push", [
+          "--base",
+          `${dir}/c-damaged.vma.zst`,
+          "-o",
+          `${dir}/d.vma.zst`,
+        ]);
+        assert.equal(d.code, 3, d.stderr);
+        const errors = d.stderr.split("\n").filter((line) => line.startsWith("error:"));
+        assert.equal(errors.length, 1, d.stderr);
+        assert.match(errors[0]!, /c-damaged\.vma\.zst.*(checksum|SHA-256).*at byte \d+/);
+        assert.equal(await exists(`${dir}/d.vma.zst`), false);
+        assert.equal(await exists(`${dir}/d.vma.zst.partial`), false);
+        await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
+        const e = await backup(vm, "push", [
+          "--base",
+          `${dir}/c.vma.zst`,
+          "-o",
+          `${dir}/e.vma.zst`,
+        ]);
+        assert.equal(e.code, 0, e.stderr);
+        assert.equal(e.result.kind, "incremental", e.stderr);
+        await assertVerifies(`${dir}/e.vma.zst`);
+        assert.deepEqual(await vm.nodes(), before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    });
+  },
+);
 
 /** Where the index's skippable frame starts in a seekable `.vma.zst`. */
 function indexFrameOffset(file: Uint8Array): number {

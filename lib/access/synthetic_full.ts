@@ -37,6 +37,8 @@ export interface SyntheticFullOptions {
    * exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
    */
   reuseBuffers?: boolean | undefined;
+  /** Called when the changes have ended, before the rest is taken from the base. */
+  onFill?: (() => void) | undefined;
 }
 
 /** Counters of a synthetic full backup; final once its output has ended. */
@@ -327,6 +329,7 @@ export function syntheticFull(options: SyntheticFullOptions): SyntheticFull {
 
   /** The changes have ended: the rest from the base, then the end of the archive. */
   const finish = async () => {
+    options.onFill?.();
     for (const device of base.devices) {
       if (!devIds.has(device.devId)) {
         throw new RangeError(
@@ -427,7 +430,18 @@ export function encodeSyntheticFull(
   const { base, compression, level, zstd = "builtin" } = options;
   const copyFrames = compression === "zstd" && zstd === "builtin";
   const reuseBuffers = options.reuseBuffers ?? false;
-  const synthetic = syntheticFull({ base, uuid: options.uuid, copyFrames, reuseBuffers });
+  // A thread that serves QEMU (push mode) does not compress while the changes come; once
+  // they have ended it does, beside one worker fewer than the cores: fewer threads than
+  // cores cost less CPU for the same work (about 10 % for a 2 % incremental of 4 GiB).
+  const later = copyFrames && options.mainThread === false;
+  let seekable: SeekableZstdStream | undefined;
+  const synthetic = syntheticFull({
+    base,
+    uuid: options.uuid,
+    copyFrames,
+    reuseBuffers,
+    ...(later && { onFill: () => seekable?.allowMainThread() }),
+  });
   const recorded = {
     uuid: base.index.uuid,
     ...(options.checkpoint !== undefined && { checkpoint: options.checkpoint }),
@@ -446,9 +460,10 @@ export function encodeSyntheticFull(
     }),
   );
   if (copyFrames) {
-    const seekable = new SeekableZstdStream({
+    seekable = new SeekableZstdStream({
       ...(level !== undefined && { level }),
       ...(options.mainThread !== undefined && { mainThread: options.mainThread }),
+      ...(later && { workers: Math.max(1, (navigator.hardwareConcurrency ?? 1) - 1) }),
       base: recorded,
       reuseBuffers,
     });
@@ -456,7 +471,7 @@ export function encodeSyntheticFull(
       readable: pieces.pipeThrough(seekable),
       stats: synthetic.stats,
       indexPlace: "embedded",
-      index: () => seekable.index,
+      index: () => seekable?.index,
     };
   }
   const output = indexedOutput({

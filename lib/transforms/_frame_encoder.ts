@@ -78,8 +78,6 @@ export interface EncodedJob {
  * ```
  */
 export class FrameEncoder {
-  /** Jobs that may be out at once. */
-  readonly maxInFlight: number;
   #level: number;
   #workers: ZstdWorkerPool;
   #workerQueue: number;
@@ -104,9 +102,6 @@ export class FrameEncoder {
     );
     // Each worker compresses one job and has the next queued; more only costs memory.
     this.#workerQueue = 2 * this.#workers.size;
-    // Two more, for this thread: with one, it waited for the worker's oldest frame instead of
-    // compressing (94 of 284 frames here; with two, 119, and a 1 GiB backup 7 % faster).
-    this.maxInFlight = this.#workerQueue + (this.#mainThread ? 2 : 0);
     // Outputs by size: a job of a few small frames (a sparse disk's extents, headers) gets a
     // buffer of its size, not one for the largest job.
     const sizes = [...new Set([128 << 10, 1 << 20, options.outputSize])]
@@ -118,6 +113,21 @@ export class FrameEncoder {
         recycle: options.reuseBuffers ?? false,
       })
     );
+  }
+
+  /** Jobs that may be out at once. */
+  get maxInFlight(): number {
+    // Two more, for this thread: with one, it waited for the worker's oldest frame instead of
+    // compressing (94 of 284 frames here; with two, 119, and a 1 GiB backup 7 % faster).
+    return this.#workerQueue + (this.#mainThread ? 2 : 0);
+  }
+
+  /**
+   * Lets this thread compress too from now on, as with `mainThread` (an encoder made without
+   * it while this thread had other work, such as serving QEMU).
+   */
+  allowMainThread(): void {
+    this.#mainThread = true;
   }
 
   /** Jobs submitted and not yet taken with {@linkcode shift}. */

@@ -119,6 +119,7 @@ export class SeekableZstdStream
   extends TransformStream<VmaHeaderPiece | VmaExtentPiece | StoredExtentPiece, Uint8Array> {
   #done: { index?: VmaIndex };
   #table: SeekTableWriter;
+  #encoder: FrameEncoder;
 
   /** A compressor for one archive; throws `RangeError` on a bad level. */
   constructor(options: SeekableZstdOptions = {}) {
@@ -129,7 +130,8 @@ export class SeekableZstdStream
       mainThread: options.mainThread,
       reuseBuffers: options.reuseBuffers,
     });
-    const inputs = new BufferPool(MAX_EXTENT_SIZE, { maxFree: encoder.maxInFlight + 1 });
+    // One more than the jobs out at once, and two for this thread if it joins in later.
+    const inputs = new BufferPool(MAX_EXTENT_SIZE, { maxFree: encoder.maxInFlight + 3 });
     const table = new SeekTableWriter();
     const framesHash = createHash("sha256");
     const jobs: JobEntry[] = [];
@@ -278,6 +280,15 @@ export class SeekableZstdStream
     });
     this.#done = done;
     this.#table = table;
+    this.#encoder = encoder;
+  }
+
+  /**
+   * Lets this thread compress too from now on (a stream made with `mainThread: false` while
+   * this thread served QEMU, once it no longer does).
+   */
+  allowMainThread(): void {
+    this.#encoder.allowMainThread();
   }
 
   /** The archive index, once the stream has flushed. */

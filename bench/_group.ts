@@ -89,10 +89,12 @@ export interface Figure {
   readonly unit: string;
   readonly target?: Target;
   /**
-   * Which summary of the samples is held against the target: the median (default), or the worst
-   * sample (the largest for a `max` target, the smallest for a `min` one).
+   * Which summary of the samples is held against the target: the median (default), the worst
+   * sample (the largest for a `max` target, the smallest for a `min` one), or the last one (a
+   * figure that each sample works out over all rounds so far, such as a ratio of best-of-N
+   * times).
    */
-  readonly summary?: "median" | "worst";
+  readonly summary?: "median" | "worst" | "last";
 }
 
 /** A row of figures the group measures itself, one sample of each per round. */

@@ -80,6 +80,22 @@ export const DENSE_1G: Input = {
   warm: readWhole,
 };
 
+/** `dense-4g.raw`: the dense image four times (zstd's window never reaches a repeat). */
+export const DENSE_4G: Input = {
+  name: "dense-4g.raw",
+  size: 4 * GiB,
+  description: "4 GiB dense: the dense image four times",
+  requires: [DENSE_1G],
+  async build(path, pathOf) {
+    log(`building ${path}`);
+    const dense = await Deno.readFile(pathOf(DENSE_1G));
+    await writeAtomically(path, async (file) => {
+      for (let i = 0; i < 4; i++) await writeAll(file, dense);
+    });
+  },
+  warm: readWhole,
+};
+
 /** Where the data of a sparse input lies: `count` pieces of `piece` bytes, evenly spread. */
 export interface SparseLayout {
   piece: number;

@@ -57,7 +57,7 @@ export interface FigureResult {
   unit: string;
   samples: number[];
   spread: Spread | null;
-  summary: "median" | "worst";
+  summary: "median" | "worst" | "last";
   /** The summary held against the target. */
   value: number | null;
   target: Target | null;

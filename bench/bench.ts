@@ -425,7 +425,11 @@ function summarizeFigure(figure: FigureResult, failed: boolean): void {
   const worst = figure.target !== null && "min" in figure.target
     ? figure.spread.min
     : figure.spread.max;
-  figure.value = figure.summary === "worst" ? worst : figure.spread.median;
+  figure.value = figure.summary === "worst"
+    ? worst
+    : figure.summary === "last"
+    ? figure.samples.at(-1)!
+    : figure.spread.median;
   figure.met = failed && figure.target !== null ? false : meets(figure.value, figure.target);
 }
 

@@ -65,7 +65,9 @@ export async function openBaseArchive(
   }
   let archive: IndexedArchive;
   try {
-    archive = await IndexedArchive.open(reader, { sidecar });
+    // Each extent is decoded once, a few ahead: a small cache, and one decoding thread
+    // beside the compressing ones.
+    archive = await IndexedArchive.open(reader, { sidecar, cacheBytes: 16 << 20, workers: 1 });
   } catch (error) {
     reader.close();
     if (

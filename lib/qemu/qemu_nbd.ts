@@ -25,6 +25,11 @@ export interface ServeImageOptions {
   readOnly?: boolean;
   /** Most milliseconds to wait for the export (default 10 s). */
   timeoutMs?: number;
+  /**
+   * A persistent dirty bitmap of the image to export too, as metadata context
+   * `qemu:dirty-bitmap:NAME` (`qemu-nbd --bitmap`).
+   */
+  bitmap?: string | undefined;
 }
 
 /** Children still running: stopped if the process exits normally. */
@@ -81,6 +86,7 @@ export async function serveImage<T>(
     `--socket=${socket}`,
     `--export-name=${exportName}`,
     "--allocation-depth",
+    ...(options.bitmap === undefined ? [] : [`--bitmap=${options.bitmap}`]),
     ...(options.readOnly === false ? ["--discard=unmap"] : ["--read-only"]),
     path,
   ];

@@ -17,6 +17,11 @@ const BASE_ALLOCATION = "base:allocation";
 export interface ImageDiskSourceOptions extends NbdDiskSourceOptions {
   /** The image format; default: recognised from the magic bytes. */
   format?: ImageFormat;
+  /**
+   * An incremental: read only the clusters that the image's persistent dirty bitmap of this
+   * name marks dirty (a qcow2 image; served with `qemu-nbd --bitmap`).
+   */
+  bitmap?: string | undefined;
 }
 
 /**
@@ -49,14 +54,18 @@ export function imageDiskSource(
   return new ReadableStream<VmaRecord>({
     async start() {
       const format = options.format ?? await detectImageFormat(path);
-      if (format === "raw") {
+      if (format === "raw" && options.bitmap === undefined) {
         reader = rawDiskSource(path, options).getReader();
         return;
       }
+      const dirty = options.bitmap === undefined
+        ? undefined
+        : `qemu:dirty-bitmap:${options.bitmap}`;
+      const metaContexts = dirty === undefined ? [BASE_ALLOCATION] : [BASE_ALLOCATION, dirty];
       const connect = (uri: string, conn: Deno.UnixConn) =>
-        NbdClient.connect(uri, { conn, metaContexts: [BASE_ALLOCATION] });
-      served = await serveImage(path, { format }, connect);
-      reader = nbdDiskSource(served.connection, options).getReader();
+        NbdClient.connect(uri, { conn, metaContexts });
+      served = await serveImage(path, { format, bitmap: options.bitmap }, connect);
+      reader = nbdDiskSource(served.connection, { ...options, dirtyBitmap: dirty }).getReader();
     },
     async pull(controller) {
       try {

@@ -20,6 +20,11 @@ export interface NbdDiskSourceOptions {
   readSize?: number;
   /** TRIM every range once it has been read, to free a fleece image (default `false`). */
   trimAfterRead?: boolean;
+  /**
+   * An incremental: a dirty bitmap's metadata context the server offers
+   * (`qemu:dirty-bitmap:NAME`); only the clusters it marks dirty are read and emitted.
+   */
+  dirtyBitmap?: string | undefined;
   /** Called with the client once connected (for counters such as `bytesReceived`). */
   onConnect?: (client: NbdClient) => void;
   /** Milliseconds any NBD wait may last (default 30 s). */
@@ -63,12 +68,28 @@ export function nbdDiskSource(
   /** The block-status extent that covers `offset` (with zero extents merged), if known. */
   let current: { start: number; end: number; zero: boolean } | undefined;
   let upcoming: NbdExtent | undefined;
+  let dirtyExtents: AsyncGenerator<NbdExtent> | undefined;
+  /** The dirty range at or after `offset`; `null` once there is none left. */
+  let dirty: { start: number; end: number } | null | undefined;
 
   const close = async () => {
     const open = client;
     client = undefined;
     await extents?.return(undefined).catch(() => {});
+    await dirtyExtents?.return(undefined).catch(() => {});
     await open?.close();
+  };
+
+  /** The next dirty range that ends after `position`, or `null`. */
+  const dirtyAt = async (position: number) => {
+    while (dirty === undefined || (dirty !== null && dirty.end <= position)) {
+      const next = await dirtyExtents!.next();
+      if (next.done) dirty = null;
+      else if (next.value.flags & NbdStateFlag.DIRTY) {
+        dirty = { start: next.value.offset, end: next.value.offset + next.value.length };
+      }
+    }
+    return dirty;
   };
 
   /** The extent at `offset`, zero ranges merged, from the block-status walk. */
@@ -110,12 +131,22 @@ export function nbdDiskSource(
         if (negotiated) extents = client.extents(BASE_ALLOCATION);
       } else {
         try {
-          client = await connect(target, [BASE_ALLOCATION]);
+          const dirty = options.dirtyBitmap === undefined ? [] : [options.dirtyBitmap];
+          client = await connect(target, [BASE_ALLOCATION, ...dirty]);
           extents = client.extents(BASE_ALLOCATION);
         } catch (error) {
           if ((error as { reason?: string }).reason !== "unsupported") throw error;
           client = await connect(target, []); // no block status: read everything
         }
+      }
+      if (options.dirtyBitmap !== undefined) {
+        if (![...client.metaContexts.values()].includes(options.dirtyBitmap)) {
+          await close();
+          throw new Deno.errors.InvalidData(
+            `Cannot read the dirty clusters of ${name}: the server does not offer ${options.dirtyBitmap}`,
+          );
+        }
+        dirtyExtents = client.extents(options.dirtyBitmap);
       }
       options.onConnect?.(client);
       size = client.info.size;
@@ -134,11 +165,24 @@ export function nbdDiskSource(
           controller.close();
           return;
         }
-        let length = Math.min(pool.size, size - offset);
+        let limit = size;
+        if (dirtyExtents !== undefined) {
+          const range = await dirtyAt(offset);
+          if (range === null) {
+            offset = size;
+            await close();
+            controller.close();
+            return;
+          }
+          offset = Math.max(offset, range.start); // dirty ranges are whole clusters
+          limit = Math.min(size, range.end);
+        }
+        let length = Math.min(pool.size, limit - offset);
         if (extents !== undefined) {
           const extent = await extentAt(offset);
           if (extent.zero) {
-            const zeros = zeroRun({ devId, deviceSize: size, offset, zeroEnd: extent.end });
+            const zeroEnd = Math.min(extent.end, limit);
+            const zeros = zeroRun({ devId, deviceSize: size, offset, zeroEnd });
             if (zeros !== undefined) {
               controller.enqueue(zeros);
               offset = Math.min(size, offset + zeros.count * CLUSTER_SIZE);

@@ -36,6 +36,7 @@ import { isDeviceFileLike } from "../file_names.ts";
 import { commitOutputs, openOutput } from "../files.ts";
 import { type BaseArchive, openBaseArchive } from "../base_archive.ts";
 import { checkpointName } from "../../live/checkpoints.ts";
+import { planImageCheckpoints } from "../image_checkpoints.ts";
 import { S3_HELP, S3_OPTIONS, type StorageOptions, storageOptions } from "../s3_files.ts";
 import { Progress } from "../progress.ts";
 import { tapStream } from "../../transforms/tap.ts";
@@ -44,6 +45,7 @@ const HELP = `Back up disks, or the drives of a running VM, into a VMA archive.
 
 usage: cli.ts backup --disk [NAME=]PATH [--disk ...] [--config FILE]... -o OUT|-
                      [--compress zstd|gzip|none] [--level N] [--force]
+                     [--base PREVIOUS] [--checkpoint] [--no-checkpoint] [--full-every N]
                      [--progress auto|json|none] [--json]
        cli.ts backup --qmp SOCKET [--drive ID]... [--mode push|pull] [--config FILE]...
                      -o OUT|- [--base PREVIOUS] [--no-checkpoint] [--full-every N]
@@ -96,21 +98,26 @@ while the VM keeps running and writing):
                        fails; default 30)
 
 Incremental backups (each archive is still complete on its own; see the README):
-  --base PREVIOUS      read from the VM only the clusters written since PREVIOUS was made
-                       (a seekable .vma.zst, or a .vma with its PREVIOUS.idx; a file or
-                       s3://) and take every other cluster from PREVIOUS. When the
-                       checkpoint cannot be trusted, a full backup, with one line saying why
+  --base PREVIOUS      read from the VM (or the qcow2 images) only the clusters written
+                       since PREVIOUS was made (a seekable .vma.zst, or a .vma with its
+                       PREVIOUS.idx; a file or s3://) and take every other cluster from
+                       PREVIOUS. When the checkpoint cannot be trusted, a full backup, with
+                       one line saying why
   --no-checkpoint      add no checkpoint: the next backup cannot be an incremental of this
                        one, and the previous checkpoint is kept. By default each live backup
                        adds checkpoint vmabackup-<UUID> at its snapshot point and, once the
                        archive is complete, removes the previous one
+  --checkpoint         --disk backups: add checkpoint vmabackup-<UUID>, a persistent dirty
+                       bitmap, to each qcow2 image (qemu-img bitmap; the image must not be
+                       in use), for a later --base. Implied by --base
   --full-every N       a full backup when the base is the full or incremental backup N-1 of
                        its chain (a qcow2 snapshot revert does not update checkpoints)
 
 permissions: --allow-read (disks, configs) --allow-write (OUT); add --allow-ffi to skip the
 holes of sparse raw images without reading them (SEEK_DATA through libc). Non-raw images
 also need --allow-run=qemu-nbd and --allow-net (qemu-nbd serves them on a private socket);
-NBD URIs need --allow-net. A live backup needs --allow-net (the QMP and NBD sockets).
+NBD URIs need --allow-net. Checkpoints of --disk images need --allow-run=qemu-img and
+--allow-write of the images. A live backup needs --allow-net (the QMP and NBD sockets).
 An s3:// OUT needs --allow-net=HOST and --allow-env (credentials), and --allow-read of
 ~/.aws/credentials for a profile
 
@@ -603,6 +610,7 @@ const OPTIONS = {
   "discard-read": { type: "boolean" },
   "cbw-timeout": { type: "string" },
   base: { type: "string" },
+  checkpoint: { type: "boolean" },
   "no-checkpoint": { type: "boolean" },
   "full-every": { type: "string" },
   zstd: { type: "string" },
@@ -679,11 +687,10 @@ export const backupCommand: Command = {
     }
     if (
       values.drive || values.mode || values.speed || values["fleece-dir"] ||
-      values["cbw-timeout"] || values.base !== undefined || values["no-checkpoint"] ||
-      values["full-every"] !== undefined
+      values["cbw-timeout"]
     ) {
       throw new UsageError(
-        "--drive, --mode, --speed, --fleece-dir, --cbw-timeout, --base, --no-checkpoint and --full-every need --qmp SOCKET",
+        "--drive, --mode, --speed, --fleece-dir and --cbw-timeout need --qmp SOCKET",
       );
     }
     if (!values.disk?.length && !values.config?.length) {
@@ -691,6 +698,10 @@ export const backupCommand: Command = {
         "backup needs at least one --disk (or --config) (see 'cli.ts backup --help')",
       );
     }
+    const incremental = incrementalOptions(values);
+    // Offline, a checkpoint changes the images: only when asked for, or to go on a chain.
+    const checkpoint = incremental.checkpoint &&
+      (values.checkpoint === true || incremental.base !== undefined);
     const plan = await outputPlan(values);
     const disks = parseDiskSpecs(values.disk ?? []);
     checkArchiveContents(plan.configs, disks.map((disk) => disk.name));
@@ -704,25 +715,46 @@ export const backupCommand: Command = {
         );
       }
     }
-    return await runBackup({
-      ...plan,
-      start: () =>
-        Promise.resolve({
-          // Each record goes through one linear pipeline to the writer, which releases it.
-          sources: disks.map(({ name, path }) =>
-            isNbdUri(path)
-              ? nbdDiskSource(path, { name, reuseBuffers: true })
-              : imageDiskSource(path, { name, reuseBuffers: true })
-          ),
-          disks,
-        }),
-    }, context);
+    const chosen = await chooseBase(incremental, plan);
+    try {
+      return await runBackup({
+        ...plan,
+        async start({ uuid }) {
+          const base = chosen.base;
+          const checkpoints = await planImageCheckpoints(disks, {
+            checkpoint: checkpoint ? checkpointName(uuid) : undefined,
+            since: base && { checkpoint: base.checkpoint, devices: base.archive.devices },
+          });
+          for (const note of checkpoints.notes) await writeText(context.stderr, `note: ${note}\n`);
+          const bitmap = checkpoints.since;
+          return {
+            // Each record goes through one linear pipeline to the writer, which releases it.
+            sources: disks.map(({ name, path }) =>
+              isNbdUri(path)
+                ? nbdDiskSource(path, { name, reuseBuffers: true })
+                : imageDiskSource(path, { name, reuseBuffers: true, bitmap })
+            ),
+            disks,
+            base: checkpoints.kind === "incremental" ? base : undefined,
+            fullReason: checkpoints.fullReason ?? chosen.fullReason,
+            checkpoint: checkpoints.checkpoint,
+          };
+        },
+      }, context);
+    } finally {
+      chosen.base?.archive.close();
+    }
   },
 };
 
 /** `backup --qmp`: a live backup of a running VM, push or pull. */
 async function runLiveBackup(values: BackupValues, context: CliContext): Promise<number> {
   if (values.disk?.length) throw new UsageError("--disk and --qmp cannot be combined");
+  if (values.checkpoint) {
+    throw new UsageError(
+      "--checkpoint is for --disk images (a live backup adds one unless --no-checkpoint)",
+    );
+  }
   const mode = values.mode ?? "push";
   if (mode !== "push" && mode !== "pull") {
     throw new UsageError(`--mode must be push or pull, not '${mode}'`);
@@ -809,6 +841,9 @@ interface IncrementalOptions {
 }
 
 function incrementalOptions(values: BackupValues): IncrementalOptions {
+  if (values.checkpoint && values["no-checkpoint"]) {
+    throw new UsageError("--checkpoint and --no-checkpoint cannot be combined");
+  }
   const fullEvery = values["full-every"] === undefined ? undefined : Number(values["full-every"]);
   if (fullEvery !== undefined && (!Number.isSafeInteger(fullEvery) || fullEvery < 1)) {
     throw new UsageError("--full-every must be a whole number of backups, at least 1");

@@ -388,3 +388,56 @@ rgwTest("index and convert read and write s3:// archives", async (server) => {
     assert.deepEqual(await pendingUploads(client, bucket), []);
   });
 });
+
+rgwTest(
+  "backup --base s3://: an incremental of a qcow2 image from a base in S3, into S3",
+  async (server) => {
+    await withTempDir(async (dir) => {
+      const client = testClient(server);
+      const bucket = await newBucket(client);
+      await writeDisk(`${dir}/disk.raw`, 6 * MiB, 11);
+      const image = `${dir}/disk.qcow2`;
+      await tool("qemu-img", ["convert", "-O", "qcow2", `${dir}/disk.raw`, image]);
+      const base = s3Cli(server);
+      const options = {
+        ...base,
+        permissions: [
+          ...base.permissions!.filter((flag) => !flag.startsWith("--allow-net")),
+          "--allow-net",
+          "--allow-run=qemu-nbd,qemu-img",
+        ],
+      };
+      const run = async (args: string[]) => {
+        const result = await cli(args, options);
+        assert.equal(result.code, 0, result.stderr);
+        return JSON.parse(result.text);
+      };
+      const a = await run([
+        "backup",
+        "--disk",
+        image,
+        "--checkpoint",
+        "-o",
+        `s3://${bucket}/a.vma.zst`,
+        "--json",
+      ]);
+      await tool("qemu-io", ["-f", "qcow2", "-c", "write -P 9 3M 100k", image]);
+      const b = await run([
+        ...["backup", "--disk", image, "--base", `s3://${bucket}/a.vma.zst`],
+        ...["-o", `s3://${bucket}/b.vma.zst`, "--json"],
+      ]);
+      assert.equal(b.kind, "incremental");
+      assert.equal(b.base.uuid, a.uuid);
+      assert.equal(b.readBytes, 2 * 65536, "the two dirty clusters");
+      assert.ok(b.baseBytesRead > 0);
+      const restored = await cli(
+        ["extract", `s3://${bucket}/b.vma.zst`, "--stdout", "drive-scsi0"],
+        options,
+      );
+      assert.equal(restored.code, 0, restored.stderr);
+      await tool("qemu-img", ["convert", "-O", "raw", image, `${dir}/now.raw`]);
+      assert.equal(sha256Hex(restored.stdout), sha256Hex(await Deno.readFile(`${dir}/now.raw`)));
+      assert.deepEqual(await pendingUploads(client, bucket), []);
+    });
+  },
+);

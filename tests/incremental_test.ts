@@ -756,3 +756,47 @@ qemuTest(
     }
   },
 );
+
+qemuTest(
+  "examples/incremental_backup.ts: a full, then an incremental that restores on its own",
+  async () => {
+    const vm = await startVm(chainDisks());
+    await withTempDir(async (dir) => {
+      try {
+        const before = await vm.nodes();
+        const example = new URL("../examples/incremental_backup.ts", import.meta.url).pathname;
+        const run = async (...args: string[]) => {
+          const result = await new Deno.Command(Deno.execPath(), {
+            args: ["run", ...PERMISSIONS, example, vm.toolQmp, ...args],
+            env: { NO_COLOR: "1" },
+          }).output();
+          assert.equal(result.code, 0, new TextDecoder().decode(result.stderr));
+          return new TextDecoder().decode(result.stdout);
+        };
+        assert.match(
+          await run(`${dir}/a.vma.zst`),
+          /a\.vma\.zst: full backup of drive-vda, drive-vdb/,
+        );
+        const a = await IndexedArchive.open(await fileRangeReader(`${dir}/a.vma.zst`));
+        a.close();
+        await assertOneCheckpoint(vm, `vmabackup-${a.index.uuid}`, 2);
+        await vm.write("vda", 5 * MiB, 3 * CLUSTER, 0x61);
+        await vm.writeZeroes("vdb", 2 * MiB, CLUSTER);
+        const snapshot = snapshotOf(vm);
+        assert.match(
+          await run(`${dir}/b.vma.zst`, `${dir}/a.vma.zst`),
+          /b\.vma\.zst: incremental backup of drive-vda, drive-vdb/,
+        );
+        assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
+        await assertVerifies(`${dir}/b.vma.zst`);
+        const b = await IndexedArchive.open(await fileRangeReader(`${dir}/b.vma.zst`));
+        b.close();
+        assert.equal(b.index.base?.uuid, a.index.uuid);
+        await assertOneCheckpoint(vm, `vmabackup-${b.index.uuid}`, 2);
+        assert.deepEqual(await vm.nodes(), before);
+      } finally {
+        await vm.stop().catch(() => {});
+      }
+    });
+  },
+);

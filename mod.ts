@@ -126,6 +126,13 @@ export {
   type ImageFormat,
 } from "./lib/qemu/image_format.ts";
 export { type QemuNbdExport, serveImage, type ServeImageOptions } from "./lib/qemu/qemu_nbd.ts";
+export {
+  addImageBitmap,
+  type ImageBitmap,
+  type ImageInfo,
+  imageInfo,
+  removeImageBitmap,
+} from "./lib/qemu/image_bitmaps.ts";
 export { nbdDiskSource, type NbdDiskSourceOptions } from "./lib/sources/nbd_disk.ts";
 export { imageDiskSource, type ImageDiskSourceOptions } from "./lib/sources/image_disk.ts";
 export { type ImageRestoreOptions, ImageRestoreSink } from "./lib/sinks/nbd_restore.ts";
@@ -235,6 +242,8 @@ export {
   IndexedArchive,
   type IndexedArchiveOptions,
   type IndexedArchiveStats,
+  type ExtentCluster,
+  type ExtentClusters,
   NotSeekableError,
   type StoredExtent,
 } from "./lib/access/indexed_archive.ts";

@@ -13,7 +13,7 @@ import type { LiveDrive } from "./drives.ts";
 /** Every checkpoint's name starts with this. */
 export const CHECKPOINT_PREFIX = "vmabackup-";
 /** Granularity of every checkpoint: one VMA cluster. */
-export const CHECKPOINT_GRANULARITY = CLUSTER_SIZE;
+export const CHECKPOINT_GRANULARITY: number = CLUSTER_SIZE;
 
 /**
  * The checkpoint of the archive with UUID `uuid`.
@@ -32,13 +32,19 @@ export function checkpointName(uuid: string): string {
 
 /** A dirty bitmap as `query-named-block-nodes` describes it (anonymous ones have no name). */
 export interface DirtyBitmapInfo {
+  /** Its name. */
   name?: string;
+  /** Whether it records the guest's writes (not disabled). */
   recording: boolean;
+  /** Whether a job or an export uses it now. */
   busy: boolean;
+  /** Whether QEMU stores it in the image (qcow2). */
   persistent: boolean;
   /** Present (true) only for a persistent bitmap QEMU did not close cleanly. */
   inconsistent?: boolean;
+  /** Bytes per bit. */
   granularity: number;
+  /** Dirty bytes. */
   count: number;
 }
 
@@ -251,6 +257,7 @@ export class NewCheckpoint {
   #nodes: CheckpointNode[];
   #state: "none" | "added" | "committed" | "discarded" = "none";
 
+  /** The checkpoint `name` for the drives' checkpoint `nodes`, added through `qmp`. */
   constructor(qmp: QmpClient, nodes: CheckpointNode[], name: string) {
     this.#qmp = qmp;
     this.#nodes = nodes;

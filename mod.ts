@@ -239,11 +239,11 @@ export {
 } from "./lib/vma/extent_header.ts";
 export { type AllocationExtent, IndexMap } from "./lib/index/index_map.ts";
 export {
+  type ExtentCluster,
+  type ExtentClusters,
   IndexedArchive,
   type IndexedArchiveOptions,
   type IndexedArchiveStats,
-  type ExtentCluster,
-  type ExtentClusters,
   NotSeekableError,
   type StoredExtent,
 } from "./lib/access/indexed_archive.ts";

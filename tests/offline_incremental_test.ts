@@ -202,7 +202,7 @@ await toolTest(
       try {
         await new Promise((resolve) => setTimeout(resolve, 500));
         const locked = await backup([...disk, "--base", base, "-o", `${dir}/l.vma.zst`]);
-        assert.notEqual(locked.code, 0);
+        assert.equal(locked.code, 1, locked.stderr);
         const errors = locked.stderr.split("\n").filter((line) => line.startsWith("error:"));
         assert.equal(errors.length, 1, locked.stderr);
         assert.match(errors[0]!, /lock/);

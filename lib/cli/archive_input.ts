@@ -17,6 +17,7 @@ import { EXTENT_HEADER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 import { type VmaReaderOptions, VmaReaderStream } from "../vma/reader_stream.ts";
 import { openInput } from "./files.ts";
+import { SERVE_LIMITS } from "./random_access.ts";
 import { openS3RangeReader, readS3Object, type StorageOptions } from "./s3_files.ts";
 import { isS3Url } from "../storage/s3_config.ts";
 import { S3Error } from "../storage/s3_errors.ts";
@@ -221,7 +222,14 @@ export async function openRandomAccess(
   try {
     const found = await findIndex(path, options.indexPath, options.storage);
     const index = found?.source === "sidecar" ? found.index : undefined;
-    return await IndexedArchive.open(reader, { index });
+    // A disk read from start to end needs no more than serving does: a larger cache, more
+    // Workers or more reads in flight made `extract --stdout` slower and 40-80 MiB bigger.
+    return await IndexedArchive.open(reader, {
+      index,
+      cacheBytes: SERVE_LIMITS.cacheBytes,
+      workers: SERVE_LIMITS.workers,
+      readsInFlight: SERVE_LIMITS.readsInFlight,
+    });
   } catch (error) {
     reader.close();
     if (error instanceof NotSeekableError) return undefined;

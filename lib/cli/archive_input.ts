@@ -143,8 +143,12 @@ export async function openArchive(
     },
     describe: (_frame: number, decodedOffset: number) => checker!.describeOffset(decodedOffset),
     framesDigest: found.index.framesDigest,
-    // Reading without copying the data (verify) leaves this thread free to decode too.
+    // Reading without copying the data (verify) leaves this thread free to decode too, beside
+    // a Worker per core. A restore's thread copies and writes every byte: one Worker beside it
+    // was as fast as two (4.7 s against 6.0 s, median of 7 pairs on a busy machine) and 24 MiB
+    // smaller (118 against 142 MiB).
     mainThread: options.reader?.skipData === true,
+    ...(options.reader?.skipData !== true && { workers: 1 }),
   };
   const decompressed = await decompressInput(counted, options.zstd, seekable || undefined, {
     reuseBuffers: true,

@@ -77,6 +77,32 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
     const index = requests.length;
     const action = options.decide?.(index, method, path) ?? "pass";
     requests.push({ method, target: path, action });
+    // In progress from its head's arrival to the answer's head: inside the time the client
+    // waits for it. A connection's teardown after the answer is not the client's wait.
+    maxActive = Math.max(maxActive, ++active);
+    let answered = false;
+    const answer = () => {
+      if (!answered) active--;
+      answered = true;
+    };
+    try {
+      await forward(client, head, requestLine!, headerLines, length, action, answer);
+    } finally {
+      answer();
+    }
+  }
+
+  async function forward(
+    client: Deno.Conn,
+    head: { bytes: Uint8Array; rest: Uint8Array },
+    requestLine: string,
+    headerLines: string[],
+    length: number,
+    action: FaultAction,
+    onAnswer: () => void,
+  ): Promise<void> {
+    const [method, path] = requestLine.split(" ") as [string, string];
+    const index = requests.length - 1;
     if (options.delay) await new Promise((resolve) => setTimeout(resolve, options.delay));
     await options.before?.(index, method, path);
     if (action === "503") {
@@ -137,6 +163,7 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
       const buffer = new Uint8Array(1 << 20);
       for (;;) {
         const count = await server.read(buffer);
+        onAnswer();
         if (count === null) break;
         await writeAll(client, buffer.subarray(0, count));
         returned += count;
@@ -150,9 +177,7 @@ export function startFaultProxy(upstream: string, options: FaultProxyOptions = {
   const accepting = (async () => {
     for await (const client of listener) {
       open.add(client);
-      maxActive = Math.max(maxActive, ++active);
       const handler = handle(client).catch(() => {}).finally(() => {
-        active--;
         open.delete(client);
         try {
           client.close();

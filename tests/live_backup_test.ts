@@ -94,9 +94,13 @@ for (const mode of ["push", "pull"] as const) {
         using qmp = await QmpClient.connect(vm.toolQmp);
         const backup = await start(mode, vm, qmp);
         let running = true;
-        const writes = backup.snapshot.then(() => guestWrites(vm, 300, 11, () => running));
+        let started = 0;
+        const writes = backup.snapshot.then(() =>
+          guestWrites(vm, 300, 11, () => running && ++started > 0)
+        );
         const archive = await new Response(
-          backup.records.pipeThrough(slowTarget()).pipeThrough(new ZeroFilterStream())
+          backup.records.pipeThrough(slowTarget(() => started >= 60))
+            .pipeThrough(new ZeroFilterStream())
             .pipeThrough(new VmaWriterStream()),
         ).bytes();
         await backup.finished;
@@ -357,10 +361,19 @@ qemuTest(
 );
 
 /** A slow archive target: 4 ms per data cluster, so guest writes land during the backup. */
-function slowTarget() {
+/**
+ * A sink's pace: 4 ms a cluster, and up to 40 ms while `enough` says the guest has not
+ * written enough yet (a busy machine's TCG guest writes slowly; a guest write that waits for
+ * its copy-before-write still gets through, one cluster at a time).
+ */
+function slowTarget(enough: () => boolean = () => true) {
   return new TransformStream<VmaRecord, VmaRecord>({
     async transform(record, controller) {
-      if (record.type === "cluster") await new Promise((resolve) => setTimeout(resolve, 4));
+      if (record.type === "cluster") {
+        for (let waited = 0; waited < 40 && (waited < 4 || !enough()); waited += 4) {
+          await new Promise((resolve) => setTimeout(resolve, 4));
+        }
+      }
       controller.enqueue(record);
     },
   });

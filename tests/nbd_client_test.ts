@@ -142,9 +142,11 @@ async function withQemuNbd(
     const deadline = Date.now() + 10_000;
     while (!exited && Date.now() < deadline) {
       try {
-        if ((await Deno.lstat(socket)).isSocket) break;
+        // The socket file appears before qemu-nbd listens: wait until a connection is taken.
+        (await Deno.connect({ transport: "unix", path: socket })).close();
+        break;
       } catch {
-        // Not there yet.
+        // Not listening yet.
       }
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
@@ -152,7 +154,14 @@ async function withQemuNbd(
     if (listening) await fn(socket);
   } finally {
     if (!exited) child.kill("SIGTERM");
+    // A qemu-nbd stopped while it starts can wait forever (QEMU 7.2): then SIGKILL.
+    const killer = setTimeout(() => {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* exited */ }
+    }, 5000);
     const [stderr] = await Promise.all([new Response(child.stderr).text(), status]);
+    clearTimeout(killer);
     if (!listening) {
       // deno-lint-ignore no-unsafe-finally
       throw new Error(`qemu-nbd ${args.join(" ")} did not listen on ${socket}: ${stderr}`);

@@ -366,7 +366,11 @@ rgwTest(
 );
 
 /** An S3 stand-in for answers RGW does not give but AWS may: see the tests below. */
-function fakeS3(handle: (request: Request, url: URL) => Promise<Response> | Response) {
+/** A fake S3 server in this process; `timeout` is the client's (a busy machine needs long). */
+function fakeS3(
+  handle: (request: Request, url: URL) => Promise<Response> | Response,
+  timeout = 10_000,
+) {
   const server = Deno.serve({ port: 0, onListen() {} }, (request) => {
     const url = new URL(request.url);
     if (request.method === "HEAD" && url.pathname === "/bucket/") return new Response(null);
@@ -377,7 +381,7 @@ function fakeS3(handle: (request: Request, url: URL) => Promise<Response> | Resp
     pathStyle: true,
     region: "us-east-1",
     credentials: { accessKeyId: "AKID", secretAccessKey: "secret" },
-  }, { retry: { initialDelay: 10, maxDelay: 20, attempts: 3 }, timeout: 300 });
+  }, { retry: { initialDelay: 10, maxDelay: 20, attempts: 3 }, timeout });
   return {
     client,
     async close() {
@@ -437,7 +441,7 @@ Deno.test("S3Client: a server that never answers times out, and is retried", asy
     requests++;
     // An answer only long after the client gave up (the server's shutdown waits for it).
     return new Promise((resolve) => setTimeout(() => resolve(new Response(null)), 1500));
-  });
+  }, 300);
   try {
     await assert.rejects(
       s3.client.send({

@@ -406,7 +406,12 @@ Deno.test("serve: writes and trims get EPERM, reads past the end EINVAL; a malfo
     } finally {
       client.close();
     }
-    const dropped = log().split("\n").filter((line) => /dropped/.test(line));
+    // The server's stderr reaches us on its own schedule: give its line a moment.
+    const droppedLines = () => log().split("\n").filter((line) => /dropped/.test(line));
+    for (let i = 0; i < 100 && droppedLines().length === 0; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const dropped = droppedLines();
     assert.equal(dropped.length, 1, log());
     assert.match(
       dropped[0]!,

@@ -11,7 +11,8 @@ import { fileRangeReader } from "../storage/range_reader.ts";
 import { UsageError } from "./errors.ts";
 
 /**
- * What bounds the memory of a process that serves an archive (`serve`, `restore --live`;
+ * What bounds the memory of a process that reads an archive at random (`serve`, `restore
+ * --live`, `extract --disk` and `--stdout` of an indexed archive;
  * README "Serving an archive"): 3 decoded extents of about 3.8 MB kept, one zstd decoding
  * thread with two extents in flight, and at most 16 clients holding at most 512 KiB of
  * replies each.

@@ -835,7 +835,9 @@ export class IndexedArchive {
       throw new VmaFormatError(
         "bad-frame-checksum",
         this.#map.extentOffsets[e]!,
-        `extent ${e}${this.#map.describe(e)}: its data does not match the SHA-256 in the index`,
+        `extent ${e} of ${this.name}${
+          this.#map.describe(e)
+        }: its data does not match the SHA-256 in the index`,
       );
     }
   }

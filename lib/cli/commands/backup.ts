@@ -576,6 +576,9 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       ? Math.max(0, 100 * (1 - result.dataBytes / diskBytes)).toFixed(1)
       : "0";
     const name = plan.output === "-" ? "stdout" : plan.output;
+    // The kind only where an incremental was asked for: other summaries stay as they were.
+    const asked = base !== undefined || started.fullReason !== undefined;
+    const kind = asked ? `${result.kind} backup, ` : "";
     const from = base === undefined
       ? ""
       : `; ${formatBytes(readBytes)} read, ${formatBytes(diskBytes - readBytes)} from the base (${
@@ -583,7 +586,7 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       } extents copied as stored)`;
     await writeText(
       context.stderr,
-      `${name}: ${result.kind} backup, ${disks.length} disk(s), ${
+      `${name}: ${kind}${disks.length} disk(s), ${
         formatBytes(diskBytes)
       } (${sparse}% sparse) → ${formatBytes(written)} ${
         plan.compression === "none" ? "" : `${plan.compression} `

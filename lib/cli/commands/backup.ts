@@ -586,11 +586,11 @@ export async function runBackup(plan: BackupPlan, context: CliContext): Promise<
       } extents copied as stored)`;
     await writeText(
       context.stderr,
-      `${name}: ${kind}${disks.length} disk(s), ${
-        formatBytes(diskBytes)
-      } (${sparse}% sparse) → ${formatBytes(written)} ${
-        plan.compression === "none" ? "" : `${plan.compression} `
-      }in ${seconds.toFixed(1)} s, ${formatRate(diskBytes, seconds)}${from}\n`,
+      `${name}: ${kind}${disks.length} disk(s), ${formatBytes(diskBytes)} (${sparse}% sparse) → ${
+        formatBytes(written)
+      } ${plan.compression === "none" ? "" : `${plan.compression} `}in ${seconds.toFixed(1)} s, ${
+        formatRate(diskBytes, seconds)
+      }${from}\n`,
     );
   }
   return 0;

@@ -443,7 +443,7 @@ export class IndexedArchive {
     const stream = ends.indexOf(offset);
     if (stream >= 0) {
       ends.splice(stream, 1);
-      this.#passedBefore(devId, offset);
+      this.#passedBefore(devId, offset, device.size);
       this.#readAhead(devId, end, device.size);
     }
     ends.push(end);
@@ -459,8 +459,9 @@ export class IndexedArchive {
   }
 
   /** A sequential reader that starts a new extent at `offset` is done with the one before. */
-  #passedBefore(devId: number, offset: number): void {
-    if (offset === 0) return;
+  #passedBefore(devId: number, offset: number, size: number): void {
+    // At the disk's end there is no next cluster to look up (a read of 0 bytes there).
+    if (offset === 0 || offset >= size) return;
     const before = this.#map.locate(devId, Math.floor((offset - 1) / CLUSTER_SIZE));
     const now = this.#map.locate(devId, Math.floor(offset / CLUSTER_SIZE));
     if (before !== null && before.extent !== now?.extent && this.#cache.has(before.extent)) {

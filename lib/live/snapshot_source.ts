@@ -7,7 +7,7 @@
  */
 import { BufferPool } from "../_pool.ts";
 import { NbdClient, type NbdExtent, NbdStateFlag } from "../protocols/nbd_client.ts";
-import { bufferClusters, zeroRun } from "../sources/_clusters.ts";
+import { bufferClusters, DirtyRanges, zeroRun } from "../sources/_clusters.ts";
 import { CLUSTER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
 
@@ -112,7 +112,7 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
   let extents: AsyncGenerator<NbdExtent>;
   let dirtyExtents: AsyncGenerator<NbdExtent> | undefined;
   /** The dirty range at or after `offset`; `null` once there is none left. */
-  let dirty: { start: number; end: number } | null | undefined;
+  let dirtyRanges: DirtyRanges | undefined;
   const pool = new BufferPool(BATCH_CLUSTERS * CLUSTER_SIZE);
   let size = 0;
   let offset = 0;
@@ -149,18 +149,6 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
     return current;
   };
 
-  /** The next dirty range that ends after `position`, or `null`. */
-  const dirtyAt = async (position: number) => {
-    while (dirty === undefined || (dirty !== null && dirty.end <= position)) {
-      const next = await dirtyExtents!.next();
-      if (next.done) dirty = null;
-      else if (next.value.flags & NbdStateFlag.DIRTY) {
-        dirty = { start: next.value.offset, end: next.value.offset + next.value.length };
-      }
-    }
-    return dirty;
-  };
-
   /** Whether the fleece image has a hole at `position`, and how far that holds. */
   const fleeceHole = async (position: number, end: number) => {
     const length = Math.min(end - position, fleece.maxRequestSize);
@@ -184,6 +172,7 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
           const client = await connect(options.snapshot, [options.dirtyBitmap]);
           clients.push(client);
           dirtyExtents = client.extents(options.dirtyBitmap);
+          dirtyRanges = new DirtyRanges(dirtyExtents);
         }
         readers = [];
         for (let i = 0; i < (options.connections ?? 4); i++) {
@@ -201,7 +190,7 @@ export function snapshotSource(options: SnapshotSourceOptions): SnapshotReader {
       try {
         let limit = size;
         if (dirtyExtents !== undefined && offset < size) {
-          const range = await dirtyAt(offset);
+          const range = await dirtyRanges!.at(offset);
           if (range === null) offset = size;
           else {
             offset = Math.max(offset, range.start); // dirty ranges are whole clusters

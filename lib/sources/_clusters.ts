@@ -1,11 +1,13 @@
 // Copyright 2026 the vmabackup authors. MIT license.
 /**
  * Records over what a disk source found at an offset (internal): cluster records over a
- * buffer of freshly read bytes, or a zero run over a hole.
+ * buffer of freshly read bytes, or a zero run over a hole; and the walk over a dirty bitmap's
+ * block status that says which ranges an incremental reads.
  *
  * @module
  */
 import type { PooledBuffer } from "../_pool.ts";
+import { type NbdExtent, NbdStateFlag } from "../protocols/nbd_client.ts";
 import { CLUSTER_SIZE, clusterCount, validMask } from "../vma/format.ts";
 import type { VmaClusterRecord, VmaZerosRecord } from "../vma/records.ts";
 
@@ -82,4 +84,51 @@ export function zeroRun(
   if (clusters <= 0) return undefined;
   const count = Math.min(clusters, MAX_ZEROS_PER_RECORD);
   return { type: "zeros", devId, cluster: offset / CLUSTER_SIZE, count };
+}
+
+/** A range of bytes marked dirty. */
+export interface DirtyRange {
+  start: number;
+  end: number;
+}
+
+/**
+ * Walks the block status of a `qemu:dirty-bitmap:NAME` context forward: `at(position)`
+ * gives the next dirty range that ends after `position`, or `null` when none is left.
+ * Positions must not go backwards (the extents are read once).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { NbdStateFlag } from "../protocols/nbd_client.ts";
+ * import { DirtyRanges } from "./_clusters.ts";
+ *
+ * const ranges = new DirtyRanges((async function* () {
+ *   yield { offset: 0, length: 65536, flags: 0 };
+ *   yield { offset: 65536, length: 131072, flags: NbdStateFlag.DIRTY };
+ * })());
+ * assert.deepEqual(await ranges.at(0), { start: 65536, end: 196608 });
+ * assert.equal(await ranges.at(196608), null);
+ * ```
+ */
+export class DirtyRanges {
+  #extents: AsyncIterator<NbdExtent>;
+  #dirty: DirtyRange | null | undefined;
+
+  /** A walk over `extents`, the dirty bitmap context's block status in order. */
+  constructor(extents: AsyncIterator<NbdExtent>) {
+    this.#extents = extents;
+  }
+
+  /** The next dirty range that ends after `position`, or `null`. */
+  async at(position: number): Promise<DirtyRange | null> {
+    while (this.#dirty === undefined || (this.#dirty !== null && this.#dirty.end <= position)) {
+      const next = await this.#extents.next();
+      if (next.done) this.#dirty = null;
+      else if (next.value.flags & NbdStateFlag.DIRTY) {
+        this.#dirty = { start: next.value.offset, end: next.value.offset + next.value.length };
+      }
+    }
+    return this.#dirty;
+  }
 }

@@ -8,7 +8,7 @@ import { BufferPool } from "../_pool.ts";
 import { NbdClient, type NbdExtent, NbdStateFlag } from "../protocols/nbd_client.ts";
 import { CLUSTER_SIZE } from "../vma/format.ts";
 import type { VmaRecord } from "../vma/records.ts";
-import { bufferClusters, zeroRun } from "./_clusters.ts";
+import { bufferClusters, DirtyRanges, zeroRun } from "./_clusters.ts";
 
 /** Options of {@linkcode nbdDiskSource}. */
 export interface NbdDiskSourceOptions {
@@ -70,7 +70,7 @@ export function nbdDiskSource(
   let upcoming: NbdExtent | undefined;
   let dirtyExtents: AsyncGenerator<NbdExtent> | undefined;
   /** The dirty range at or after `offset`; `null` once there is none left. */
-  let dirty: { start: number; end: number } | null | undefined;
+  let dirtyRanges: DirtyRanges | undefined;
 
   const close = async () => {
     const open = client;
@@ -78,18 +78,6 @@ export function nbdDiskSource(
     await extents?.return(undefined).catch(() => {});
     await dirtyExtents?.return(undefined).catch(() => {});
     await open?.close();
-  };
-
-  /** The next dirty range that ends after `position`, or `null`. */
-  const dirtyAt = async (position: number) => {
-    while (dirty === undefined || (dirty !== null && dirty.end <= position)) {
-      const next = await dirtyExtents!.next();
-      if (next.done) dirty = null;
-      else if (next.value.flags & NbdStateFlag.DIRTY) {
-        dirty = { start: next.value.offset, end: next.value.offset + next.value.length };
-      }
-    }
-    return dirty;
   };
 
   /** The extent at `offset`, zero ranges merged, from the block-status walk. */
@@ -147,6 +135,7 @@ export function nbdDiskSource(
           );
         }
         dirtyExtents = client.extents(options.dirtyBitmap);
+        dirtyRanges = new DirtyRanges(dirtyExtents);
       }
       options.onConnect?.(client);
       size = client.info.size;
@@ -167,7 +156,7 @@ export function nbdDiskSource(
         }
         let limit = size;
         if (dirtyExtents !== undefined) {
-          const range = await dirtyAt(offset);
+          const range = await dirtyRanges!.at(offset);
           if (range === null) {
             offset = size;
             await close();

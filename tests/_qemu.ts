@@ -216,20 +216,25 @@ function diskArgs(disk: DiskSpec, image: string, format: string): string[] {
   ];
 }
 
+/** The test VMs' machine: no devices but the disks, no display, TCG, 64 MiB. */
+const MACHINE_ARGS = [
+  "-nodefaults",
+  "-display",
+  "none",
+  "-machine",
+  "q35",
+  "-accel",
+  "tcg",
+  "-m",
+  "64",
+];
+
 /** Starts a VM with `disks` in a new temporary directory. */
 export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promise<TestVm> {
   const dir = await Deno.makeTempDir({ prefix: "vmabackup-vm-" });
   const model = new Map<string, Uint8Array>();
   const args = [
-    "-nodefaults",
-    "-display",
-    "none",
-    "-machine",
-    "q35",
-    "-accel",
-    "tcg",
-    "-m",
-    "64",
+    ...MACHINE_ARGS,
     "-qmp",
     `unix:${dir}/test.qmp,server=on,wait=off`,
     "-qmp",
@@ -538,15 +543,7 @@ export interface PausedVm {
 export function startPausedVm(disks: ImageDiskSpec[]): PausedVm {
   const dir = Deno.makeTempDirSync({ prefix: "vmabackup-restore-vm-" });
   const args = [
-    "-nodefaults",
-    "-display",
-    "none",
-    "-machine",
-    "q35",
-    "-accel",
-    "tcg",
-    "-m",
-    "64",
+    ...MACHINE_ARGS,
     "-S",
     "-qmp",
     `unix:${dir}/test.qmp,server=on,wait=off`,

@@ -95,6 +95,7 @@ export {
   type FileByteSourceOptions,
 } from "./lib/sources/file_bytes.ts";
 export { ByteSink, type ByteWriter } from "./lib/sinks/file_sink.ts";
+export { FLUSH_INTERVAL, FlushBehind } from "./lib/sinks/flush_behind.ts";
 export { BufferReuseError, checkBufferReuse, releaseChunk } from "./lib/_pool.ts";
 export {
   type Compression,

@@ -184,3 +184,24 @@ straceTest(
     });
   },
 );
+
+straceTest(
+  "backup of 160 MiB: OUT.partial is flushed while it is written, and once more before the rename",
+  async () => {
+    await withTempDir(async (dir) => {
+      // Plain .vma stores the data as it is: 160 MiB of output, over two flush intervals.
+      await Deno.writeFile(`${dir}/d.raw`, new Uint8Array(160 << 20).fill(7));
+      const out = `${dir}/vm.vma`;
+      const calls = await traced(
+        ["backup", "--disk", `${dir}/d.raw`, "-o", out, "--no-index"],
+        dir,
+      );
+      const syncs = calls.flatMap((c, i) =>
+        c.call === "fdatasync" && c.paths[0] === `${out}.partial` ? [i] : []
+      );
+      assert.ok(syncs.length >= 2, `a flush behind the writes, and the last:\n${describe(calls)}`);
+      assert.ok(syncs.at(-1)! < indexOf(calls, "rename", `${out}.partial`, out), describe(calls));
+      assert.equal((await Deno.stat(out)).size > 160 << 20, true);
+    });
+  },
+);

@@ -8,6 +8,7 @@
  */
 import { fileByteSource } from "../sources/file_bytes.ts";
 import { ByteSink } from "../sinks/file_sink.ts";
+import { FlushBehind } from "../sinks/flush_behind.ts";
 import { isS3Url } from "../storage/s3_config.ts";
 import type { CliContext } from "./context.ts";
 import { commitFiles, type PendingFile } from "./durable.ts";
@@ -198,18 +199,28 @@ export async function openOutput(
   ).catch((error) => {
     throw error instanceof Deno.errors.AlreadyExists ? existsError(partial) : error;
   });
+  // The data go to disk while more is written, so the flush at commit is short.
+  const behind = await FlushBehind.open(partial).catch((error) => {
+    file.close();
+    throw error;
+  });
   let state: "open" | "closed" | "committed" | "discarded" = "open";
   const close = () => {
     if (state === "open") file.close();
+    behind.close();
     state = "closed";
   };
   const seal = (): Sealed => {
     if (state !== "open") throw new Error(`Cannot commit ${path}: It was committed or discarded`);
     state = "closed"; // commitFiles flushes and closes the file
-    return { file: { partial, target: path, file }, committed: () => void (state = "committed") };
+    return {
+      file: { partial, target: path, file },
+      settle: () => behind.settle(),
+      committed: () => void (state = "committed"),
+    };
   };
   const output: Output = {
-    writable: new ByteSink(file),
+    writable: new ByteSink(file, { onWritten: (bytes) => behind.written(bytes) }),
     path,
     commit: () => commitSealed([seal()]),
     async discard() {
@@ -234,6 +245,8 @@ export async function openOutput(
 /** A file output closed for committing, and how to mark it committed once it is. */
 interface Sealed {
   file: PendingFile;
+  /** Ends the file's background flushing (before its final flush). */
+  settle(): Promise<void>;
   committed(): void;
 }
 
@@ -241,6 +254,7 @@ interface Sealed {
 const sealers = new WeakMap<Output, () => Sealed>();
 
 async function commitSealed(sealed: Sealed[]): Promise<void> {
+  for (const entry of sealed) await entry.settle();
   await commitFiles(sealed.map((entry) => entry.file));
   for (const entry of sealed) entry.committed();
 }

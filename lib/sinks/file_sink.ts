@@ -29,12 +29,20 @@ export type { ByteWriter } from "../_io.ts";
 export class ByteSink extends WritableStream<Uint8Array> {
   #written = 0;
 
-  /** A sink into `target`; `queuedChunks` chunks (default 4) may wait while one is written. */
-  constructor(target: ByteWriter, options: { queuedChunks?: number } = {}) {
+  /**
+   * A sink into `target`; `queuedChunks` chunks (default 4) may wait while one is written,
+   * and `onWritten` hears of each chunk once it is written (see `FlushBehind`).
+   */
+  constructor(
+    target: ByteWriter,
+    options: { queuedChunks?: number; onWritten?: (bytes: number) => void } = {},
+  ) {
+    const onWritten = options.onWritten;
     super({
       write: async (chunk) => {
         await writeAll(target, chunk);
         this.#written += chunk.byteLength;
+        onWritten?.(chunk.byteLength);
         releaseChunk(chunk);
       },
       // A few chunks may wait while one is written, so upstream keeps working meanwhile.

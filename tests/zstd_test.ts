@@ -2,6 +2,8 @@
 /** zstd frames from this toolkit and from the zstd CLI, in any chunking. */
 import assert from "node:assert/strict";
 import fc from "fast-check";
+import * as zlib from "node:zlib";
+import { FrameDecoderPool } from "../lib/transforms/_frame_decoder.ts";
 import { ZstdFrameSplitter } from "../lib/transforms/_zstd_frames.ts";
 import { ZstdCompressStream, ZstdDecompressStream } from "../lib/transforms/zstd.ts";
 import { tool } from "./_cli.ts";
@@ -248,4 +250,20 @@ Deno.test("decompressInput: a corrupt or cut compressed stream is a VmaFormatErr
   });
   const { readable } = await decompressInput(failing);
   await assert.rejects(new Response(readable).bytes(), Deno.errors.Interrupted);
+});
+
+Deno.test("FrameDecoderPool decodes frames that end in an empty last block (as zlib's one-shot compressor writes them), and checks their size and checksum", async () => {
+  const pool = new FrameDecoderPool(1);
+  try {
+    const data = randomBytes(300_000, 9);
+    const params = { [zlib.constants.ZSTD_c_checksumFlag]: 1 };
+    const frame = new Uint8Array(zlib.zstdCompressSync(data, { params }));
+    assert.deepEqual((await pool.decode({ input: frame.slice(), size: 300_000 })).output, data);
+    await assert.rejects(pool.decode({ input: frame.slice(), size: 100 }), /more than 100 bytes/);
+    const damaged = frame.slice();
+    damaged[damaged.length - 1]! ^= 0x01; // the checksum, read after the content
+    await assert.rejects(pool.decode({ input: damaged, size: 300_000 }), /checksum/);
+  } finally {
+    pool.stop();
+  }
 });

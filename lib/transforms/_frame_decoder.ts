@@ -74,15 +74,25 @@ export function frameDecoder(
     const handle = decoder._handle;
     const state: Uint32Array = decoder._writeState; // [output left, input left]
     handle.reset();
+    let [outputLeft, inputLeft] = [0, 0];
     try {
       handle.writeSync(0, input, 0, input.byteLength, output, 0, output.byteLength);
+      [outputLeft, inputLeft] = state;
+      if (outputLeft === 0 && inputLeft !== 0) {
+        // zstd stops once the output is full. A frame may still hold an empty last block
+        // and its checksum (zlib's one-shot compressor ends frames so): read those into a
+        // spare byte, which must stay unused.
+        const spare = new Uint8Array(1);
+        handle.writeSync(0, input, input.byteLength - inputLeft!, inputLeft!, spare, 0, 1);
+        inputLeft = state[0] === 1 ? state[1]! : 1;
+      }
     } catch (error) {
       decoder = undefined; // a fresh context for the next frame
       throw new Error(
         String((error as Error)?.message ?? error).replace(/^Zstd decompress error: /, ""),
       );
     }
-    const [outputLeft, inputLeft] = state;
+
     if (outputLeft !== 0) {
       throw new Error(
         `the frame holds ${

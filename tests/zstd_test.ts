@@ -252,6 +252,36 @@ Deno.test("decompressInput: a corrupt or cut compressed stream is a VmaFormatErr
   await assert.rejects(new Response(readable).bytes(), Deno.errors.Interrupted);
 });
 
+Deno.test("FrameDecoderPool: a discard job checks its frame and gives back only the input, on a worker and on this thread", async () => {
+  const pool = new FrameDecoderPool(1, undefined, { mainThread: true });
+  try {
+    const params = { [zlib.constants.ZSTD_c_checksumFlag]: 1 };
+    const frame = (fill: number) =>
+      new Uint8Array(
+        zlib.zstdCompressSync(randomBytes(200_000, fill), { params }),
+      );
+    // Five at once: some go to the worker, the rest are decoded here.
+    const results = await Promise.all(
+      [1, 2, 3, 4, 5].map((fill) =>
+        pool.decode({ input: frame(fill), size: 200_000, discard: true, digest: true })
+      ),
+    );
+    for (const result of results) {
+      assert.equal(result.output.byteLength, 0);
+      assert.equal(result.digest?.byteLength, 32);
+      assert.ok(result.input.byteLength > 0, "the input comes back");
+    }
+    const damaged = frame(6);
+    damaged[damaged.length - 2]! ^= 0x10; // the content checksum
+    await assert.rejects(
+      pool.decode({ input: damaged, size: 200_000, discard: true }),
+      /checksum/,
+    );
+  } finally {
+    pool.stop();
+  }
+});
+
 Deno.test("FrameDecoderPool decodes frames that end in an empty last block (as zlib's one-shot compressor writes them), and checks their size and checksum", async () => {
   const pool = new FrameDecoderPool(1);
   try {

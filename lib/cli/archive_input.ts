@@ -149,6 +149,8 @@ export async function openArchive(
     // smaller (118 against 142 MiB).
     mainThread: options.reader?.skipData === true,
     ...(options.reader?.skipData !== true && { workers: 1 }),
+    // A reader that skips the data needs the data frames checked, not their content.
+    discardData: options.reader?.skipData === true && found.index.digestScope === "zstd-frame",
   };
   const decompressed = await decompressInput(counted, options.zstd, seekable || undefined, {
     reuseBuffers: true,

@@ -25,13 +25,21 @@ export interface DecodeJob {
   digest?: boolean;
   /** A buffer of at least `size` bytes to decode into (lent, and given back as `output`). */
   output?: Uint8Array<ArrayBuffer>;
+  /**
+   * Decode only to check the frame, into a scratch buffer the decoding thread keeps: the
+   * result's `output` is then empty, and nothing but the input travels back.
+   */
+  discard?: boolean;
 }
 
 /** A decoded frame. */
 export interface DecodeResult {
   /** The compressed frame, given back. */
   input: Uint8Array<ArrayBuffer>;
-  /** The frame's content, `size` bytes (at the start of the lent buffer, if one was lent). */
+  /**
+   * The frame's content, `size` bytes (at the start of the lent buffer, if one was lent);
+   * empty for a `discard` job.
+   */
   output: Uint8Array<ArrayBuffer>;
   /** SHA-256 of the compressed frame, when asked for. */
   digest?: Uint8Array;
@@ -92,7 +100,6 @@ export function frameDecoder(
         String((error as Error)?.message ?? error).replace(/^Zstd decompress error: /, ""),
       );
     }
-
     if (outputLeft !== 0) {
       throw new Error(
         `the frame holds ${
@@ -163,14 +170,18 @@ import * as zlib from "node:zlib";
 import { createHash } from "node:crypto";
 let fallback;
 const decode = (${frameDecoder})(zlib, (why) => (fallback = why));
+let scratch = new Uint8Array(0);
 self.onmessage = ({ data }) => {
-  const { id, input, size, digest, output: lent } = data;
+  const { id, input, size, digest, output: lent, discard } = data;
   try {
-    const output = lent ? new Uint8Array(lent.buffer, 0, size) : new Uint8Array(size);
+    if (discard && scratch.byteLength < size) scratch = new Uint8Array(size);
+    const output = discard
+      ? scratch.subarray(0, size)
+      : lent ? new Uint8Array(lent.buffer, 0, size) : new Uint8Array(size);
     decode(input, output);
-    const result = { input, output };
+    const result = { input, output: discard ? new Uint8Array(0) : output };
     if (digest) result.digest = new Uint8Array(createHash("sha256").update(input).digest());
-    self.postMessage({ id, result, fallback }, [input.buffer, output.buffer]);
+    self.postMessage({ id, result, fallback }, discard ? [input.buffer] : [input.buffer, output.buffer]);
     fallback = undefined;
   } catch (error) {
     const transfer = lent ? [input.buffer, lent.buffer] : [input.buffer];
@@ -215,6 +226,8 @@ export class FrameDecoderPool {
   #waiting = new Map<number, PromiseWithResolvers<DecodeResult>>();
   #nextId = 0;
   #here: DecodeFrame | undefined;
+  /** What `discard` jobs decode into on this thread. */
+  #scratch = new Uint8Array(0);
   #onFallback: (why: string) => void;
   #mainThread: boolean;
 
@@ -241,15 +254,25 @@ export class FrameDecoderPool {
 
   /** Decodes a frame; its input buffer is transferred until the result (or the failure). */
   decode(job: DecodeJob): Promise<DecodeResult> {
-    const busy = this.#mainThread && this.#waiting.size >= this.size;
+    // This thread decodes only when every worker has a frame queued behind the one it
+    // decodes: a worker never waits for the next while this thread is busy.
+    const busy = this.#mainThread && this.#waiting.size >= 2 * this.size;
     if (job.size <= INLINE_SIZE || busy) {
       try {
         this.#here ??= frameDecoder(zlib, this.#onFallback);
-        const output = job.output === undefined
+        if (job.discard && this.#scratch.byteLength < job.size) {
+          this.#scratch = new Uint8Array(job.size);
+        }
+        const output = job.discard
+          ? this.#scratch.subarray(0, job.size)
+          : job.output === undefined
           ? new Uint8Array(job.size)
           : new Uint8Array(job.output.buffer, 0, job.size);
         this.#here(job.input, output);
-        const result: DecodeResult = { input: job.input, output };
+        const result: DecodeResult = {
+          input: job.input,
+          output: job.discard ? new Uint8Array(0) : output,
+        };
         if (job.digest) {
           result.digest = new Uint8Array(createHash("sha256").update(job.input).digest());
         }
@@ -263,10 +286,10 @@ export class FrameDecoderPool {
     const pending = Promise.withResolvers<DecodeResult>();
     pending.promise.catch(() => {});
     this.#waiting.set(id, pending);
-    const transfer = job.output === undefined
+    const transfer = job.output === undefined || job.discard
       ? [job.input.buffer]
       : [job.input.buffer, job.output.buffer];
-    worker.postMessage({ id, ...job }, transfer);
+    worker.postMessage({ id, ...job, ...(job.discard && { output: undefined }) }, transfer);
     return pending.promise;
   }
 

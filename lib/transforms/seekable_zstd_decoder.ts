@@ -35,6 +35,13 @@ export interface SeekableDecodeOptions {
   /** SHA-256 (hex) of every frame without an expected digest, in order (the index's). */
   framesDigest?: string | undefined;
   /**
+   * Decode the extents' data frames (those with an expected digest) only to check them, and
+   * emit each as a view of one shared buffer of zeros (default `false`): for a reader that
+   * skips the data (`VmaReaderStream({ skipData: true })`, as verify does). Only compressed
+   * frames are then in flight, so more of them are, in less memory.
+   */
+  discardData?: boolean | undefined;
+  /**
    * Recycle the decoded chunks (default `false`); only for a pipeline in which every chunk
    * reaches exactly one final consumer that calls `releaseChunk` on it (no `tee()`).
    */
@@ -104,8 +111,10 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
       mainThread: options.mainThread ?? true,
     });
     // A data frame for each worker and one for this thread; twice that many entries, since
-    // every data frame comes after its small header frame (decoded at once).
-    const maxInFlight = 2 * (decoders.size + 1);
+    // every data frame comes after its small header frame (decoded at once). Frames that
+    // are only checked hold no output: three times as many keep every thread busy.
+    const discardData = options.discardData ?? false;
+    const maxInFlight = 2 * (decoders.size + 1) * (discardData ? 3 : 1);
     // Buffers of the sizes this file needs: its largest frame, compressed and decoded.
     let largest = 0;
     let largestDecoded = 0;
@@ -115,6 +124,8 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
       largestDecoded = Math.max(largestDecoded, table.decompressedSizes[f]!);
     }
     const inputs = new BufferPool(largest, { maxFree: maxInFlight });
+    /** What checked-only data frames come out as (never written: its pages stay unmapped). */
+    let zeros: Uint8Array | undefined;
     const outputs = new BufferPool(largestDecoded, {
       maxFree: maxInFlight + 2, // and the chunks the reader holds
       trackChunks: true,
@@ -159,8 +170,13 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
       }
       const expected = options.expectedDigest?.(f, decodedOffset);
       if (expected === undefined) framesHash?.update(bytes);
-      const output = outputs.acquire();
-      const job = { input: bytes, size, digest: expected !== undefined, output: output.bytes };
+      const discard = discardData && expected !== undefined;
+      const job = {
+        input: bytes,
+        size,
+        digest: expected !== undefined,
+        ...(discard ? { discard } : { output: outputs.acquire().bytes }),
+      };
       const result = decoders.decode(job).then(({ input: back, output: decoded, digest }) => {
         inputs.adopt(back);
         if (expected !== undefined) {
@@ -169,6 +185,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
           }
           stats.digestsChecked++;
         }
+        if (discard) return (zeros ??= new Uint8Array(largestDecoded)).subarray(0, size);
         outputs.wrap(decoded).hold(1); // the final consumer's releaseChunk() gives it back
         return decoded.subarray(0, size);
       }, (error) => fail(f, at, decodedOffset, (error as Error).message));

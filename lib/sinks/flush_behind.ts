@@ -26,10 +26,9 @@ export const FLUSH_INTERVAL = 64 << 20;
  * const path = await Deno.makeTempFile();
  * using file = await Deno.open(path, { write: true });
  * const behind = await FlushBehind.open(path, { interval: 1024 });
- * await file.write(new Uint8Array(1024));
+ * await file.write(new Uint8Array(2048));
  * behind.written(1024); // a flush starts
- * await file.write(new Uint8Array(1024));
- * behind.written(1024); // one is still running: no second one yet
+ * behind.written(1024); // it is still running: no second one yet
  * assert.equal(behind.flushes, 1);
  * await behind.settle(); // waits for it
  * await Deno.remove(path);

@@ -43,7 +43,8 @@
  * is only reported.
  *
  * Results: markdown tables on stdout (pasteable into README.md) and JSON in
- * `bench/results/<date>-<hostname>.json` and `bench/results/latest.json` (with `--quick`:
+ * `bench/results/<date>-<hostname>.json` (`-<HHMM>` added if a run of the day has that name) and
+ * `bench/results/latest.json` (with `--quick`:
  * `WORK/quick.json` only, so a smoke test never replaces the committed figures).
  *
  * **Adding a group**: create `bench/groups/NAME.ts` (any name not starting with `_`; files
@@ -160,7 +161,7 @@ usage: deno task bench [--runs N] [--only GROUP,...] [--quick] [--work DIR] [--c
   --clean         delete the generated inputs and outputs in the work directory, then exit
   --help          this text
 
-Writes bench/results/<date>-<hostname>.json and bench/results/latest.json.`;
+Writes bench/results/<date>-<hostname>.json (-<HHMM> added when taken) and bench/results/latest.json.`;
 
 interface Options {
   cli: string;
@@ -660,6 +661,32 @@ function heading(
   ];
 }
 
+/**
+ * The name of a run's results in `bench/results/`: `<date>-<hostname>.json`, or, when a run of
+ * the same day has that name already, `<date>-<hostname>-<HHMM>.json` (UTC start time), so a
+ * second run never overwrites the first.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { resultsName } from "./bench.ts";
+ *
+ * const start = new Date("2026-12-02T04:17:00Z");
+ * assert.equal(await resultsName(start, "vm", () => Promise.resolve(false)), "2026-12-02-vm.json");
+ * assert.equal(await resultsName(start, "vm", () => Promise.resolve(true)), "2026-12-02-vm-0417.json");
+ * ```
+ */
+export async function resultsName(
+  startedAt: Date,
+  hostname: string,
+  taken: (name: string) => Promise<boolean> = (name) => exists(join(RESULTS_DIR, name)),
+): Promise<string> {
+  const iso = startedAt.toISOString();
+  const name = `${iso.slice(0, 10)}-${hostname}.json`;
+  if (!await taken(name)) return name;
+  return `${iso.slice(0, 10)}-${hostname}-${iso.slice(11, 13)}${iso.slice(14, 16)}.json`;
+}
+
 async function writeResults(report: object, options: Options, name: string): Promise<void> {
   const json = `${JSON.stringify(report, null, 2)}\n`;
   if (options.quick) {
@@ -779,11 +806,7 @@ async function main(args: string[]): Promise<number> {
     checks,
     markdown: table,
   };
-  await writeResults(
-    report,
-    options,
-    `${startedAt.toISOString().slice(0, 10)}-${env.hostname}.json`,
-  );
+  await writeResults(report, options, await resultsName(startedAt, env.hostname));
 
   const failed = rows.some((row) => row.errors.length > 0) ||
     runs.some((run) => run.group.error !== undefined) ||

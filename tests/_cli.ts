@@ -62,6 +62,30 @@ export async function tool(
   return stdout;
 }
 
+/** Runs a shell script (bash by default) from the project's root, as a user's pipeline runs. */
+export async function shell(script: string, program = "bash"): Promise<CliResult> {
+  const { code, stdout, stderr } = await new Deno.Command(program, {
+    args: ["-c", script],
+    cwd: new URL("..", import.meta.url).pathname,
+    env: { NO_COLOR: "1" },
+  }).output();
+  return { code, stdout, stderr: decoder.decode(stderr), text: decoder.decode(stdout) };
+}
+
+/**
+ * Bash pipelines in which `command`'s output fails, each with the error it must report: the
+ * reader stops early (`head`: a broken pipe), and the disk is full (`/dev/full`).
+ */
+export function failingSinks(command: string): [string, RegExp][] {
+  return [
+    [
+      `${command} | head -c 100000 > /dev/null; exit \${PIPESTATUS[0]}`,
+      /error: .*(Broken pipe|os error 32)/,
+    ],
+    [`${command} > /dev/full`, /error: .*(No space left on device|os error 28)/],
+  ];
+}
+
 /** True when `program` can be run. */
 export async function hasProgram(program: string): Promise<boolean> {
   try {

@@ -7,6 +7,7 @@
  * through the device's BlockBackend with HMP qemu-io, the same path as guest I/O.
  */
 import { QmpClient } from "../lib/protocols/qmp_client.ts";
+import { withTempDir } from "./_cli.ts";
 import { randomBytes } from "./_utils.ts";
 
 /** True when QEMU and qemu-img can run here. */
@@ -228,6 +229,25 @@ const MACHINE_ARGS = [
   "-m",
   "64",
 ];
+
+/**
+ * Runs `fn` with a VM of `disks` and a temporary directory, then stops the VM (also when `fn`
+ * stopped it already, or failed) and removes the directory.
+ */
+export async function withVm(
+  disks: DiskSpec[],
+  fn: (vm: TestVm, dir: string) => Promise<void>,
+  options: VmOptions = {},
+): Promise<void> {
+  const vm = await startVm(disks, options);
+  await withTempDir(async (dir) => {
+    try {
+      await fn(vm, dir);
+    } finally {
+      await vm.stop().catch(() => {});
+    }
+  });
+}
 
 /** Starts a VM with `disks` in a new temporary directory. */
 export async function startVm(disks: DiskSpec[], options: VmOptions = {}): Promise<TestVm> {

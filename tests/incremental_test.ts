@@ -9,8 +9,8 @@
  */
 import assert from "node:assert/strict";
 import { fileRangeReader, IndexedArchive, ZstdDecompressStream } from "../mod.ts";
-import { cli, spawnCli, withTempDir } from "./_cli.ts";
-import { diskContent, firstDifference, qemuTest, startVm, type TestVm } from "./_qemu.ts";
+import { cli, failingSinks, shell, spawnCli } from "./_cli.ts";
+import { diskContent, firstDifference, qemuTest, type TestVm, withVm } from "./_qemu.ts";
 import { randomBytes, restoreInMemory } from "./_utils.ts";
 
 const MiB = 2 ** 20;
@@ -202,95 +202,90 @@ for (const mode of ["push", "pull"] as const) {
   qemuTest(
     `incremental ${mode}: a full and 3 incrementals while the guest writes, each archive exactly its point in time`,
     async () => {
-      const vm = await startVm(chainDisks());
-      await withTempDir(async (dir) => {
-        try {
-          const before = await vm.nodes();
-          // Push: slow jobs, so the guest's writes meet clusters not copied yet.
-          const speed = (round: number) =>
-            mode === "pull" ? [] : ["--speed", `${round === 0 ? 16 * MiB : MiB}`];
-          let dirty: Dirty = new Map();
-          const ops: GuestOp[] = [];
-          const opsAt: number[] = []; // ops before each backup's snapshot point
-          let full: Map<string, Uint8Array> | undefined;
-          for (let round = 0; round < 4; round++) {
-            if (round > 0) await guestWrites(vm, 12, 100 * round, dirty, ops);
-            const snapshot = snapshotOf(vm);
-            opsAt.push(ops.length);
-            const expected = dirty;
-            const expectedCount = dirtyBytes(vm, expected, false);
-            // QEMU's own count of the base's checkpoint, before the backup uses it.
-            if (round > 0) {
-              let counted = 0;
-              const nodes = await vm.qmp.execute("query-named-block-nodes", { flat: true }) as {
-                "dirty-bitmaps"?: { name?: string; count: number }[];
-              }[];
-              for (const node of nodes) {
-                for (const bitmap of node["dirty-bitmaps"] ?? []) {
-                  if (bitmap.name?.startsWith("vmabackup-")) counted += bitmap.count;
-                }
+      await withVm(chainDisks(), async (vm, dir) => {
+        const before = await vm.nodes();
+        // Push: slow jobs, so the guest's writes meet clusters not copied yet.
+        const speed = (round: number) =>
+          mode === "pull" ? [] : ["--speed", `${round === 0 ? 16 * MiB : MiB}`];
+        let dirty: Dirty = new Map();
+        const ops: GuestOp[] = [];
+        const opsAt: number[] = []; // ops before each backup's snapshot point
+        let full: Map<string, Uint8Array> | undefined;
+        for (let round = 0; round < 4; round++) {
+          if (round > 0) await guestWrites(vm, 12, 100 * round, dirty, ops);
+          const snapshot = snapshotOf(vm);
+          opsAt.push(ops.length);
+          const expected = dirty;
+          const expectedCount = dirtyBytes(vm, expected, false);
+          // QEMU's own count of the base's checkpoint, before the backup uses it.
+          if (round > 0) {
+            let counted = 0;
+            const nodes = await vm.qmp.execute("query-named-block-nodes", { flat: true }) as {
+              "dirty-bitmaps"?: { name?: string; count: number }[];
+            }[];
+            for (const node of nodes) {
+              for (const bitmap of node["dirty-bitmaps"] ?? []) {
+                if (bitmap.name?.startsWith("vmabackup-")) counted += bitmap.count;
               }
-              assert.equal(
-                counted,
-                expectedCount,
-                `round ${round}: the checkpoint holds the writes`,
-              );
             }
-            dirty = new Map();
-            const out = `${dir}/${round}.vma.zst`;
-            const base = round === 0 ? [] : ["--base", `${dir}/${round - 1}.vma.zst`];
-            const run = await backup(
-              vm,
-              mode,
-              [...base, ...speed(round), "-o", out],
-              () => guestWrites(vm, 10, 1000 + round, dirty, ops, expected),
+            assert.equal(
+              counted,
+              expectedCount,
+              `round ${round}: the checkpoint holds the writes`,
             );
-            assert.equal(run.code, 0, run.stderr);
-            assert.equal(run.result.kind, round === 0 ? "full" : "incremental", run.stderr);
-            assert.doesNotMatch(run.stderr, /a full backup, not an incremental/);
-            const disksBytes = [...vm.model.values()].reduce(
-              (sum, bytes) => sum + bytes.byteLength,
+          }
+          dirty = new Map();
+          const out = `${dir}/${round}.vma.zst`;
+          const base = round === 0 ? [] : ["--base", `${dir}/${round - 1}.vma.zst`];
+          const run = await backup(
+            vm,
+            mode,
+            [...base, ...speed(round), "-o", out],
+            () => guestWrites(vm, 10, 1000 + round, dirty, ops, expected),
+          );
+          assert.equal(run.code, 0, run.stderr);
+          assert.equal(run.result.kind, round === 0 ? "full" : "incremental", run.stderr);
+          assert.doesNotMatch(run.stderr, /a full backup, not an incremental/);
+          const disksBytes = [...vm.model.values()].reduce(
+            (sum, bytes) => sum + bytes.byteLength,
+            0,
+          );
+          if (round === 0) {
+            assert.equal(run.result.readBytes, disksBytes);
+          } else {
+            assert.equal(
+              run.result.readBytes,
+              dirtyBytes(vm, expected, true),
+              "read the dirty clusters",
+            );
+            assert.equal(run.result.baseBytes, disksBytes - run.result.readBytes!);
+          }
+          if (mode === "push") {
+            const sent = await jobBytes(vm, 2);
+            // QEMU counts whole clusters, the odd disk's last one too.
+            const whole = [...vm.model.values()].reduce(
+              (sum, bytes) => sum + Math.ceil(bytes.byteLength / CLUSTER) * CLUSTER,
               0,
             );
-            if (round === 0) {
-              assert.equal(run.result.readBytes, disksBytes);
-            } else {
-              assert.equal(
-                run.result.readBytes,
-                dirtyBytes(vm, expected, true),
-                "read the dirty clusters",
-              );
-              assert.equal(run.result.baseBytes, disksBytes - run.result.readBytes!);
-            }
-            if (mode === "push") {
-              const sent = await jobBytes(vm, 2);
-              // QEMU counts whole clusters, the odd disk's last one too.
-              const whole = [...vm.model.values()].reduce(
-                (sum, bytes) => sum + Math.ceil(bytes.byteLength / CLUSTER) * CLUSTER,
-                0,
-              );
-              assert.equal(sent, round === 0 ? whole : expectedCount, "QEMU's job length");
-            }
-            // On its own, the archive is the disks at its snapshot point.
-            const restored = await restore(out);
-            assertSameDisks(restored, snapshot, `archive ${round}`);
-            await assertVerifies(out);
-            if (round === 0) full = restored;
-            await assertOneCheckpoint(vm, `vmabackup-${run.result.uuid}`, 2);
+            assert.equal(sent, round === 0 ? whole : expectedCount, "QEMU's job length");
           }
-          // The newest archive alone equals the full with every change up to its point.
-          const replayed = new Map([...full!].map(([name, bytes]) => [name, bytes.slice()]));
-          for (const op of ops.slice(0, opsAt[3])) {
-            replayed.get(`drive-${op.id}`)!.fill(op.pattern, op.offset, op.offset + op.length);
-          }
-          assertSameDisks(await restore(`${dir}/3.vma.zst`), replayed, "the full + every change");
-          assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
-          assert.equal(await vm.status(), "running");
-          const disks = await vm.stop();
-          for (const [id, bytes] of disks) assert.equal(vm.difference(id, bytes), -1, id);
-        } finally {
-          await vm.stop().catch(() => {});
+          // On its own, the archive is the disks at its snapshot point.
+          const restored = await restore(out);
+          assertSameDisks(restored, snapshot, `archive ${round}`);
+          await assertVerifies(out);
+          if (round === 0) full = restored;
+          await assertOneCheckpoint(vm, `vmabackup-${run.result.uuid}`, 2);
         }
+        // The newest archive alone equals the full with every change up to its point.
+        const replayed = new Map([...full!].map(([name, bytes]) => [name, bytes.slice()]));
+        for (const op of ops.slice(0, opsAt[3])) {
+          replayed.get(`drive-${op.id}`)!.fill(op.pattern, op.offset, op.offset + op.length);
+        }
+        assertSameDisks(await restore(`${dir}/3.vma.zst`), replayed, "the full + every change");
+        assert.deepEqual(await vm.nodes(), before, "the block graph is as before");
+        assert.equal(await vm.status(), "running");
+        const disks = await vm.stop();
+        for (const [id, bytes] of disks) assert.equal(vm.difference(id, bytes), -1, id);
       });
     },
   );
@@ -324,60 +319,55 @@ async function assertFull(
 qemuTest(
   "incremental: a checkpoint removed behind our back, or of another archive, gives a full",
   async () => {
-    const vm = await startVm([qcow2Disk()]);
-    await withTempDir(async (dir) => {
-      try {
-        const before = await vm.nodes();
-        const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
-        assert.equal(a.code, 0, a.stderr);
-        await vm.write("vda", 3 * MiB, 65536, 0x31);
-        await vm.qmp.execute("block-dirty-bitmap-remove", {
-          node: "vda-node",
-          name: `vmabackup-${a.result.uuid}`,
-        });
-        const b = await assertFull(
-          vm,
-          "push",
-          ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/b.vma.zst`],
-          new RegExp(`drive-vda \\(node vda-node\\) has no checkpoint vmabackup-${a.result.uuid}`),
-        );
-        await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
-        // b's checkpoint is there, but a is not b: the UUID does not match the bitmap.
-        const c = await assertFull(
-          vm,
-          "push",
-          ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/c.vma.zst`],
-          new RegExp(`it has vmabackup-${b.result.uuid}, of another archive`),
-        );
-        // --full-every 2: an incremental after the full, then a full again.
-        await vm.write("vda", 5 * MiB, 4096, 0x32);
-        const d = await backup(vm, "push", [
-          "--base",
-          `${dir}/c.vma.zst`,
-          "--full-every",
-          "2",
-          "-o",
-          `${dir}/d.vma.zst`,
-        ]);
-        assert.equal(d.result.kind, "incremental", d.stderr);
-        const archive = await IndexedArchive.open(await fileRangeReader(`${dir}/d.vma.zst`));
-        archive.close();
-        assert.deepEqual(archive.index.base, {
-          uuid: c.result.uuid,
-          checkpoint: `vmabackup-${c.result.uuid}`,
-          depth: 1,
-        });
-        const e = await assertFull(
-          vm,
-          "push",
-          ["--base", `${dir}/d.vma.zst`, "--full-every", "2", "-o", `${dir}/e.vma.zst`],
-          /--full-every 2: the base is incremental 1 after a full one/,
-        );
-        await assertOneCheckpoint(vm, `vmabackup-${e.result.uuid}`, 1);
-        assert.deepEqual(await vm.nodes(), before);
-      } finally {
-        await vm.stop().catch(() => {});
-      }
+    await withVm([qcow2Disk()], async (vm, dir) => {
+      const before = await vm.nodes();
+      const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
+      assert.equal(a.code, 0, a.stderr);
+      await vm.write("vda", 3 * MiB, 65536, 0x31);
+      await vm.qmp.execute("block-dirty-bitmap-remove", {
+        node: "vda-node",
+        name: `vmabackup-${a.result.uuid}`,
+      });
+      const b = await assertFull(
+        vm,
+        "push",
+        ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/b.vma.zst`],
+        new RegExp(`drive-vda \\(node vda-node\\) has no checkpoint vmabackup-${a.result.uuid}`),
+      );
+      await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
+      // b's checkpoint is there, but a is not b: the UUID does not match the bitmap.
+      const c = await assertFull(
+        vm,
+        "push",
+        ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/c.vma.zst`],
+        new RegExp(`it has vmabackup-${b.result.uuid}, of another archive`),
+      );
+      // --full-every 2: an incremental after the full, then a full again.
+      await vm.write("vda", 5 * MiB, 4096, 0x32);
+      const d = await backup(vm, "push", [
+        "--base",
+        `${dir}/c.vma.zst`,
+        "--full-every",
+        "2",
+        "-o",
+        `${dir}/d.vma.zst`,
+      ]);
+      assert.equal(d.result.kind, "incremental", d.stderr);
+      const archive = await IndexedArchive.open(await fileRangeReader(`${dir}/d.vma.zst`));
+      archive.close();
+      assert.deepEqual(archive.index.base, {
+        uuid: c.result.uuid,
+        checkpoint: `vmabackup-${c.result.uuid}`,
+        depth: 1,
+      });
+      const e = await assertFull(
+        vm,
+        "push",
+        ["--base", `${dir}/d.vma.zst`, "--full-every", "2", "-o", `${dir}/e.vma.zst`],
+        /--full-every 2: the base is incremental 1 after a full one/,
+      );
+      await assertOneCheckpoint(vm, `vmabackup-${e.result.uuid}`, 1);
+      assert.deepEqual(await vm.nodes(), before);
     });
   },
 );
@@ -385,119 +375,104 @@ qemuTest(
 qemuTest(
   "incremental pull: after kill -9 a checkpoint is inconsistent or gone: a full each time",
   async () => {
-    const vm = await startVm([qcow2Disk()]);
-    await withTempDir(async (dir) => {
-      try {
-        const a = await backup(vm, "pull", ["-o", `${dir}/a.vma.zst`]);
-        assert.equal(a.code, 0, a.stderr);
-        await vm.restart(); // a clean quit stores the checkpoint in the qcow2
-        await vm.write("vda", 2 * MiB, 65536, 0x41);
-        await vm.restart({ kill: true }); // and a crash leaves it in-use
-        const before = await vm.nodes();
-        const [bitmap] = (await vm.qmp.execute("query-named-block-nodes", { flat: true }) as {
-          "node-name": string;
-          "dirty-bitmaps"?: { name: string; inconsistent?: boolean }[];
-        }[]).find((node) => node["node-name"] === "vda-node")!["dirty-bitmaps"]!;
-        assert.deepEqual([bitmap!.name, bitmap!.inconsistent], [
-          `vmabackup-${a.result.uuid}`,
-          true,
-        ]);
-        const b = await assertFull(
-          vm,
-          "pull",
-          ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/b.vma.zst`],
-          /checkpoint vmabackup-\S+ of drive-vda \(node vda-node\) is inconsistent: QEMU stopped without saving it/,
-        );
-        await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
-        // A checkpoint added since the last start is only in QEMU's memory: a crash loses it.
-        await vm.write("vda", 3 * MiB, 4096, 0x42);
-        await vm.restart({ kill: true });
-        await assertFull(
-          vm,
-          "pull",
-          ["--base", `${dir}/b.vma.zst`, "-o", `${dir}/c.vma.zst`],
-          new RegExp(`has no checkpoint vmabackup-${b.result.uuid}`),
-        );
-        // And the chain goes on from the new full.
-        await vm.write("vda", 9 * MiB, 8192, 0x43);
-        const snapshot = snapshotOf(vm);
-        const d = await backup(vm, "pull", [
-          "--base",
-          `${dir}/c.vma.zst`,
-          "-o",
-          `${dir}/d.vma.zst`,
-        ]);
-        assert.equal(d.result.kind, "incremental", d.stderr);
-        assert.equal(d.result.readBytes, CLUSTER);
-        assertSameDisks(await restore(`${dir}/d.vma.zst`), snapshot, "d");
-        await assertOneCheckpoint(vm, `vmabackup-${d.result.uuid}`, 1);
-        assert.deepEqual(await vm.nodes(), before);
-      } finally {
-        await vm.stop().catch(() => {});
-      }
+    await withVm([qcow2Disk()], async (vm, dir) => {
+      const a = await backup(vm, "pull", ["-o", `${dir}/a.vma.zst`]);
+      assert.equal(a.code, 0, a.stderr);
+      await vm.restart(); // a clean quit stores the checkpoint in the qcow2
+      await vm.write("vda", 2 * MiB, 65536, 0x41);
+      await vm.restart({ kill: true }); // and a crash leaves it in-use
+      const before = await vm.nodes();
+      const [bitmap] = (await vm.qmp.execute("query-named-block-nodes", { flat: true }) as {
+        "node-name": string;
+        "dirty-bitmaps"?: { name: string; inconsistent?: boolean }[];
+      }[]).find((node) => node["node-name"] === "vda-node")!["dirty-bitmaps"]!;
+      assert.deepEqual([bitmap!.name, bitmap!.inconsistent], [
+        `vmabackup-${a.result.uuid}`,
+        true,
+      ]);
+      const b = await assertFull(
+        vm,
+        "pull",
+        ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/b.vma.zst`],
+        /checkpoint vmabackup-\S+ of drive-vda \(node vda-node\) is inconsistent: QEMU stopped without saving it/,
+      );
+      await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
+      // A checkpoint added since the last start is only in QEMU's memory: a crash loses it.
+      await vm.write("vda", 3 * MiB, 4096, 0x42);
+      await vm.restart({ kill: true });
+      await assertFull(
+        vm,
+        "pull",
+        ["--base", `${dir}/b.vma.zst`, "-o", `${dir}/c.vma.zst`],
+        new RegExp(`has no checkpoint vmabackup-${b.result.uuid}`),
+      );
+      // And the chain goes on from the new full.
+      await vm.write("vda", 9 * MiB, 8192, 0x43);
+      const snapshot = snapshotOf(vm);
+      const d = await backup(vm, "pull", [
+        "--base",
+        `${dir}/c.vma.zst`,
+        "-o",
+        `${dir}/d.vma.zst`,
+      ]);
+      assert.equal(d.result.kind, "incremental", d.stderr);
+      assert.equal(d.result.readBytes, CLUSTER);
+      assertSameDisks(await restore(`${dir}/d.vma.zst`), snapshot, "d");
+      await assertOneCheckpoint(vm, `vmabackup-${d.result.uuid}`, 1);
+      assert.deepEqual(await vm.nodes(), before);
     });
   },
 );
 
 qemuTest("incremental push: a disk grown with block_resize gives a full", async () => {
-  const vm = await startVm([qcow2Disk()]);
-  await withTempDir(async (dir) => {
-    try {
-      const before = await vm.nodes();
-      const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
-      assert.equal(a.code, 0, a.stderr);
-      await vm.qmp.execute("block_resize", { "node-name": "vda-node", size: 20 * MiB });
-      const grown = new Uint8Array(20 * MiB);
-      grown.set(vm.model.get("vda")!);
-      vm.model.set("vda", grown);
-      await vm.write("vda", 18 * MiB, 65536, 0x51); // in the grown area
-      const b = await assertFull(
-        vm,
-        "push",
-        ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/b.vma.zst`],
-        /drive-vda was resized \(20971520 bytes, 16777216 in the base archive/,
-      );
-      await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
-      assert.deepEqual(await vm.nodes(), before);
-    } finally {
-      await vm.stop().catch(() => {});
-    }
+  await withVm([qcow2Disk()], async (vm, dir) => {
+    const before = await vm.nodes();
+    const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
+    assert.equal(a.code, 0, a.stderr);
+    await vm.qmp.execute("block_resize", { "node-name": "vda-node", size: 20 * MiB });
+    const grown = new Uint8Array(20 * MiB);
+    grown.set(vm.model.get("vda")!);
+    vm.model.set("vda", grown);
+    await vm.write("vda", 18 * MiB, 65536, 0x51); // in the grown area
+    const b = await assertFull(
+      vm,
+      "push",
+      ["--base", `${dir}/a.vma.zst`, "-o", `${dir}/b.vma.zst`],
+      /drive-vda was resized \(20971520 bytes, 16777216 in the base archive/,
+    );
+    await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
+    assert.deepEqual(await vm.nodes(), before);
   });
 });
 
 qemuTest(
   "incremental pull: checkpoints survive a clean restart; a disk added then gives a full",
   async () => {
-    const vm = await startVm([qcow2Disk()]);
-    await withTempDir(async (dir) => {
-      try {
-        const a = await backup(vm, "pull", ["-o", `${dir}/a.vma.zst`]);
-        assert.equal(a.code, 0, a.stderr);
-        await vm.write("vda", 4 * MiB, 65536, 0x61);
-        await vm.restart();
-        const snapshot = snapshotOf(vm);
-        const b = await backup(vm, "pull", [
-          "--base",
-          `${dir}/a.vma.zst`,
-          "-o",
-          `${dir}/b.vma.zst`,
-        ]);
-        assert.equal(b.result.kind, "incremental", b.stderr);
-        assert.equal(b.result.readBytes, CLUSTER);
-        assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
-        await vm.restart({ addDisks: [qcow2Disk("vdb", 6)] });
-        const before = await vm.nodes();
-        const c = await assertFull(
-          vm,
-          "pull",
-          ["--base", `${dir}/b.vma.zst`, "-o", `${dir}/c.vma.zst`],
-          /drive-vdb is not in the base archive \(a disk was added/,
-        );
-        await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 2);
-        assert.deepEqual(await vm.nodes(), before);
-      } finally {
-        await vm.stop().catch(() => {});
-      }
+    await withVm([qcow2Disk()], async (vm, dir) => {
+      const a = await backup(vm, "pull", ["-o", `${dir}/a.vma.zst`]);
+      assert.equal(a.code, 0, a.stderr);
+      await vm.write("vda", 4 * MiB, 65536, 0x61);
+      await vm.restart();
+      const snapshot = snapshotOf(vm);
+      const b = await backup(vm, "pull", [
+        "--base",
+        `${dir}/a.vma.zst`,
+        "-o",
+        `${dir}/b.vma.zst`,
+      ]);
+      assert.equal(b.result.kind, "incremental", b.stderr);
+      assert.equal(b.result.readBytes, CLUSTER);
+      assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
+      await vm.restart({ addDisks: [qcow2Disk("vdb", 6)] });
+      const before = await vm.nodes();
+      const c = await assertFull(
+        vm,
+        "pull",
+        ["--base", `${dir}/b.vma.zst`, "-o", `${dir}/c.vma.zst`],
+        /drive-vdb is not in the base archive \(a disk was added/,
+      );
+      await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 2);
+      assert.deepEqual(await vm.nodes(), before);
     });
   },
 );
@@ -505,68 +480,63 @@ qemuTest(
 qemuTest(
   "incremental push: a corrupt base archive gives a full; a damaged frame fails the incremental",
   async () => {
-    const vm = await startVm([qcow2Disk()]);
-    await withTempDir(async (dir) => {
-      try {
-        const before = await vm.nodes();
-        const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
-        assert.equal(a.code, 0, a.stderr);
-        // One byte of the embedded index (inside its skippable frame, before the seek table).
-        const file = await Deno.readFile(`${dir}/a.vma.zst`);
-        const bad = file.slice();
-        const at = indexFrameOffset(file) + 8 + 40; // in the index's JSON header
-        bad[at] = bad[at]! ^ 0x01;
-        await Deno.writeFile(`${dir}/bad.vma.zst`, bad);
-        await vm.write("vda", 7 * MiB, 4096, 0x71);
-        const b = await assertFull(
-          vm,
-          "push",
-          ["--base", `${dir}/bad.vma.zst`, "-o", `${dir}/b.vma.zst`],
-          /the base archive .*bad\.vma\.zst cannot be used: .*index/,
-        );
-        await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
-        // A truncated one too.
-        await Deno.writeFile(`${dir}/cut.vma.zst`, file.subarray(0, file.byteLength - 100));
-        const c = await assertFull(
-          vm,
-          "push",
-          ["--base", `${dir}/cut.vma.zst`, "-o", `${dir}/c.vma.zst`],
-          /the base archive .*cut\.vma\.zst cannot be used/,
-        );
-        await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
-        // A data frame damaged, its index intact: found only when it is copied, so the
-        // incremental fails (exit 3, one line) and leaves no archive; c's checkpoint stays.
-        const good = await Deno.readFile(`${dir}/c.vma.zst`);
-        const damaged = good.slice();
-        damaged[damaged.byteLength >> 1]! ^= 0x10;
-        await Deno.writeFile(`${dir}/c-damaged.vma.zst`, damaged);
-        await vm.write("vda", 0, 4096, 0x72);
-        const d = await backup(vm, "push", [
-          "--base",
-          `${dir}/c-damaged.vma.zst`,
-          "-o",
-          `${dir}/d.vma.zst`,
-        ]);
-        assert.equal(d.code, 3, d.stderr);
-        const errors = d.stderr.split("\n").filter((line) => line.startsWith("error:"));
-        assert.equal(errors.length, 1, d.stderr);
-        assert.match(errors[0]!, /c-damaged\.vma\.zst.*(checksum|SHA-256).*at byte \d+/);
-        assert.equal(await exists(`${dir}/d.vma.zst`), false);
-        assert.equal(await exists(`${dir}/d.vma.zst.partial`), false);
-        await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
-        const e = await backup(vm, "push", [
-          "--base",
-          `${dir}/c.vma.zst`,
-          "-o",
-          `${dir}/e.vma.zst`,
-        ]);
-        assert.equal(e.code, 0, e.stderr);
-        assert.equal(e.result.kind, "incremental", e.stderr);
-        await assertVerifies(`${dir}/e.vma.zst`);
-        assert.deepEqual(await vm.nodes(), before);
-      } finally {
-        await vm.stop().catch(() => {});
-      }
+    await withVm([qcow2Disk()], async (vm, dir) => {
+      const before = await vm.nodes();
+      const a = await backup(vm, "push", ["-o", `${dir}/a.vma.zst`]);
+      assert.equal(a.code, 0, a.stderr);
+      // One byte of the embedded index (inside its skippable frame, before the seek table).
+      const file = await Deno.readFile(`${dir}/a.vma.zst`);
+      const bad = file.slice();
+      const at = indexFrameOffset(file) + 8 + 40; // in the index's JSON header
+      bad[at] = bad[at]! ^ 0x01;
+      await Deno.writeFile(`${dir}/bad.vma.zst`, bad);
+      await vm.write("vda", 7 * MiB, 4096, 0x71);
+      const b = await assertFull(
+        vm,
+        "push",
+        ["--base", `${dir}/bad.vma.zst`, "-o", `${dir}/b.vma.zst`],
+        /the base archive .*bad\.vma\.zst cannot be used: .*index/,
+      );
+      await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
+      // A truncated one too.
+      await Deno.writeFile(`${dir}/cut.vma.zst`, file.subarray(0, file.byteLength - 100));
+      const c = await assertFull(
+        vm,
+        "push",
+        ["--base", `${dir}/cut.vma.zst`, "-o", `${dir}/c.vma.zst`],
+        /the base archive .*cut\.vma\.zst cannot be used/,
+      );
+      await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
+      // A data frame damaged, its index intact: found only when it is copied, so the
+      // incremental fails (exit 3, one line) and leaves no archive; c's checkpoint stays.
+      const good = await Deno.readFile(`${dir}/c.vma.zst`);
+      const damaged = good.slice();
+      damaged[damaged.byteLength >> 1]! ^= 0x10;
+      await Deno.writeFile(`${dir}/c-damaged.vma.zst`, damaged);
+      await vm.write("vda", 0, 4096, 0x72);
+      const d = await backup(vm, "push", [
+        "--base",
+        `${dir}/c-damaged.vma.zst`,
+        "-o",
+        `${dir}/d.vma.zst`,
+      ]);
+      assert.equal(d.code, 3, d.stderr);
+      const errors = d.stderr.split("\n").filter((line) => line.startsWith("error:"));
+      assert.equal(errors.length, 1, d.stderr);
+      assert.match(errors[0]!, /c-damaged\.vma\.zst.*(checksum|SHA-256).*at byte \d+/);
+      assert.equal(await exists(`${dir}/d.vma.zst`), false);
+      assert.equal(await exists(`${dir}/d.vma.zst.partial`), false);
+      await assertOneCheckpoint(vm, `vmabackup-${c.result.uuid}`, 1);
+      const e = await backup(vm, "push", [
+        "--base",
+        `${dir}/c.vma.zst`,
+        "-o",
+        `${dir}/e.vma.zst`,
+      ]);
+      assert.equal(e.code, 0, e.stderr);
+      assert.equal(e.result.kind, "incremental", e.stderr);
+      await assertVerifies(`${dir}/e.vma.zst`);
+      assert.deepEqual(await vm.nodes(), before);
     });
   },
 );
@@ -588,119 +558,101 @@ for (const mode of ["push", "pull"] as const) {
     async () => {
       // Random data, so re-encoding the changed extents at level 19 takes seconds.
       const size = 48 * MiB;
-      const vm = await startVm([{ id: "vda", size, data: [[0, randomBytes(size, 12)]] }]);
-      await withTempDir(async (dir) => {
-        try {
-          const before = await vm.nodes();
-          const a = await backup(vm, mode, ["-o", `${dir}/a.vma.zst`, "--level", "1"]);
-          assert.equal(a.code, 0, a.stderr);
-          const checkpoint = `vmabackup-${a.result.uuid}`;
-          // A cluster in every extent (58 clusters each): each one is written again.
-          const dirty: Dirty = new Map();
-          const ops: GuestOp[] = [];
-          for (let at = 0; at < size; at += 3 * MiB) {
-            await vm.write("vda", at + 65536, 65536, 0x80 + at / MiB);
-            ops.push({ id: "vda", offset: at + 65536, length: 65536, pattern: 0 });
-          }
-          dirty.set("vda", new Set(ops.map((op) => op.offset / CLUSTER)));
-          const snapshot = snapshotOf(vm);
-          const slow = ["--base", `${dir}/a.vma.zst`, "--level", "19"];
-          const command = [
-            Deno.execPath(),
-            "run",
-            ...PERMISSIONS,
-            "cli.ts",
-            "backup",
-            "--qmp",
-            vm.toolQmp,
-            "--mode",
-            mode,
-            ...slow,
-            "-o",
-            "-",
-            "--compress",
-            "zstd",
-          ].join(" ");
-          for (
-            const [shell, message] of [
-              [
-                `${command} | head -c 100000 > /dev/null; exit \${PIPESTATUS[0]}`,
-                /error: .*(Broken pipe|os error 32)/,
-              ],
-              [`${command} > /dev/full`, /error: .*(No space left on device|os error 28)/],
-            ] as const
-          ) {
-            const result = await new Deno.Command("bash", {
-              args: ["-c", shell],
-              cwd: new URL("..", import.meta.url).pathname,
-              env: { NO_COLOR: "1" },
-            }).output();
-            const stderr = new TextDecoder().decode(result.stderr);
-            assert.equal(result.code, 4, stderr);
-            assert.match(stderr, message);
-            await assertOneCheckpoint(vm, checkpoint, 1);
-            assert.deepEqual(await vm.nodes(), before);
-          }
-          // SIGINT while QEMU sends (push, slowed down), and while the archive is made.
-          const interrupts = mode === "push" ? [["--speed", "65536"], []] : [[]];
-          for (const extra of interrupts) {
-            const out = `${dir}/x.vma.zst`;
-            const child = spawnCli(
-              [
-                "backup",
-                "--qmp",
-                vm.toolQmp,
-                "--mode",
-                mode,
-                ...slow,
-                ...extra,
-                "-o",
-                out,
-                "--progress",
-                "json",
-              ],
-              { permissions: PERMISSIONS },
-            );
-            await child.stdin.close();
-            const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
-            let seen = "";
-            while (!seen.includes('"event":"snapshot"')) {
-              const { value, done } = await lines.read();
-              if (done) break;
-              seen += value;
-            }
-            await new Promise((resolve) => setTimeout(resolve, 700));
-            child.kill("SIGINT");
-            for (;;) {
-              const { value, done } = await lines.read();
-              if (done) break;
-              seen += value;
-            }
-            const { code } = await child.status;
-            assert.equal(code, 130, seen);
-            assert.match(seen, /error: interrupted by SIGINT/);
-            assert.ok(!(await exists(out)) && !(await exists(`${out}.partial`)), "no archive");
-            await assertOneCheckpoint(vm, checkpoint, 1);
-            assert.deepEqual(await vm.nodes(), before);
-          }
-          // The next one starts from the same checkpoint: every change since a.
-          const b = await backup(vm, mode, [
-            "--base",
-            `${dir}/a.vma.zst`,
-            "-o",
-            `${dir}/b.vma.zst`,
-          ]);
-          assert.equal(b.code, 0, b.stderr);
-          assert.equal(b.result.kind, "incremental", b.stderr);
-          assert.equal(b.result.readBytes, dirtyBytes(vm, dirty, true));
-          assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
-          await assertVerifies(`${dir}/b.vma.zst`);
-          await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
-          assert.deepEqual(await vm.nodes(), before);
-          assert.equal(await vm.status(), "running");
-        } finally {
-          await vm.stop().catch(() => {});
+      await withVm([{ id: "vda", size, data: [[0, randomBytes(size, 12)]] }], async (vm, dir) => {
+        const before = await vm.nodes();
+        const a = await backup(vm, mode, ["-o", `${dir}/a.vma.zst`, "--level", "1"]);
+        assert.equal(a.code, 0, a.stderr);
+        const checkpoint = `vmabackup-${a.result.uuid}`;
+        // A cluster in every extent (58 clusters each): each one is written again.
+        const dirty: Dirty = new Map();
+        const ops: GuestOp[] = [];
+        for (let at = 0; at < size; at += 3 * MiB) {
+          await vm.write("vda", at + 65536, 65536, 0x80 + at / MiB);
+          ops.push({ id: "vda", offset: at + 65536, length: 65536, pattern: 0 });
         }
+        dirty.set("vda", new Set(ops.map((op) => op.offset / CLUSTER)));
+        const snapshot = snapshotOf(vm);
+        const slow = ["--base", `${dir}/a.vma.zst`, "--level", "19"];
+        const command = [
+          Deno.execPath(),
+          "run",
+          ...PERMISSIONS,
+          "cli.ts",
+          "backup",
+          "--qmp",
+          vm.toolQmp,
+          "--mode",
+          mode,
+          ...slow,
+          "-o",
+          "-",
+          "--compress",
+          "zstd",
+        ].join(" ");
+        for (const [script, message] of failingSinks(command)) {
+          const { code, stderr } = await shell(script);
+          assert.equal(code, 4, stderr);
+          assert.match(stderr, message);
+          await assertOneCheckpoint(vm, checkpoint, 1);
+          assert.deepEqual(await vm.nodes(), before);
+        }
+        // SIGINT while QEMU sends (push, slowed down), and while the archive is made.
+        const interrupts = mode === "push" ? [["--speed", "65536"], []] : [[]];
+        for (const extra of interrupts) {
+          const out = `${dir}/x.vma.zst`;
+          const child = spawnCli(
+            [
+              "backup",
+              "--qmp",
+              vm.toolQmp,
+              "--mode",
+              mode,
+              ...slow,
+              ...extra,
+              "-o",
+              out,
+              "--progress",
+              "json",
+            ],
+            { permissions: PERMISSIONS },
+          );
+          await child.stdin.close();
+          const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+          let seen = "";
+          while (!seen.includes('"event":"snapshot"')) {
+            const { value, done } = await lines.read();
+            if (done) break;
+            seen += value;
+          }
+          await new Promise((resolve) => setTimeout(resolve, 700));
+          child.kill("SIGINT");
+          for (;;) {
+            const { value, done } = await lines.read();
+            if (done) break;
+            seen += value;
+          }
+          const { code } = await child.status;
+          assert.equal(code, 130, seen);
+          assert.match(seen, /error: interrupted by SIGINT/);
+          assert.ok(!(await exists(out)) && !(await exists(`${out}.partial`)), "no archive");
+          await assertOneCheckpoint(vm, checkpoint, 1);
+          assert.deepEqual(await vm.nodes(), before);
+        }
+        // The next one starts from the same checkpoint: every change since a.
+        const b = await backup(vm, mode, [
+          "--base",
+          `${dir}/a.vma.zst`,
+          "-o",
+          `${dir}/b.vma.zst`,
+        ]);
+        assert.equal(b.code, 0, b.stderr);
+        assert.equal(b.result.kind, "incremental", b.stderr);
+        assert.equal(b.result.readBytes, dirtyBytes(vm, dirty, true));
+        assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
+        await assertVerifies(`${dir}/b.vma.zst`);
+        await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
+        assert.deepEqual(await vm.nodes(), before);
+        assert.equal(await vm.status(), "running");
       });
     },
   );
@@ -711,18 +663,18 @@ qemuTest(
   async () => {
     for (const mode of ["push", "pull"] as const) {
       // Pull mode refuses a throttle filter in an iothread (see live_backup_test.ts).
-      const vm = await startVm([
-        {
-          id: "scsi0",
-          bus: "scsi",
-          throttle: true,
-          size: 16 * MiB,
-          data: diskContent(16 * MiB, 8),
-        },
-        { id: "efidisk0", bus: "pflash", throttle: true, format: "raw", size: 540672 },
-      ], { iothread: mode === "push" });
-      await withTempDir(async (dir) => {
-        try {
+      await withVm(
+        [
+          {
+            id: "scsi0",
+            bus: "scsi",
+            throttle: true,
+            size: 16 * MiB,
+            data: diskContent(16 * MiB, 8),
+          },
+          { id: "efidisk0", bus: "pflash", throttle: true, format: "raw", size: 540672 },
+        ],
+        async (vm, dir) => {
           const before = await vm.nodes();
           const a = await backup(vm, mode, ["-o", `${dir}/a.vma.zst`]);
           assert.equal(a.code, 0, a.stderr);
@@ -749,10 +701,9 @@ qemuTest(
           await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 2);
           assert.deepEqual(await vm.nodes(), before);
           assert.equal(await vm.status(), "running");
-        } finally {
-          await vm.stop().catch(() => {});
-        }
-      });
+        },
+        { iothread: mode === "push" },
+      );
     }
   },
 );
@@ -760,43 +711,38 @@ qemuTest(
 qemuTest(
   "examples/incremental_backup.ts: a full, then an incremental that restores on its own",
   async () => {
-    const vm = await startVm(chainDisks());
-    await withTempDir(async (dir) => {
-      try {
-        const before = await vm.nodes();
-        const example = new URL("../examples/incremental_backup.ts", import.meta.url).pathname;
-        const run = async (...args: string[]) => {
-          const result = await new Deno.Command(Deno.execPath(), {
-            args: ["run", ...PERMISSIONS, example, vm.toolQmp, ...args],
-            env: { NO_COLOR: "1" },
-          }).output();
-          assert.equal(result.code, 0, new TextDecoder().decode(result.stderr));
-          return new TextDecoder().decode(result.stdout);
-        };
-        assert.match(
-          await run(`${dir}/a.vma.zst`),
-          /a\.vma\.zst: full backup of drive-vda, drive-vdb/,
-        );
-        const a = await IndexedArchive.open(await fileRangeReader(`${dir}/a.vma.zst`));
-        a.close();
-        await assertOneCheckpoint(vm, `vmabackup-${a.index.uuid}`, 2);
-        await vm.write("vda", 5 * MiB, 3 * CLUSTER, 0x61);
-        await vm.writeZeroes("vdb", 2 * MiB, CLUSTER);
-        const snapshot = snapshotOf(vm);
-        assert.match(
-          await run(`${dir}/b.vma.zst`, `${dir}/a.vma.zst`),
-          /b\.vma\.zst: incremental backup of drive-vda, drive-vdb/,
-        );
-        assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
-        await assertVerifies(`${dir}/b.vma.zst`);
-        const b = await IndexedArchive.open(await fileRangeReader(`${dir}/b.vma.zst`));
-        b.close();
-        assert.equal(b.index.base?.uuid, a.index.uuid);
-        await assertOneCheckpoint(vm, `vmabackup-${b.index.uuid}`, 2);
-        assert.deepEqual(await vm.nodes(), before);
-      } finally {
-        await vm.stop().catch(() => {});
-      }
+    await withVm(chainDisks(), async (vm, dir) => {
+      const before = await vm.nodes();
+      const example = new URL("../examples/incremental_backup.ts", import.meta.url).pathname;
+      const run = async (...args: string[]) => {
+        const result = await new Deno.Command(Deno.execPath(), {
+          args: ["run", ...PERMISSIONS, example, vm.toolQmp, ...args],
+          env: { NO_COLOR: "1" },
+        }).output();
+        assert.equal(result.code, 0, new TextDecoder().decode(result.stderr));
+        return new TextDecoder().decode(result.stdout);
+      };
+      assert.match(
+        await run(`${dir}/a.vma.zst`),
+        /a\.vma\.zst: full backup of drive-vda, drive-vdb/,
+      );
+      const a = await IndexedArchive.open(await fileRangeReader(`${dir}/a.vma.zst`));
+      a.close();
+      await assertOneCheckpoint(vm, `vmabackup-${a.index.uuid}`, 2);
+      await vm.write("vda", 5 * MiB, 3 * CLUSTER, 0x61);
+      await vm.writeZeroes("vdb", 2 * MiB, CLUSTER);
+      const snapshot = snapshotOf(vm);
+      assert.match(
+        await run(`${dir}/b.vma.zst`, `${dir}/a.vma.zst`),
+        /b\.vma\.zst: incremental backup of drive-vda, drive-vdb/,
+      );
+      assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
+      await assertVerifies(`${dir}/b.vma.zst`);
+      const b = await IndexedArchive.open(await fileRangeReader(`${dir}/b.vma.zst`));
+      b.close();
+      assert.equal(b.index.base?.uuid, a.index.uuid);
+      await assertOneCheckpoint(vm, `vmabackup-${b.index.uuid}`, 2);
+      assert.deepEqual(await vm.nodes(), before);
     });
   },
 );

@@ -5,7 +5,7 @@
  * the VM runs, its disks take writes, the partial archive is gone and the exit code is not 0.
  */
 import assert from "node:assert/strict";
-import { cli, spawnCli, withTempDir } from "./_cli.ts";
+import { cli, failingSinks, shell, spawnCli, withTempDir } from "./_cli.ts";
 import { diskContent, firstDifference, qemuTest, startVm, type TestVm } from "./_qemu.ts";
 import { randomBytes } from "./_utils.ts";
 
@@ -139,22 +139,9 @@ for (const mode of ["push", "pull"] as const) {
         const command = `${deno} run ${
           PERMISSIONS.join(" ")
         } cli.ts backup --qmp ${vm.toolQmp} --mode ${mode} -o - --compress zstd ${SLOW.join(" ")}`;
-        for (
-          const [shell, message] of [
-            [
-              `${command} | head -c 100000 > /dev/null; exit \${PIPESTATUS[0]}`,
-              /error: .*(Broken pipe|os error 32)/,
-            ],
-            [`${command} > /dev/full`, /error: .*(No space left on device|os error 28)/],
-          ] as const
-        ) {
-          const result = await new Deno.Command("bash", {
-            args: ["-c", shell],
-            cwd: new URL("..", import.meta.url).pathname,
-            env: { NO_COLOR: "1" },
-          }).output();
-          const stderr = new TextDecoder().decode(result.stderr);
-          assert.equal(result.code, 4, stderr);
+        for (const [script, message] of failingSinks(command)) {
+          const { code, stderr } = await shell(script);
+          assert.equal(code, 4, stderr);
           assert.match(stderr, message);
           assert.deepEqual(await vm.nodes(), before, "the graph is restored after each failure");
           assert.equal(await vm.status(), "running");

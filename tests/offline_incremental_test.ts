@@ -6,7 +6,7 @@
  * loads and stores the bitmaps as a VM does (and leaves them `in-use` when killed).
  */
 import assert from "node:assert/strict";
-import { cli, toolTest, withTempDir } from "./_cli.ts";
+import { cli, shell, toolTest, withTempDir } from "./_cli.ts";
 import { randomBytes } from "./_utils.ts";
 
 const MiB = 2 ** 20;
@@ -171,13 +171,8 @@ await toolTest(
         "zstd",
         "> /dev/full",
       ].join(" ");
-      const failed = await new Deno.Command("sh", {
-        args: ["-c", command],
-        cwd: new URL("..", import.meta.url).pathname,
-        env: { NO_COLOR: "1" },
-      }).output();
-      const stderr = new TextDecoder().decode(failed.stderr);
-      assert.equal(failed.code, 4, stderr);
+      const failed = await shell(command, "sh");
+      assert.equal(failed.code, 4, failed.stderr);
       assert.deepEqual(await checkpoints(image), [previous.result.checkpoint]);
       // --no-checkpoint: an incremental that leaves the checkpoint as it is.
       const kept = await backup([

@@ -205,3 +205,26 @@ straceTest(
     });
   },
 );
+
+straceTest(
+  "extract of 160 MiB: each disk file is flushed while it is written, and once more before the rename",
+  async () => {
+    await withTempDir(async (dir) => {
+      await Deno.writeFile(`${dir}/d.raw`, new Uint8Array(160 << 20).fill(7));
+      const archive = `${dir}/vm.vma`;
+      await traced(["backup", "--disk", `${dir}/d.raw`, "-o", archive, "--no-index"], dir);
+      const target = `${dir}/restored`;
+      const calls = await traced(["extract", archive, target], dir);
+      const file = `${target}.partial/disk-drive-scsi0.raw`;
+      const syncs = calls.flatMap((c, i) =>
+        c.call === "fdatasync" && c.paths[0] === file ? [i] : []
+      );
+      assert.ok(syncs.length >= 2, `a flush behind the writes, and the last:\n${describe(calls)}`);
+      assert.ok(
+        syncs.at(-1)! < indexOf(calls, "rename", `${target}.partial`, target),
+        describe(calls),
+      );
+      assert.equal((await Deno.stat(`${target}/disk-drive-scsi0.raw`)).size, 160 << 20);
+    });
+  },
+);

@@ -49,7 +49,7 @@ export class FlushBehind {
 
   /** Flushes behind the writes to the file at `path`, every `interval` bytes. */
   static async open(
-    path: string,
+    path: string | URL,
     options: { interval?: number } = {},
   ): Promise<FlushBehind> {
     const handle = await Deno.open(path, { read: true });

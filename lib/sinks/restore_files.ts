@@ -7,6 +7,7 @@
 import { writeAll } from "../_io.ts";
 import type { VmaConfigRecord, VmaDeviceRecord, VmaRecord } from "../vma/records.ts";
 import { WriteCoalescer } from "./_write_runs.ts";
+import { FlushBehind } from "./flush_behind.ts";
 
 /** Options of {@linkcode RestoreSink}. */
 export interface RestoreSinkOptions {
@@ -32,13 +33,17 @@ export interface RestoredDevice {
 
 interface OpenDevice {
   file: Deno.FsFile;
+  /** Flushes the file to disk while it is written, so the final flush is short. */
+  behind: FlushBehind;
   info: RestoredDevice;
 }
 
 /**
  * Writes each device of a record stream to a raw file of exactly the device size. The file
  * is created sparse: only stored blocks are written, zero blocks stay holes. Clusters may
- * come in any order; neighbouring clusters of one extent are written with one call.
+ * come in any order; neighbouring clusters of one extent are written with one call. Each
+ * file is flushed to disk in the background while it is written (see
+ * {@linkcode FlushBehind}), so whoever makes it durable at the end finds little to flush.
  *
  * The sink does not check the archive; put a {@linkcode VmaReaderStream} in front of it.
  *
@@ -75,9 +80,13 @@ export class RestoreSink extends WritableStream<VmaRecord> {
       await device.file.seek(position, Deno.SeekMode.Start);
       await writeAll(device.file, bytes);
       device.info.dataBytes += bytes.byteLength;
+      device.behind.written(bytes.byteLength);
     });
     const closeAll = () => {
-      for (const device of devices.values()) device?.file.close();
+      for (const device of devices.values()) {
+        device?.file.close();
+        device?.behind.close();
+      }
       devices.clear();
     };
 
@@ -97,8 +106,12 @@ export class RestoreSink extends WritableStream<VmaRecord> {
             return;
           }
           const file = await Deno.open(path, openOptions);
+          const behind = await FlushBehind.open(path).catch((error) => {
+            file.close();
+            throw error;
+          });
           const info = { name: record.name, path, size: record.size, dataBytes: 0 };
-          devices.set(record.devId, { file, info }); // closed with the others, also on failure
+          devices.set(record.devId, { file, behind, info }); // closed with the others, also on failure
           restored.push(info);
           await file.truncate(record.size); // exact size, all holes for now
           return;
@@ -126,6 +139,7 @@ export class RestoreSink extends WritableStream<VmaRecord> {
       async close() {
         try {
           await writes.flush();
+          for (const device of devices.values()) await device?.behind.settle();
         } finally {
           closeAll();
         }

@@ -67,6 +67,14 @@ export function zstdDecompress(ctx: GroupContext, archive: string, file?: string
   return ctx.native((p) => `zstd -d -q -c ${p(archive)} > ${p(file)}`, [file]);
 }
 
+/**
+ * `zstd -d -q -c ARCHIVE > FILE` and then `sync` of the file: a decode as durable as a
+ * restore, whose files are flushed to disk before they take their names.
+ */
+export function zstdDecompressDurable(ctx: GroupContext, archive: string, file: string): Command {
+  return ctx.native((p) => `zstd -d -q -c ${p(archive)} > ${p(file)} && sync ${p(file)}`, [file]);
+}
+
 /** `cp --sparse=always INPUT COPY`; the copy is the output. */
 export function cpSparse(ctx: GroupContext, input: string, copy: string): Command {
   return ctx.native((p) => `cp --sparse=always ${p(input)} ${p(copy)}`, [copy]);

@@ -19,6 +19,7 @@ import {
   verify,
   zstdCompress,
   zstdDecompress,
+  zstdDecompressDurable,
 } from "../_commands.ts";
 import { defineGroup, pair } from "../_group.ts";
 import { DENSE_1G } from "../_inputs.ts";
@@ -93,6 +94,14 @@ export default defineGroup<Archives>({
         label: "restore .vma.zst → sparse raw vs `zstd -d > file`",
         ours: extract(ctx, zst, out("restored")),
         native: zstdDecompress(ctx, zst, out("zstd-d.vma")),
+        target: null,
+        bytes,
+      }),
+      pair({
+        id: "extract/zstd-d-file-sync",
+        label: "restore .vma.zst → sparse raw vs `zstd -d > file && sync file` (both durable)",
+        ours: extract(ctx, zst, out("restored")),
+        native: zstdDecompressDurable(ctx, zst, out("zstd-d.vma")),
         target: null,
         bytes,
       }),

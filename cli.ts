@@ -14,42 +14,20 @@
  * @module
  */
 import denoJson from "./deno.json" with { type: "json" };
-import type { Command } from "./lib/cli/command.ts";
-import { backupCommand } from "./lib/cli/commands/backup.ts";
-import { demoCommand } from "./lib/cli/commands/demo.ts";
-import { extractCommand } from "./lib/cli/commands/extract.ts";
-import { convertCommand } from "./lib/cli/commands/convert.ts";
-import { indexCommand } from "./lib/cli/commands/index.ts";
-import { configCommand, listCommand } from "./lib/cli/commands/list.ts";
-import { restoreCommand } from "./lib/cli/commands/restore.ts";
-import { serveCommand } from "./lib/cli/commands/serve.ts";
-import { verifyCommand } from "./lib/cli/commands/verify.ts";
+import { COMMANDS } from "./lib/cli/catalog.ts";
 import { type CliContext, processContext, writeText } from "./lib/cli/context.ts";
 import { describeError, ExitCode, InterruptedError, signalExitCode } from "./lib/cli/errors.ts";
 import { checkBufferReuse } from "./lib/_pool.ts";
 import { zstdFallbackNote } from "./lib/transforms/_zstd_note.ts";
 
-const commands: Command[] = [
-  backupCommand,
-  extractCommand,
-  listCommand,
-  configCommand,
-  verifyCommand,
-  indexCommand,
-  convertCommand,
-  serveCommand,
-  restoreCommand,
-  demoCommand,
-];
-
 function usage(): string {
-  const width = Math.max(...commands.map((command) => command.name.length));
+  const width = Math.max(...COMMANDS.map((command) => command.name.length));
   return [
     `vmabackup ${denoJson.version}: VM disk backups in the Proxmox VMA format`,
     "",
     "usage: cli.ts COMMAND [options]     (cli.ts COMMAND --help for details)",
     "",
-    ...commands.map((command) => `  ${command.name.padEnd(width)}  ${command.summary}`),
+    ...COMMANDS.map((command) => `  ${command.name.padEnd(width)}  ${command.summary}`),
     "",
     "  --version  print the version",
   ].join("\n");
@@ -86,14 +64,14 @@ export async function main(args: string[], context: CliContext): Promise<number>
     await writeText(name === undefined ? context.stderr : context.stdout, `${usage()}\n`);
     return name === undefined ? ExitCode.usage : ExitCode.ok;
   }
-  const command = commands.find((candidate) => candidate.name === name);
+  const command = COMMANDS.find((candidate) => candidate.name === name);
   if (debugEnabled()) checkBufferReuse(true); // a buffer reused too early becomes an error
   if (command === undefined) {
     await writeText(context.stderr, `error: unknown command '${name}' (see 'cli.ts --help')\n`);
     return ExitCode.usage;
   }
   try {
-    return await command.run(rest, context);
+    return await (await command.load()).run(rest, context);
   } catch (error) {
     const { exitCode, message } = describeError(error);
     // deno-lint-ignore no-console

@@ -2,6 +2,7 @@
 /** End-to-end tests of cli.ts, run as a subprocess with pipes, as users and scripts run it. */
 import assert from "node:assert/strict";
 import { type VmaRecord, VmaWriterStream } from "../mod.ts";
+import { COMMANDS } from "../lib/cli/catalog.ts";
 import { CLI as CLI_PATH, cli, hasProgram, spawnCli, tool, withTempDir } from "./_cli.ts";
 import { diskClusters, loadProxmoxSample, randomBytes } from "./_utils.ts";
 
@@ -383,10 +384,12 @@ Deno.test("cli: --progress json writes JSON lines on stderr, and stdout stays da
 });
 
 Deno.test("cli: --help for every command and --version", async () => {
-  for (const command of ["backup", "extract", "list", "config", "verify", "demo"]) {
-    const help = await cli([command, "--help"]);
+  const list = await cli(["--help"]);
+  for (const { name, summary } of COMMANDS) {
+    assert.ok(list.text.includes(`  ${name}`) && list.text.includes(summary), name);
+    const help = await cli([name, "--help"]);
     assert.equal(help.code, 0);
-    assert.match(help.text, new RegExp(`usage: cli\\.ts ${command}`));
+    assert.match(help.text, new RegExp(`usage: cli\\.ts ${name}`));
     assert.match(help.text, /permissions: /);
   }
   const version = await cli(["--version"]);

@@ -13,8 +13,6 @@ import type { ZstdEngine } from "../transforms/compression.ts";
 /** One subcommand of `cli.ts`. */
 export interface Command {
   name: string;
-  /** One line for the command list. */
-  summary: string;
   /** The full `--help` text. */
   help: string;
   /** Runs the command; resolves to the exit code. */

@@ -679,7 +679,6 @@ async function outputPlan(values: BackupValues): Promise<Omit<BackupPlan, "start
  */
 export const backupCommand: Command = {
   name: "backup",
-  summary: "back up disks (and configs) into a VMA archive",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("backup", args, OPTIONS);

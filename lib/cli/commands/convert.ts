@@ -88,7 +88,6 @@ from stdin to stdout; --allow-run=lzop for .lzo; s3:// needs --allow-net=HOST --
  */
 export const convertCommand: Command = {
   name: "convert",
-  summary: "rewrite any archive as a seekable, indexed .vma.zst (the same VMA bytes)",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("convert", args, {

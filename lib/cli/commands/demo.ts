@@ -196,7 +196,6 @@ async function runJson(command: Command, args: string[], context: CliContext) {
  */
 export const demoCommand: Command = {
   name: "demo",
-  summary: "back up, verify, extract and compare a built-in sample VM",
   help: HELP,
   async run(args, context) {
     const { values } = parseCommandArgs("demo", args, {

@@ -168,7 +168,6 @@ function writeConfigs(dir: string) {
  */
 export const extractCommand: Command = {
   name: "extract",
-  summary: "restore configs and sparse raw disks into a new directory (or one disk to stdout)",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("extract", args, {

@@ -119,7 +119,6 @@ interface IndexResult {
  */
 export const indexCommand: Command = {
   name: "index",
-  summary: "build the index of an existing archive, as a sidecar ARCHIVE.idx",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("index", args, {

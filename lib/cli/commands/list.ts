@@ -188,7 +188,6 @@ export function vmaListLines({ header, configs, devices }: ArchiveHeader): strin
  */
 export const listCommand: Command = {
   name: "list",
-  summary: "list configs and devices (the exact 'vma list' output, or --json)",
   help: LIST_HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("list", args, {
@@ -246,7 +245,6 @@ export const listCommand: Command = {
  */
 export const configCommand: Command = {
   name: "config",
-  summary: "print the raw bytes of a stored config (default qemu-server.conf)",
   help: CONFIG_HELP,
   async run(args, context: CliContext) {
     const { values, positionals } = parseCommandArgs("config", args, {

@@ -77,7 +77,6 @@ permissions: --allow-read --allow-write --allow-net --allow-run=qemu-img`;
  */
 export const restoreCommand: Command = {
   name: "restore",
-  summary: "restore a VM from its backup while it runs (--live)",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("restore", args, {

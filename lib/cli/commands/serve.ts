@@ -77,7 +77,6 @@ permissions: --allow-read --allow-write --allow-net (unix socket); --allow-read 
  */
 export const serveCommand: Command = {
   name: "serve",
-  summary: "serve the disks of an archive as read-only NBD exports",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("serve", args, {

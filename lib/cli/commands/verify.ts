@@ -81,7 +81,6 @@ permissions: --allow-read (none for stdin; --allow-run=lzop for .lzo); s3:// nee
  */
 export const verifyCommand: Command = {
   name: "verify",
-  summary: "check every rule of the format, missing clusters included",
   help: HELP,
   async run(args, context) {
     const { values, positionals } = parseCommandArgs("verify", args, {

@@ -282,6 +282,26 @@ Deno.test("FrameDecoderPool: a discard job checks its frame and gives back only 
   }
 });
 
+Deno.test("FrameDecoderPool with mainThread: this thread decodes one frame until a worker replies, so the worker's queue does not run dry", async () => {
+  const pool = new FrameDecoderPool(1, undefined, { mainThread: true });
+  try {
+    const params = { [zlib.constants.ZSTD_c_checksumFlag]: 1 };
+    const data = randomBytes(200_000, 7);
+    const frame = new Uint8Array(zlib.zstdCompressSync(data, { params }));
+    // Eight in one burst, as one chunk of a file brings them: no worker reply can be seen
+    // in between. Two go to the worker, one is decoded here, the other five queue behind.
+    const decoding = Array.from(
+      { length: 8 },
+      () => pool.decode({ input: frame.slice(), size: 200_000, output: new Uint8Array(200_000) }),
+    );
+    assert.equal(pool.pending, 7, "frames sent to the worker");
+    for (const result of await Promise.all(decoding)) assert.deepEqual(result.output, data);
+    assert.equal(pool.pending, 0);
+  } finally {
+    pool.stop();
+  }
+});
+
 Deno.test("FrameDecoderPool decodes frames that end in an empty last block (as zlib's one-shot compressor writes them), and checks their size and checksum", async () => {
   const pool = new FrameDecoderPool(1);
   try {

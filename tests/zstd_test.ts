@@ -6,6 +6,14 @@ import * as zlib from "node:zlib";
 import { FrameDecoderPool } from "../lib/transforms/_frame_decoder.ts";
 import { ZstdFrameSplitter } from "../lib/transforms/_zstd_frames.ts";
 import { ZstdCompressStream, ZstdDecompressStream } from "../lib/transforms/zstd.ts";
+import {
+  decodeSeekTable,
+  SeekableZstdDecompressStream,
+  SeekableZstdStream,
+  seekTableSize,
+  VmaExtentStream,
+  VmaWriterStream,
+} from "../mod.ts";
 import { tool } from "./_cli.ts";
 import { randomBytes } from "./_utils.ts";
 
@@ -315,5 +323,55 @@ Deno.test("FrameDecoderPool decodes frames that end in an empty last block (as z
     await assert.rejects(pool.decode({ input: damaged, size: 300_000 }), /checksum/);
   } finally {
     pool.stop();
+  }
+});
+
+Deno.test("SeekableZstdDecompressStream checks each data frame's SHA-256, hashed by the decoding thread or (without mainThread) by this one", async () => {
+  const device = { type: "device" as const, devId: 1, name: "drive-scsi0", size: 4 * 65536 };
+  const clusters = [0, 1, 2, 3].map((cluster) => ({
+    type: "cluster" as const,
+    devId: 1,
+    cluster,
+    mask: 0xffff,
+    data: randomBytes(65536, cluster + 1),
+  }));
+  const file = await new Response(
+    ReadableStream.from([device, ...clusters])
+      .pipeThrough(new VmaWriterStream({ uuid: "2f1e6b0c-1c0a-4f9e-9d6e-3b1d5c7a9e10", ctime: 0 }))
+      .pipeThrough(new VmaExtentStream())
+      .pipeThrough(new SeekableZstdStream()),
+  ).bytes();
+  const seekTable = decodeSeekTable(
+    file.subarray(-seekTableSize(file.subarray(-9))!),
+    file.byteLength,
+  );
+  // The data frame: the one after the first extent header, at 12800 + 512 decoded bytes.
+  const offsets = [0];
+  for (const size of seekTable.compressedSizes) offsets.push(offsets.at(-1)! + size);
+  let decoded = 0;
+  let dataFrame = -1;
+  seekTable.decompressedSizes.forEach((size, f) => {
+    if (decoded === 12800 + 512) dataFrame = f;
+    decoded += size;
+  });
+  const frame = file.subarray(offsets[dataFrame]!, offsets[dataFrame + 1]!);
+  const right = new Uint8Array(await crypto.subtle.digest("SHA-256", frame));
+  const wrong = right.map((byte, i) => i === 0 ? byte ^ 1 : byte);
+  for (const mainThread of [true, false]) {
+    for (const digest of [right, wrong]) {
+      const stream = new SeekableZstdDecompressStream({
+        seekTable,
+        mainThread,
+        workers: 1,
+        expectedDigest: (f) => f === dataFrame ? digest : undefined,
+      });
+      const decoding = new Response(ReadableStream.from([file]).pipeThrough(stream)).bytes();
+      if (digest === right) {
+        assert.equal((await decoding).byteLength, decoded);
+        assert.equal(stream.stats.digestsChecked, 1);
+      } else {
+        await assert.rejects(decoding, /does not match the SHA-256 in the index/);
+      }
+    }
   }
 });

@@ -107,9 +107,8 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
     // Workers for the cores but one, and this thread decodes when they are all busy: each
     // frame in flight holds its input and output (about 5 MB for a full extent), and each
     // Worker about 15 MiB.
-    const decoders = new FrameDecoderPool(options.workers, undefined, {
-      mainThread: options.mainThread ?? true,
-    });
+    const mainThread = options.mainThread ?? true;
+    const decoders = new FrameDecoderPool(options.workers, undefined, { mainThread });
     // A data frame for each worker and one for this thread; twice that many entries, since
     // every data frame comes after its small header frame (decoded at once). Frames that
     // are only checked hold no output: three times as many keep every thread busy.
@@ -154,6 +153,13 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
         `zstd frame ${f}: ${detail}${options.describe?.(f, decoded) ?? ""}`,
       );
     };
+    const checkDigest = (f: number, at: number, decodedOffset: number, digest: Uint8Array) => {
+      const expected = options.expectedDigest!(f, decodedOffset)!;
+      if (digest.length !== expected.length || digest.some((byte, i) => byte !== expected[i])) {
+        fail(f, at, decodedOffset, "its data does not match the SHA-256 in the index");
+      }
+      stats.digestsChecked++;
+    };
     const submit = (f: number, at: number, bytes: Uint8Array<ArrayBuffer>) => {
       const size = table.decompressedSizes[f]!;
       const decodedOffset = decodedAt;
@@ -170,21 +176,20 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
       }
       const expected = options.expectedDigest?.(f, decodedOffset);
       if (expected === undefined) framesHash?.update(bytes);
+      // A thread that does not decode hashes the frames itself, so that the decoding
+      // Workers (the slower side of a restore) only decode.
+      const hashHere = !mainThread && expected !== undefined;
+      if (hashHere) checkDigest(f, at, decodedOffset, createHash("sha256").update(bytes).digest());
       const discard = discardData && expected !== undefined;
       const job = {
         input: bytes,
         size,
-        digest: expected !== undefined,
+        digest: expected !== undefined && !hashHere,
         ...(discard ? { discard } : { output: outputs.acquire().bytes }),
       };
       const result = decoders.decode(job).then(({ input: back, output: decoded, digest }) => {
         inputs.adopt(back);
-        if (expected !== undefined) {
-          if (digest!.toHex() !== expected.toHex()) {
-            fail(f, at, decodedOffset, "its data does not match the SHA-256 in the index");
-          }
-          stats.digestsChecked++;
-        }
+        if (expected !== undefined && !hashHere) checkDigest(f, at, decodedOffset, digest!);
         if (discard) return (zeros ??= new Uint8Array(largestDecoded)).subarray(0, size);
         outputs.wrap(decoded).hold(1); // the final consumer's releaseChunk() gives it back
         return decoded.subarray(0, size);

@@ -69,6 +69,13 @@ function indexOf(calls: Call[], call: string, ...paths: string[]): number {
   return at;
 }
 
+/** `file` was flushed at least twice (behind its writes), the last time before `from` → `to`. */
+function assertFlushedBehind(calls: Call[], file: string, from: string, to: string): void {
+  const syncs = calls.flatMap((c, i) => c.call === "fdatasync" && c.paths[0] === file ? [i] : []);
+  assert.ok(syncs.length >= 2, `a flush behind the writes, and the last:\n${describe(calls)}`);
+  assert.ok(syncs.at(-1)! < indexOf(calls, "rename", from, to), describe(calls));
+}
+
 function describe(calls: Call[]): string {
   return calls.map((c) => `${c.call}(${c.paths.join(", ")})`).join("\n");
 }
@@ -196,11 +203,7 @@ straceTest(
         ["backup", "--disk", `${dir}/d.raw`, "-o", out, "--no-index"],
         dir,
       );
-      const syncs = calls.flatMap((c, i) =>
-        c.call === "fdatasync" && c.paths[0] === `${out}.partial` ? [i] : []
-      );
-      assert.ok(syncs.length >= 2, `a flush behind the writes, and the last:\n${describe(calls)}`);
-      assert.ok(syncs.at(-1)! < indexOf(calls, "rename", `${out}.partial`, out), describe(calls));
+      assertFlushedBehind(calls, `${out}.partial`, `${out}.partial`, out);
       assert.equal((await Deno.stat(out)).size > 160 << 20, true);
     });
   },
@@ -216,14 +219,7 @@ straceTest(
       const target = `${dir}/restored`;
       const calls = await traced(["extract", archive, target], dir);
       const file = `${target}.partial/disk-drive-scsi0.raw`;
-      const syncs = calls.flatMap((c, i) =>
-        c.call === "fdatasync" && c.paths[0] === file ? [i] : []
-      );
-      assert.ok(syncs.length >= 2, `a flush behind the writes, and the last:\n${describe(calls)}`);
-      assert.ok(
-        syncs.at(-1)! < indexOf(calls, "rename", `${target}.partial`, target),
-        describe(calls),
-      );
+      assertFlushedBehind(calls, file, `${target}.partial`, target);
       assert.equal((await Deno.stat(`${target}/disk-drive-scsi0.raw`)).size, 160 << 20);
     });
   },

@@ -165,23 +165,68 @@ export function frameDecoder(
   };
 }
 
+/** Where `discard` jobs decode into: one buffer per thread, grown as needed. */
+interface Scratch {
+  bytes: Uint8Array;
+}
+
+/**
+ * Runs a decode job on this thread with `decode`: the same work a worker does (the workers
+ * run this very function, from its source text, so it refers to nothing outside itself).
+ *
+ * @example Decode a frame only to check it, with its digest
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { createHash } from "node:crypto";
+ * import * as zlib from "node:zlib";
+ * import { frameDecoder, runDecodeJob } from "./_frame_decoder.ts";
+ *
+ * const params = { [zlib.constants.ZSTD_c_checksumFlag]: 1 };
+ * const input = new Uint8Array(zlib.zstdCompressSync("vma ".repeat(5000), { params }));
+ * const sha256 = (bytes: Uint8Array) => new Uint8Array(createHash("sha256").update(bytes).digest());
+ * const scratch = { bytes: new Uint8Array(0) };
+ * const decode = frameDecoder(zlib, () => {});
+ * const result = runDecodeJob({ input, size: 20_000, digest: true, discard: true }, decode, scratch, sha256);
+ * assert.deepEqual([result.output.byteLength, result.digest?.byteLength], [0, 32]);
+ * assert.equal(scratch.bytes.byteLength, 20_000);
+ * ```
+ */
+export function runDecodeJob(
+  job: DecodeJob,
+  decode: DecodeFrame,
+  scratch: Scratch,
+  sha256: (bytes: Uint8Array) => Uint8Array,
+): DecodeResult {
+  const { input, size, output: lent, discard, digest } = job;
+  if (discard && scratch.bytes.byteLength < size) scratch.bytes = new Uint8Array(size);
+  const output = discard
+    ? scratch.bytes.subarray(0, size)
+    : lent
+    ? new Uint8Array(lent.buffer, 0, size)
+    : new Uint8Array(size);
+  decode(input, output);
+  const result: DecodeResult = {
+    input,
+    output: discard ? new Uint8Array(0) : output as Uint8Array<ArrayBuffer>,
+  };
+  if (digest) result.digest = sha256(input);
+  return result;
+}
+
 const WORKER_SOURCE = `
 import * as zlib from "node:zlib";
 import { createHash } from "node:crypto";
 let fallback;
 const decode = (${frameDecoder})(zlib, (why) => (fallback = why));
-let scratch = new Uint8Array(0);
+const run = ${runDecodeJob};
+const scratch = { bytes: new Uint8Array(0) };
+const sha256 = (bytes) => new Uint8Array(createHash("sha256").update(bytes).digest());
 self.onmessage = ({ data }) => {
-  const { id, input, size, digest, output: lent, discard } = data;
+  const { id, input, output: lent } = data;
   try {
-    if (discard && scratch.byteLength < size) scratch = new Uint8Array(size);
-    const output = discard
-      ? scratch.subarray(0, size)
-      : lent ? new Uint8Array(lent.buffer, 0, size) : new Uint8Array(size);
-    decode(input, output);
-    const result = { input, output: discard ? new Uint8Array(0) : output };
-    if (digest) result.digest = new Uint8Array(createHash("sha256").update(input).digest());
-    self.postMessage({ id, result, fallback }, discard ? [input.buffer] : [input.buffer, output.buffer]);
+    const result = run(data, decode, scratch, sha256);
+    const transfer = data.discard ? [input.buffer] : [input.buffer, result.output.buffer];
+    self.postMessage({ id, result, fallback }, transfer);
     fallback = undefined;
   } catch (error) {
     const transfer = lent ? [input.buffer, lent.buffer] : [input.buffer];
@@ -190,6 +235,10 @@ self.onmessage = ({ data }) => {
 };
 `;
 let workerUrl: string | undefined;
+
+function sha256(bytes: Uint8Array): Uint8Array {
+  return new Uint8Array(createHash("sha256").update(bytes).digest());
+}
 
 /** Frames up to this size decode on this thread: a worker round trip costs more. */
 export const INLINE_SIZE = 64 * 1024;
@@ -227,7 +276,7 @@ export class FrameDecoderPool {
   #nextId = 0;
   #here: DecodeFrame | undefined;
   /** What `discard` jobs decode into on this thread. */
-  #scratch = new Uint8Array(0);
+  #scratch: Scratch = { bytes: new Uint8Array(0) };
   #onFallback: (why: string) => void;
   #mainThread: boolean;
   /** Whether this thread decoded a frame since the last reply of a worker. */
@@ -266,23 +315,7 @@ export class FrameDecoderPool {
       if (job.size > INLINE_SIZE) this.#decodedHere = true;
       try {
         this.#here ??= frameDecoder(zlib, this.#onFallback);
-        if (job.discard && this.#scratch.byteLength < job.size) {
-          this.#scratch = new Uint8Array(job.size);
-        }
-        const output = job.discard
-          ? this.#scratch.subarray(0, job.size)
-          : job.output === undefined
-          ? new Uint8Array(job.size)
-          : new Uint8Array(job.output.buffer, 0, job.size);
-        this.#here(job.input, output);
-        const result: DecodeResult = {
-          input: job.input,
-          output: job.discard ? new Uint8Array(0) : output,
-        };
-        if (job.digest) {
-          result.digest = new Uint8Array(createHash("sha256").update(job.input).digest());
-        }
-        return Promise.resolve(result);
+        return Promise.resolve(runDecodeJob(job, this.#here, this.#scratch, sha256));
       } catch (error) {
         return Promise.reject(error);
       }

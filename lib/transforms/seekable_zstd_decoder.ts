@@ -153,13 +153,6 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
         `zstd frame ${f}: ${detail}${options.describe?.(f, decoded) ?? ""}`,
       );
     };
-    const checkDigest = (f: number, at: number, decodedOffset: number, digest: Uint8Array) => {
-      const expected = options.expectedDigest!(f, decodedOffset)!;
-      if (digest.length !== expected.length || digest.some((byte, i) => byte !== expected[i])) {
-        fail(f, at, decodedOffset, "its data does not match the SHA-256 in the index");
-      }
-      stats.digestsChecked++;
-    };
     const submit = (f: number, at: number, bytes: Uint8Array<ArrayBuffer>) => {
       const size = table.decompressedSizes[f]!;
       const decodedOffset = decodedAt;
@@ -176,10 +169,16 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
       }
       const expected = options.expectedDigest?.(f, decodedOffset);
       if (expected === undefined) framesHash?.update(bytes);
+      const checkDigest = (digest: Uint8Array) => {
+        if (digest.length !== expected!.length || digest.some((byte, i) => byte !== expected![i])) {
+          fail(f, at, decodedOffset, "its data does not match the SHA-256 in the index");
+        }
+        stats.digestsChecked++;
+      };
       // A thread that does not decode hashes the frames itself, so that the decoding
       // Workers (the slower side of a restore) only decode.
       const hashHere = !mainThread && expected !== undefined;
-      if (hashHere) checkDigest(f, at, decodedOffset, createHash("sha256").update(bytes).digest());
+      if (hashHere) checkDigest(createHash("sha256").update(bytes).digest());
       const discard = discardData && expected !== undefined;
       const job = {
         input: bytes,
@@ -189,7 +188,7 @@ export class SeekableZstdDecompressStream extends TransformStream<Uint8Array, Ui
       };
       const result = decoders.decode(job).then(({ input: back, output: decoded, digest }) => {
         inputs.adopt(back);
-        if (expected !== undefined && !hashHere) checkDigest(f, at, decodedOffset, digest!);
+        if (expected !== undefined && !hashHere) checkDigest(digest!);
         if (discard) return (zeros ??= new Uint8Array(largestDecoded)).subarray(0, size);
         outputs.wrap(decoded).hold(1); // the final consumer's releaseChunk() gives it back
         return decoded.subarray(0, size);

@@ -296,6 +296,26 @@ function qcow2Disk(id = "vda", seed = 5) {
   return { id, size: 16 * MiB, data: diskContent(16 * MiB, seed) };
 }
 
+/**
+ * An incremental backup of `base` into `out` that must read `readBytes` from the VM and
+ * restore to what the guest's disks hold now.
+ */
+async function assertIncremental(
+  vm: TestVm,
+  mode: Mode,
+  [base, out]: [string, string],
+  readBytes: number,
+  what: string,
+): Promise<BackupRun> {
+  const snapshot = snapshotOf(vm);
+  const run = await backup(vm, mode, ["--base", base, "-o", out]);
+  assert.equal(run.code, 0, run.stderr);
+  assert.equal(run.result.kind, "incremental", run.stderr);
+  assert.equal(run.result.readBytes, readBytes);
+  assertSameDisks(await restore(out), snapshot, what);
+  return run;
+}
+
 /** A backup that must be a full one, saying why in one line, and be right. */
 async function assertFull(
   vm: TestVm,
@@ -408,16 +428,8 @@ qemuTest(
       );
       // And the chain goes on from the new full.
       await vm.write("vda", 9 * MiB, 8192, 0x43);
-      const snapshot = snapshotOf(vm);
-      const d = await backup(vm, "pull", [
-        "--base",
-        `${dir}/c.vma.zst`,
-        "-o",
-        `${dir}/d.vma.zst`,
-      ]);
-      assert.equal(d.result.kind, "incremental", d.stderr);
-      assert.equal(d.result.readBytes, CLUSTER);
-      assertSameDisks(await restore(`${dir}/d.vma.zst`), snapshot, "d");
+      const files: [string, string] = [`${dir}/c.vma.zst`, `${dir}/d.vma.zst`];
+      const d = await assertIncremental(vm, "pull", files, CLUSTER, "d");
       await assertOneCheckpoint(vm, `vmabackup-${d.result.uuid}`, 1);
       assert.deepEqual(await vm.nodes(), before);
     });
@@ -453,16 +465,7 @@ qemuTest(
       assert.equal(a.code, 0, a.stderr);
       await vm.write("vda", 4 * MiB, 65536, 0x61);
       await vm.restart();
-      const snapshot = snapshotOf(vm);
-      const b = await backup(vm, "pull", [
-        "--base",
-        `${dir}/a.vma.zst`,
-        "-o",
-        `${dir}/b.vma.zst`,
-      ]);
-      assert.equal(b.result.kind, "incremental", b.stderr);
-      assert.equal(b.result.readBytes, CLUSTER);
-      assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
+      await assertIncremental(vm, "pull", [`${dir}/a.vma.zst`, `${dir}/b.vma.zst`], CLUSTER, "b");
       await vm.restart({ addDisks: [qcow2Disk("vdb", 6)] });
       const before = await vm.nodes();
       const c = await assertFull(
@@ -571,7 +574,6 @@ for (const mode of ["push", "pull"] as const) {
           ops.push({ id: "vda", offset: at + 65536, length: 65536, pattern: 0 });
         }
         dirty.set("vda", new Set(ops.map((op) => op.offset / CLUSTER)));
-        const snapshot = snapshotOf(vm);
         const slow = ["--base", `${dir}/a.vma.zst`, "--level", "19"];
         const command = [
           Deno.execPath(),
@@ -639,16 +641,8 @@ for (const mode of ["push", "pull"] as const) {
           assert.deepEqual(await vm.nodes(), before);
         }
         // The next one starts from the same checkpoint: every change since a.
-        const b = await backup(vm, mode, [
-          "--base",
-          `${dir}/a.vma.zst`,
-          "-o",
-          `${dir}/b.vma.zst`,
-        ]);
-        assert.equal(b.code, 0, b.stderr);
-        assert.equal(b.result.kind, "incremental", b.stderr);
-        assert.equal(b.result.readBytes, dirtyBytes(vm, dirty, true));
-        assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, "b");
+        const files: [string, string] = [`${dir}/a.vma.zst`, `${dir}/b.vma.zst`];
+        const b = await assertIncremental(vm, mode, files, dirtyBytes(vm, dirty, true), "b");
         await assertVerifies(`${dir}/b.vma.zst`);
         await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 1);
         assert.deepEqual(await vm.nodes(), before);
@@ -687,17 +681,14 @@ qemuTest(
           await assertOneCheckpoint(vm, `vmabackup-${a.result.uuid}`, 2);
           const dirty: Dirty = new Map();
           await guestWrites(vm, 8, 77, dirty, []);
-          const snapshot = snapshotOf(vm);
-          const b = await backup(vm, mode, [
-            "--base",
-            `${dir}/a.vma.zst`,
-            "-o",
-            `${dir}/b.vma.zst`,
-          ]);
-          assert.equal(b.code, 0, b.stderr);
-          assert.equal(b.result.kind, "incremental", b.stderr);
-          assert.equal(b.result.readBytes, dirtyBytes(vm, dirty, true));
-          assertSameDisks(await restore(`${dir}/b.vma.zst`), snapshot, `${mode}: b`);
+          const files: [string, string] = [`${dir}/a.vma.zst`, `${dir}/b.vma.zst`];
+          const b = await assertIncremental(
+            vm,
+            mode,
+            files,
+            dirtyBytes(vm, dirty, true),
+            `${mode}: b`,
+          );
           await assertOneCheckpoint(vm, `vmabackup-${b.result.uuid}`, 2);
           assert.deepEqual(await vm.nodes(), before);
           assert.equal(await vm.status(), "running");

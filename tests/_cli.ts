@@ -86,6 +86,23 @@ export function failingSinks(command: string): [string, RegExp][] {
   ];
 }
 
+/**
+ * Reads text from `lines` onto `seen` until it holds `needle`, or to the end without one (a
+ * CLI's `--progress json` lines, to act at its snapshot point); returns all of it.
+ */
+export async function readUntil(
+  lines: ReadableStreamDefaultReader<string>,
+  needle?: string,
+  seen = "",
+): Promise<string> {
+  while (needle === undefined || !seen.includes(needle)) {
+    const { value, done } = await lines.read();
+    if (done) break;
+    seen += value;
+  }
+  return seen;
+}
+
 /** True when `program` can be run. */
 export async function hasProgram(program: string): Promise<boolean> {
   try {

@@ -9,7 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { fileRangeReader, IndexedArchive, ZstdDecompressStream } from "../mod.ts";
-import { cli, failingSinks, shell, spawnCli } from "./_cli.ts";
+import { cli, failingSinks, readUntil, shell, spawnCli } from "./_cli.ts";
 import { diskContent, firstDifference, qemuTest, type TestVm, withVm } from "./_qemu.ts";
 import { randomBytes, restoreInMemory } from "./_utils.ts";
 
@@ -620,19 +620,10 @@ for (const mode of ["push", "pull"] as const) {
           );
           await child.stdin.close();
           const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
-          let seen = "";
-          while (!seen.includes('"event":"snapshot"')) {
-            const { value, done } = await lines.read();
-            if (done) break;
-            seen += value;
-          }
+          let seen = await readUntil(lines, '"event":"snapshot"');
           await new Promise((resolve) => setTimeout(resolve, 700));
           child.kill("SIGINT");
-          for (;;) {
-            const { value, done } = await lines.read();
-            if (done) break;
-            seen += value;
-          }
+          seen = await readUntil(lines, undefined, seen);
           const { code } = await child.status;
           assert.equal(code, 130, seen);
           assert.match(seen, /error: interrupted by SIGINT/);

@@ -5,7 +5,7 @@
  * the VM runs, its disks take writes, the partial archive is gone and the exit code is not 0.
  */
 import assert from "node:assert/strict";
-import { cli, failingSinks, shell, spawnCli, withTempDir } from "./_cli.ts";
+import { cli, failingSinks, readUntil, shell, spawnCli, withTempDir } from "./_cli.ts";
 import { diskContent, firstDifference, qemuTest, startVm, type TestVm } from "./_qemu.ts";
 import { randomBytes } from "./_utils.ts";
 
@@ -69,12 +69,7 @@ for (const mode of ["push", "pull"] as const) {
         );
         await child.stdin.close();
         const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
-        let seen = "";
-        while (!seen.includes('"event":"snapshot"')) {
-          const { value, done } = await lines.read();
-          if (done) break;
-          seen += value;
-        }
+        const seen = await readUntil(lines, '"event":"snapshot"');
         // The guest writes after the snapshot point: none of this may reach the archive.
         for (let i = 0; i < 40; i++) {
           await vm.write("scsi0", (i * 7 % 500) * 65536, 65536, 0xa0 + i);
